@@ -1,0 +1,435 @@
+"""Load and validate a daemon's YAML config (the "Config" contract in ARCHITECTURE.md).
+
+    load_config(FILE) ── read (size-limited) ── yaml.safe_load ── top level a mapping?
+        │
+        └─ role first (it decides which keys are allowed), then every table in _TOP_KEYS:
+           unknown key / missing key / wrong type / bad value ── ConfigError("key.path: why")
+        │
+        └─ cross-key checks (duplicate volume names and paths, clashing listen addresses)
+    check_volume_files(config): stat every volume path, create nothing, raise on the first clash
+
+Every error is one ConfigError line that starts with the key path (``volumes[1].size: ...``) or,
+for problems with the file itself, the file name. The daemons call both functions before they
+create, open or bind anything, so a bad config never touches disk or ports.
+
+The schema is data: each section is a table of YAML key -> _Key (parser, Config field, required,
+default, roles). To add a key (say ``path_watch_s``), add a row to the table and the field to the
+dataclass it fills.
+
+Relative paths (data_dir, control, volumes[].path) are resolved against the directory holding the
+config file, not the daemon's working directory, so a config means the same wherever the daemon
+is started from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import stat
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, cast
+
+import yaml
+
+__all__ = [
+    "Address",
+    "Config",
+    "ConfigError",
+    "JournalConfig",
+    "Role",
+    "VolumeConfig",
+    "check_volume_files",
+    "load_config",
+    "parse_address",
+    "parse_size",
+]
+
+Role = Literal["primary", "secondary"]
+ROLES: tuple[Role, ...] = ("primary", "secondary")
+
+SECTOR_BYTES = 512
+JOURNAL_CAPACITY_MIN_BYTES = 1 << 20
+# Sizes end up as file offsets (off_t); anything larger is a typo, not a volume.
+SIZE_MAX_BYTES = (1 << 63) - 1
+# A config is a screenful of YAML; refuse to parse something that is clearly not one.
+CONFIG_FILE_MAX_BYTES = 1 << 20
+# sun_path is 108 bytes on Linux, including the terminating NUL.
+CONTROL_PATH_MAX_BYTES = 107
+
+_SIZE_UNITS = {"": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+_SIZE_RE = re.compile(r"([0-9]+) ?(KiB|MiB|GiB|TiB)?")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,253}")
+_IPV4ISH_RE = re.compile(r"[0-9.]+")
+
+
+class ConfigError(Exception):
+    """A config problem, as one line naming the key path (or the file) and what is wrong."""
+
+
+class Address(NamedTuple):
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeConfig:
+    name: str
+    path: Path
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class JournalConfig:
+    capacity: int
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: Path
+    role: Role
+    group: str
+    data_dir: Path
+    nbd_listen: Address
+    replication_listen: Address | None
+    primary: Address | None
+    control: Path
+    journal: JournalConfig
+    volumes: tuple[VolumeConfig, ...]
+
+
+# --- value parsers --------------------------------------------------------------------------
+
+
+def _type_name(value: object) -> str:
+    names = {type(None): "null", bool: "boolean", int: "integer", float: "number", str: "string"}
+    if isinstance(value, Mapping):
+        return "mapping"
+    if isinstance(value, list):
+        return "list"
+    return names.get(type(value), type(value).__name__)
+
+
+def _expect_str(value: object, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {_type_name(value)}")
+    return value
+
+
+def parse_size(value: object, key: str) -> int:
+    """Bytes from an int, or a string of digits with an optional KiB/MiB/GiB/TiB suffix."""
+    hint = "(use bytes or a number with KiB/MiB/GiB/TiB)"
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (match := _SIZE_RE.fullmatch(value)):
+        size = int(match[1]) * _SIZE_UNITS[match[2] or ""]
+    else:
+        raise ConfigError(f"{key}: bad size {value!r} {hint}")
+    if size < 0:
+        raise ConfigError(f"{key}: bad size {value!r} {hint}")
+    if size > SIZE_MAX_BYTES:
+        raise ConfigError(f"{key}: size {value!r} is too large (max {SIZE_MAX_BYTES} bytes)")
+    return size
+
+
+def parse_address(value: object, key: str) -> Address:
+    """host:port, [ipv6]:port; port 0..65535 (0: bind any free port)."""
+    bad = ConfigError(f"{key}: bad address {value!r} (want host:port)")
+    if isinstance(value, int) and not isinstance(value, bool):
+        # YAML 1.1 reads an unquoted 10:30 as the base-60 number 630.
+        raise ConfigError(f"{key}: bad address {value!r} (want host:port; quote it in YAML)")
+    if not isinstance(value, str):
+        raise bad
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        if not sep or not _is_ipv6(host):
+            raise bad
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep or not _is_host(host):
+            raise bad
+    if not _PORT_RE.fullmatch(port) or int(port) > 65535:
+        raise ConfigError(f"{key}: bad port in {value!r} (want 0..65535)")
+    return Address(host, int(port))
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_host(host: str) -> bool:
+    """An IPv4 address or a host name (no ':': an IPv6 address needs brackets)."""
+    if _IPV4ISH_RE.fullmatch(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return False
+        return True
+    return _HOSTNAME_RE.fullmatch(host) is not None
+
+
+def _parse_role(value: object, key: str) -> Role:
+    if value not in ROLES:
+        raise ConfigError(f"{key}: must be primary or secondary, got {value!r}")
+    return value
+
+
+def _parse_name(value: object, key: str) -> str:
+    """A group or volume name: it becomes an NBD export name and part of file names."""
+    name = _expect_str(value, key)
+    if not _NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(f"{key}: bad name {name!r} (use 1-64 of A-Z a-z 0-9 _ . -)")
+    return name
+
+
+def _parse_volume_size(value: object, key: str) -> int:
+    size = parse_size(value, key)
+    if size <= 0 or size % SECTOR_BYTES:
+        raise ConfigError(f"{key}: must be a positive multiple of {SECTOR_BYTES}, got {size}")
+    return size
+
+
+def _parse_journal_capacity(value: object, key: str) -> int:
+    capacity = parse_size(value, key)
+    if capacity < JOURNAL_CAPACITY_MIN_BYTES:
+        raise ConfigError(
+            f"{key}: must be at least 1MiB ({JOURNAL_CAPACITY_MIN_BYTES}), got {capacity}"
+        )
+    return capacity
+
+
+# --- the schema -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    base_dir: Path  # relative paths are resolved against this: the config file's directory
+    role: Role
+
+
+_Parser = Callable[[object, str, _Context], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """One row of a section table: how to parse a YAML key and which dataclass field it fills.
+
+    ``field`` None means the value is a mapping of fields merged into the enclosing section
+    (``listen.nbd`` fills Config.nbd_listen). A key outside ``roles`` is refused; an absent key
+    that is not required (or not allowed for this role) takes ``default``.
+    """
+
+    parse: _Parser
+    field: str | None
+    required: bool = True
+    default: object = None
+    roles: frozenset[Role] = frozenset(ROLES)
+
+
+def _plain(parse: Callable[[object, str], object]) -> _Parser:
+    return lambda value, key, _ctx: parse(value, key)
+
+
+def _parse_path(value: object, key: str, ctx: _Context) -> Path:
+    text = _expect_str(value, key)
+    if not text or "\0" in text:
+        raise ConfigError(f"{key}: bad path {text!r}")
+    path = Path(text)
+    return path if path.is_absolute() else ctx.base_dir / path
+
+
+def _parse_control(value: object, key: str, ctx: _Context) -> Path:
+    path = _parse_path(value, key, ctx)
+    if len(os.fsencode(path)) > CONTROL_PATH_MAX_BYTES:
+        raise ConfigError(
+            f"{key}: socket path {str(path)!r} is too long (max {CONTROL_PATH_MAX_BYTES} bytes)"
+        )
+    return path
+
+
+def _section(keys: Mapping[str, _Key], build: Callable[..., object] | None = None) -> _Parser:
+    """A parser for a mapping described by ``keys``: builds ``build(**fields)`` or the fields."""
+
+    def parse(value: object, key: str, ctx: _Context) -> object:
+        fields = _parse_fields(value, keys, key, ctx)
+        return fields if build is None else build(**fields)
+
+    return parse
+
+
+def _parse_fields(
+    value: object, keys: Mapping[str, _Key], prefix: str, ctx: _Context
+) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{prefix}: expected a mapping, got {_type_name(value)}")
+    for name in value:
+        if not isinstance(name, str) or name not in keys:
+            raise ConfigError(f"{_join(prefix, str(name))}: unknown key")
+    fields: dict[str, Any] = {}
+    for name, row in keys.items():
+        key = _join(prefix, name)
+        allowed = ctx.role in row.roles
+        if name in value:
+            if not allowed:
+                only = "/".join(sorted(row.roles))
+                raise ConfigError(f"{key}: not allowed for role {ctx.role} ({only} only)")
+            parsed = row.parse(value[name], key, ctx)
+        elif row.required and allowed:
+            why = "" if row.roles == frozenset(ROLES) else f" (required for role {ctx.role})"
+            raise ConfigError(f"{key}: missing{why}")
+        else:
+            parsed = row.default
+        if row.field is None:
+            fields.update(parsed)
+        else:
+            fields[row.field] = parsed
+    return fields
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _parse_volumes(value: object, key: str, ctx: _Context) -> tuple[VolumeConfig, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of volumes, got {_type_name(value)}")
+    if not value:
+        raise ConfigError(f"{key}: no volumes (need at least one)")
+    volumes: list[VolumeConfig] = []
+    names: dict[str, str] = {}
+    paths: dict[str, str] = {}
+    for index, item in enumerate(value):
+        item_key = f"{key}[{index}]"
+        volume = cast(VolumeConfig, _section(_VOLUME_KEYS, VolumeConfig)(item, item_key, ctx))
+        if volume.name in names:
+            also = names[volume.name]
+            raise ConfigError(
+                f"{item_key}.name: duplicate volume name {volume.name!r} (also {also})"
+            )
+        path = os.path.normpath(volume.path)
+        if path in paths:
+            raise ConfigError(f"{item_key}.path: duplicate volume path {path} (also {paths[path]})")
+        names[volume.name] = f"{item_key}.name"
+        paths[path] = f"{item_key}.path"
+        volumes.append(volume)
+    return tuple(volumes)
+
+
+_VOLUME_KEYS: dict[str, _Key] = {
+    "name": _Key(_plain(_parse_name), "name"),
+    "path": _Key(_parse_path, "path"),
+    "size": _Key(_plain(_parse_volume_size), "size"),
+}
+
+_JOURNAL_KEYS: dict[str, _Key] = {
+    "capacity": _Key(_plain(_parse_journal_capacity), "capacity"),
+}
+
+_LISTEN_KEYS: dict[str, _Key] = {
+    "nbd": _Key(_plain(parse_address), "nbd_listen"),
+    "replication": _Key(_plain(parse_address), "replication_listen", roles=frozenset({"primary"})),
+}
+
+_TOP_KEYS: dict[str, _Key] = {
+    "role": _Key(_plain(_parse_role), "role"),
+    "group": _Key(_plain(_parse_name), "group"),
+    "data_dir": _Key(_parse_path, "data_dir"),
+    "listen": _Key(_section(_LISTEN_KEYS), None),
+    "primary": _Key(_plain(parse_address), "primary", roles=frozenset({"secondary"})),
+    "control": _Key(_parse_control, "control"),
+    "journal": _Key(_section(_JOURNAL_KEYS, JournalConfig), "journal"),
+    "volumes": _Key(_parse_volumes, "volumes"),
+}
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the config at ``path``; raise ConfigError on the first problem."""
+    source = Path(path).absolute()
+    document = _read_yaml(source)
+    if not isinstance(document, Mapping):
+        raise ConfigError(
+            f"{source}: top level must be a mapping of keys, got {_type_name(document)}"
+        )
+    # The role decides which keys are allowed, so it is parsed before the rest.
+    if "role" not in document:
+        raise ConfigError("role: missing")
+    ctx = _Context(base_dir=source.parent, role=_parse_role(document["role"], "role"))
+    fields = _parse_fields(document, _TOP_KEYS, "", ctx)
+    config = Config(source=source, **fields)
+    _check_listen(config)
+    return config
+
+
+def _read_yaml(source: Path) -> object:
+    try:
+        with source.open("rb") as file:
+            data = file.read(CONFIG_FILE_MAX_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read config: {exc.strerror or exc}") from exc
+    if len(data) > CONFIG_FILE_MAX_BYTES:
+        raise ConfigError(f"{source}: config is larger than {CONFIG_FILE_MAX_BYTES} bytes")
+    try:
+        return yaml.safe_load(data)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: {_yaml_error_line(exc)}") from exc
+
+
+def _yaml_error_line(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        problem = exc.problem or exc.context or "invalid YAML"
+        where = f"line {mark.line + 1}, column {mark.column + 1}"
+        return f"YAML syntax error at {where}: {problem}"
+    return "YAML error: " + " ".join(str(exc).split())
+
+
+def _check_listen(config: Config) -> None:
+    """Two listeners on one address would fail at bind time; say so before starting."""
+    replication = config.replication_listen
+    if replication is not None and replication.port != 0 and replication == config.nbd_listen:
+        raise ConfigError(f"listen.replication: same address as listen.nbd ({replication})")
+
+
+def check_volume_files(config: Config) -> None:
+    """Check every volume path against the config; create and modify nothing.
+
+    A missing file is fine (the daemon creates it, and its directories). An existing path must
+    be a regular file of exactly the configured size: a different size is refused, never
+    truncated. All volumes are checked before the caller creates any of them.
+    """
+    seen: dict[tuple[int, int], str] = {}
+    for index, volume in enumerate(config.volumes):
+        key = f"volumes[{index}].path"
+        try:
+            st = os.stat(volume.path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot check {volume.path}: {exc.strerror}") from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{key}: {volume.path} exists and is not a regular file")
+        if st.st_size != volume.size:
+            raise ConfigError(
+                f"{key}: {volume.path} exists with size {st.st_size}, "
+                f"config says {volume.size}; refusing to truncate"
+            )
+        identity = (st.st_dev, st.st_ino)
+        if identity in seen:
+            raise ConfigError(f"{key}: {volume.path} is the same file as {seen[identity]}")
+        seen[identity] = key

@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# make run: both daemons in the foreground on loopback, output prefixed [primary]/[secondary].
+#
+#   start primaryd, secondaryd ──► wait for the NBD ports ──► pairctl create (best effort)
+#        │                                                         │
+#        └── Ctrl-C / SIGTERM: SIGTERM to both, wait (SIGKILL after STOP_TIMEOUT_S) ◄──┘
+#            a daemon exiting on its own stops the other one too
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+VENV=.venv
+PRIMARY_CONFIG="${PRIMARY_CONFIG:-configs/primary.yaml}"
+SECONDARY_CONFIG="${SECONDARY_CONFIG:-configs/secondary.yaml}"
+READY_TIMEOUT_S="${READY_TIMEOUT_S:-30}"
+STOP_TIMEOUT_S="${STOP_TIMEOUT_S:-30}"
+PRIMARYD="${PRIMARYD:-$VENV/bin/primaryd}"
+SECONDARYD="${SECONDARYD:-$VENV/bin/secondaryd}"
+
+log() { echo "run: $*" >&2; }
+
+for cfg in "$PRIMARY_CONFIG" "$SECONDARY_CONFIG"; do
+    if [[ ! -f "$cfg" ]]; then
+        log "error: $cfg not found"
+        exit 1
+    fi
+done
+
+# Print "host:port" of listen.nbd, and the volume names, from a config. The daemons validate
+# the config themselves; this only reads what the messages below need.
+config_nbd() {
+    "$VENV/bin/python" - "$1" <<'EOF'
+import sys, yaml
+with open(sys.argv[1]) as f:
+    cfg = yaml.safe_load(f) or {}
+print((cfg.get("listen") or {}).get("nbd", "127.0.0.1:10809"))
+EOF
+}
+
+config_volumes() {
+    "$VENV/bin/python" - "$1" <<'EOF'
+import sys, yaml
+with open(sys.argv[1]) as f:
+    cfg = yaml.safe_load(f) or {}
+for vol in cfg.get("volumes") or []:
+    print(vol.get("name", "?"))
+EOF
+}
+
+PIDS=()
+NAMES=()
+
+# start NAME CMD...: run CMD in the background with its output prefixed by [NAME].
+# Background jobs of a script ignore SIGINT; the prefixer ignores INT/TERM too, so it drains
+# the daemon's last lines (it ends at EOF, when the daemon exits).
+start() {
+    local name=$1
+    shift
+    "$@" > >(trap '' INT TERM; exec sed -u "s/^/[$name] /") 2>&1 &
+    PIDS+=("$!")
+    NAMES+=("$name")
+    log "started $name (pid $!): $*"
+}
+
+alive() { kill -0 "$1" 2>/dev/null; }
+
+stop_all() {
+    local pid i deadline=$((SECONDS + STOP_TIMEOUT_S))
+    for pid in "${PIDS[@]}"; do
+        alive "$pid" && kill -TERM "$pid" 2>/dev/null || true
+    done
+    for i in "${!PIDS[@]}"; do
+        pid=${PIDS[$i]}
+        while alive "$pid" && ((SECONDS < deadline)); do
+            sleep 0.1
+        done
+        if alive "$pid"; then
+            log "${NAMES[$i]} did not stop within ${STOP_TIMEOUT_S}s of SIGTERM: SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+        wait "$pid" 2>/dev/null || true
+    done
+    sleep 0.2 # let the prefixers print the daemons' last lines
+}
+
+on_signal() {
+    trap '' INT TERM
+    log "stopping both daemons"
+    stop_all
+    log "stopped"
+    exit "$1"
+}
+trap 'on_signal 130' INT
+trap 'on_signal 143' TERM
+
+tcp_accepts() {
+    local host=${1%:*} port=${1##*:}
+    (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null
+}
+
+# wait_port NAME ADDR: true once ADDR accepts, false on timeout or if a daemon died.
+wait_port() {
+    local name=$1 addr=$2 deadline=$((SECONDS + READY_TIMEOUT_S)) pid
+    until tcp_accepts "$addr"; do
+        for pid in "${PIDS[@]}"; do
+            alive "$pid" || return 1
+        done
+        if ((SECONDS >= deadline)); then
+            log "$name: $addr does not accept connections after ${READY_TIMEOUT_S}s"
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+
+try_pair() {
+    if [[ ! -x "$VENV/bin/pairctl" ]]; then
+        log "warning: no pairctl; the volumes run unpaired (SMPL)"
+        return 0
+    fi
+    if "$VENV/bin/pairctl" --config "$PRIMARY_CONFIG" create; then
+        log "pair created (pairctl --config $PRIMARY_CONFIG display)"
+    else
+        log "warning: 'pairctl --config $PRIMARY_CONFIG create' failed; running unpaired"
+    fi
+}
+
+print_usage() {
+    local addr=$1 vol
+    local -a vols
+    mapfile -t vols < <(config_volumes "$PRIMARY_CONFIG")
+    [[ ${#vols[@]} -eq 0 ]] && vols=(vol0)
+    vol=${vols[0]}
+    cat >&2 <<EOF
+
+run: primaryd serves ${vols[*]} on nbd://$addr/<volume>. Point a client at it:
+  nbdinfo nbd://$addr/$vol
+  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' nbd://$addr/$vol
+  qemu-img convert -p -n -O raw disk.img nbd://$addr/$vol
+  fio --name=t --ioengine=nbd --uri=nbd://$addr/$vol --rw=randwrite --bs=4k --iodepth=32 \\
+      --runtime=10 --time_based
+Ctrl-C stops both daemons.
+
+EOF
+}
+
+main() {
+    local p_addr s_addr status
+    p_addr=$(config_nbd "$PRIMARY_CONFIG")
+    s_addr=$(config_nbd "$SECONDARY_CONFIG")
+    start primary "$PRIMARYD" --config "$PRIMARY_CONFIG"
+    start secondary "$SECONDARYD" --config "$SECONDARY_CONFIG"
+    if wait_port primary "$p_addr"; then
+        wait_port secondary "$s_addr" || log "warning: secondary not accepting on $s_addr"
+        try_pair
+        print_usage "$p_addr"
+    fi
+    # Run until either daemon exits, then stop the other and exit with the first one's status.
+    status=0
+    wait -n "${PIDS[@]}" || status=$?
+    trap '' INT TERM
+    log "a daemon exited (status $status); stopping the other"
+    stop_all
+    exit "$status"
+}
+
+main "$@"

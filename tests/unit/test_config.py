@@ -1,0 +1,503 @@
+"""common.config: the Config contract of ARCHITECTURE.md, one rule per test."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from common.config import (
+    Address,
+    Config,
+    ConfigError,
+    JournalConfig,
+    VolumeConfig,
+    check_volume_files,
+    load_config,
+    parse_address,
+    parse_size,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+GiB = 1 << 30
+MiB = 1 << 20
+
+PRIMARY = """\
+role: primary
+group: jg0
+data_dir: data
+listen:
+  nbd: 127.0.0.1:10809
+  replication: 127.0.0.1:7410
+control: /run/journalpair/primary.sock
+journal:
+  capacity: 1GiB
+volumes:
+  - {name: vol0, path: data/vol0.img, size: 1GiB}
+  - {name: vol1, path: /abs/vol1.img, size: 268435456}
+"""
+
+SECONDARY = """\
+role: secondary
+group: jg0
+data_dir: /var/lib/journalpair/secondary
+listen:
+  nbd: "[::1]:10810"
+primary: 127.0.0.1:7410
+control: ctl.sock
+journal:
+  capacity: 64MiB
+volumes:
+  - {name: vol0, path: /var/lib/journalpair/secondary/vol0.img, size: 1GiB}
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "jp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def load_text(tmp_path: Path, text: str) -> Config:
+    return load_config(write(tmp_path, text))
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, text)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+def edit(text: str, old: str, new: str) -> str:
+    assert old in text, old
+    return text.replace(old, new, 1)
+
+
+# --- good configs -----------------------------------------------------------------------------
+
+
+def test_primary_config_parses_to_values_with_relative_paths_under_config_dir(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, PRIMARY)
+    config = load_config(str(path))
+    assert config == Config(
+        source=path,
+        role="primary",
+        group="jg0",
+        data_dir=tmp_path / "data",
+        nbd_listen=Address("127.0.0.1", 10809),
+        replication_listen=Address("127.0.0.1", 7410),
+        primary=None,
+        control=Path("/run/journalpair/primary.sock"),
+        journal=JournalConfig(capacity=GiB),
+        volumes=(
+            VolumeConfig("vol0", tmp_path / "data" / "vol0.img", GiB),
+            VolumeConfig("vol1", Path("/abs/vol1.img"), 256 * MiB),
+        ),
+    )
+
+
+def test_relative_paths_do_not_depend_on_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config_dir = tmp_path / "etc"
+    config_dir.mkdir()
+    path = write(config_dir, PRIMARY)
+    monkeypatch.chdir(tmp_path)
+    config = load_config(Path("etc") / path.name)
+    assert config.source == path
+    assert config.data_dir == config_dir / "data"
+    assert config.volumes[0].path == config_dir / "data" / "vol0.img"
+
+
+def test_secondary_config_parses_ipv6_and_relative_control(tmp_path: Path) -> None:
+    config = load_text(tmp_path, SECONDARY)
+    assert config.role == "secondary"
+    assert config.nbd_listen == Address("::1", 10810)
+    assert config.replication_listen is None
+    assert config.primary == Address("127.0.0.1", 7410)
+    assert config.control == tmp_path / "ctl.sock"
+    assert config.journal == JournalConfig(64 * MiB)
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    config = load_text(tmp_path, PRIMARY)
+    with pytest.raises(AttributeError):
+        config.group = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", ["primary.yaml", "secondary.yaml"])
+def test_shipped_configs_load(name: str) -> None:
+    config = load_config(REPO / "configs" / name)
+    role = name.removesuffix(".yaml")
+    assert config.role == role
+    assert config.group == "jg0"
+    assert config.data_dir == Path(f"/var/lib/journalpair/{role}")
+    assert config.control == Path(f"/run/journalpair/{role}.sock")
+    assert config.journal.capacity == GiB
+    assert [(v.name, v.size) for v in config.volumes] == [("vol0", GiB), ("vol1", 256 * MiB)]
+    assert all(v.path.parent == config.data_dir for v in config.volumes)
+
+
+def test_shipped_configs_fit_together() -> None:
+    primary = load_config(REPO / "configs" / "primary.yaml")
+    secondary = load_config(REPO / "configs" / "secondary.yaml")
+    assert primary.nbd_listen == Address("127.0.0.1", 10809)
+    assert secondary.nbd_listen == Address("127.0.0.1", 10810)
+    assert primary.replication_listen == secondary.primary == Address("127.0.0.1", 7410)
+
+
+# --- parse_size -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (0, 0),
+        (4096, 4096),
+        ("512", 512),
+        ("64KiB", 64 << 10),
+        ("64MiB", 64 * MiB),
+        ("1GiB", GiB),
+        ("1 GiB", GiB),
+        ("2TiB", 2 << 40),
+    ],
+)
+def test_parse_size_accepts_bytes_and_iec_suffixes(value: object, expected: int) -> None:
+    assert parse_size(value, "k") == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "12XB",
+        "1G",
+        "1K",
+        "1GB",
+        "1MB",
+        "1gib",
+        "1.5GiB",
+        "GiB",
+        "",
+        "-1",
+        " 1GiB",
+        "1  GiB",
+        "١٢",
+        -1,
+        1.5,
+        True,
+        None,
+        [1],
+        1 << 63,
+    ],
+)
+def test_parse_size_refuses_anything_else(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"^journal\.capacity: "):
+        parse_size(value, "journal.capacity")
+
+
+def test_parse_size_message_names_key_value_and_units() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_size("12XB", "volumes[1].size")
+    assert str(info.value) == (
+        "volumes[1].size: bad size '12XB' (use bytes or a number with KiB/MiB/GiB/TiB)"
+    )
+
+
+# --- parse_address ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected", "text"),
+    [
+        ("127.0.0.1:10809", Address("127.0.0.1", 10809), "127.0.0.1:10809"),
+        ("localhost:0", Address("localhost", 0), "localhost:0"),
+        ("0.0.0.0:65535", Address("0.0.0.0", 65535), "0.0.0.0:65535"),
+        ("[::1]:10809", Address("::1", 10809), "[::1]:10809"),
+        ("[::]:7410", Address("::", 7410), "[::]:7410"),
+        ("site-b.example.com:7410", Address("site-b.example.com", 7410), None),
+    ],
+)
+def test_parse_address(value: str, expected: Address, text: str | None) -> None:
+    address = parse_address(value, "k")
+    assert address == expected
+    assert isinstance(address.port, int)
+    assert str(address) == (text or value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "127.0.0.1",
+        ":10809",
+        "127.0.0.1:",
+        "127.0.0.1:65536",
+        "127.0.0.1:-1",
+        "127.0.0.1:http",
+        "127.0.0.1:1e3",
+        "::1:10809",
+        "[::1]10809",
+        "[127.0.0.1]:10809",
+        "[::1:10809",
+        "999.0.0.1:10809",
+        "bad host:10809",
+        10809,
+        None,
+        ["127.0.0.1", 10809],
+    ],
+)
+def test_parse_address_refuses(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"^listen\.nbd: bad (address|port)"):
+        parse_address(value, "listen.nbd")
+
+
+def test_unquoted_base60_address_gets_a_hint(tmp_path: Path) -> None:
+    message = error_of(tmp_path, edit(SECONDARY, "primary: 127.0.0.1:7410", "primary: 10:30"))
+    assert message == "primary: bad address 630 (want host:port; quote it in YAML)"
+
+
+def test_parse_address_message() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_address("127.0.0.1", "listen.nbd")
+    assert str(info.value) == "listen.nbd: bad address '127.0.0.1' (want host:port)"
+
+
+# --- load_config errors -----------------------------------------------------------------------
+
+VOL0 = "{name: vol0, path: data/vol0.img, size: 1GiB}"
+LISTEN = "listen:\n  nbd: 127.0.0.1:10809\n  replication: 127.0.0.1:7410\n"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        # unknown keys, at every level
+        ("group: jg0\n", "group: jg0\ncolour: red\n", "colour: unknown key"),
+        ("capacity: 1GiB", "capcity: 1GiB", "journal.capcity: unknown key"),
+        ("  nbd: 127.0.0.1:10809", "  ndb: 127.0.0.1:10809", "listen.ndb: unknown key"),
+        (VOL0, "{name: vol0, path: data/vol0.img, size: 1GiB, sise: 1}", "volumes[0].sise:"),
+        ("group: jg0\n", "group: jg0\n7: x\n", "7: unknown key"),
+        # missing keys
+        ("group: jg0\n", "", "group: missing"),
+        ("data_dir: data\n", "", "data_dir: missing"),
+        ("control: /run/journalpair/primary.sock\n", "", "control: missing"),
+        ("  nbd: 127.0.0.1:10809\n", "", "listen.nbd: missing"),
+        ("  replication: 127.0.0.1:7410\n", "", "listen.replication: missing"),
+        ("journal:\n  capacity: 1GiB\n", "", "journal: missing"),
+        ("  capacity: 1GiB\n", "  {}\n", "journal.capacity: missing"),
+        (VOL0, "{name: vol0, size: 1GiB}", "volumes[0].path: missing"),
+        (VOL0, "{path: data/vol0.img, size: 1GiB}", "volumes[0].name: missing"),
+        (VOL0, "{name: vol0, path: data/vol0.img}", "volumes[0].size: missing"),
+        # role
+        ("role: primary", "role: master", "role: must be primary or secondary"),
+        ("role: primary", "role: [primary]", "role: must be primary or secondary"),
+        ("role: primary\n", "", "role: missing"),
+        # a key of the other role
+        ("group: jg0\n", "group: jg0\nprimary: 127.0.0.1:7410\n", "primary: not allowed"),
+        # wrong types
+        ("group: jg0", "group: 7", "group: expected a string, got integer"),
+        ("data_dir: data", "data_dir: [a, b]", "data_dir: expected a string, got list"),
+        ("data_dir: data", "data_dir:", "data_dir: expected a string, got null"),
+        ("data_dir: data", "data_dir: ''", "data_dir: bad path ''"),
+        ("control: /run/journalpair/primary.sock", "control: 5", "control: expected a string"),
+        ("journal:\n  capacity: 1GiB", "journal: 1GiB", "journal: expected a mapping"),
+        (LISTEN, "listen: 127.0.0.1:10809\n", "listen: expected a mapping, got string"),
+        (VOL0, "vol0", "volumes[0]: expected a mapping, got string"),
+        (VOL0, "{name: vol0, path: 7, size: 1GiB}", "volumes[0].path: expected a string"),
+        # bad names
+        ("group: jg0", "group: 'j g'", "group: bad name 'j g'"),
+        ("group: jg0", "group: ''", "group: bad name ''"),
+        ("group: jg0", "group: " + "g" * 65, "group: bad name"),
+        ("group: jg0", "group: ..", "group: bad name"),
+        ("group: jg0", "group: jé", "group: bad name"),
+        (VOL0, "{name: vol/0, path: data/vol0.img, size: 1GiB}", "volumes[0].name: bad name"),
+        (VOL0, "{name: 0, path: data/vol0.img, size: 1GiB}", "volumes[0].name: expected a str"),
+        # sizes
+        (VOL0, "{name: vol0, path: data/vol0.img, size: 12XB}", "volumes[0].size: bad size"),
+        (VOL0, "{name: vol0, path: data/vol0.img, size: 0}", "volumes[0].size: must be a pos"),
+        (VOL0, "{name: vol0, path: data/vol0.img, size: 1000}", "volumes[0].size: must be a pos"),
+        (VOL0, "{name: vol0, path: data/vol0.img, size: -512}", "volumes[0].size: bad size"),
+        ("capacity: 1GiB", "capacity: 1023KiB", "journal.capacity: must be at least 1MiB"),
+        ("capacity: 1GiB", "capacity: 1.5GiB", "journal.capacity: bad size"),
+        ("capacity: 1GiB", "capacity: true", "journal.capacity: bad size"),
+        # addresses
+        ("nbd: 127.0.0.1:10809", "nbd: 127.0.0.1", "listen.nbd: bad address '127.0.0.1'"),
+        ("nbd: 127.0.0.1:10809", "nbd: 127.0.0.1:99999", "listen.nbd: bad port"),
+        ("replication: 127.0.0.1:7410", "replication: 7410", "listen.replication: bad address"),
+        ("replication: 127.0.0.1:7410", "replication: 127.0.0.1:10809", "listen.replication: same"),
+    ],
+)
+def test_primary_errors_name_the_key(tmp_path: Path, old: str, new: str, expected: str) -> None:
+    message = error_of(tmp_path, edit(PRIMARY, old, new))
+    assert message.startswith(expected), message
+
+
+@pytest.mark.parametrize(
+    ("volumes", "expected"),
+    [
+        ("volumes: []", "volumes: no volumes"),
+        ("volumes:", "volumes: expected a list of volumes, got null"),
+        ("volumes: {name: vol0}", "volumes: expected a list of volumes, got mapping"),
+        (
+            "volumes:\n  - {name: vol0, path: a.img, size: 1MiB}\n"
+            "  - {name: vol0, path: b.img, size: 1MiB}",
+            "volumes[1].name: duplicate volume name 'vol0' (also volumes[0].name)",
+        ),
+        (
+            "volumes:\n  - {name: vol0, path: a.img, size: 1MiB}\n"
+            "  - {name: vol1, path: ./x/../a.img, size: 1MiB}",
+            "volumes[1].path: duplicate volume path",
+        ),
+    ],
+)
+def test_volume_list_errors(tmp_path: Path, volumes: str, expected: str) -> None:
+    head, _, _ = PRIMARY.partition("volumes:")
+    message = error_of(tmp_path, head + volumes + "\n")
+    assert message.startswith(expected), message
+
+
+def test_secondary_refuses_replication_listen(tmp_path: Path) -> None:
+    text = edit(SECONDARY, '  nbd: "[::1]:10810"\n', '  nbd: "[::1]:10810"\n  replication: h:1\n')
+    message = error_of(tmp_path, text)
+    assert message.startswith("listen.replication: not allowed for role secondary"), message
+
+
+def test_secondary_requires_primary(tmp_path: Path) -> None:
+    message = error_of(tmp_path, edit(SECONDARY, "primary: 127.0.0.1:7410\n", ""))
+    assert message.startswith("primary: missing"), message
+
+
+def test_secondary_bad_primary_address(tmp_path: Path) -> None:
+    message = error_of(tmp_path, edit(SECONDARY, "primary: 127.0.0.1:7410", "primary: x"))
+    assert message.startswith("primary: bad address 'x'"), message
+
+
+def test_port_zero_listeners_may_share_an_address(tmp_path: Path) -> None:
+    text = edit(PRIMARY, "127.0.0.1:10809", "127.0.0.1:0")
+    config = load_text(tmp_path, edit(text, "127.0.0.1:7410", "127.0.0.1:0"))
+    assert config.nbd_listen == config.replication_listen == Address("127.0.0.1", 0)
+
+
+def test_control_socket_path_too_long(tmp_path: Path) -> None:
+    text = edit(PRIMARY, "/run/journalpair/primary.sock", "/run/" + "s" * 120 + ".sock")
+    assert error_of(tmp_path, text).startswith("control: socket path")
+
+
+# --- file-level errors ------------------------------------------------------------------------
+
+
+def test_missing_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read config"):
+        load_config(path)
+
+
+def test_directory_is_not_a_config(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot read config"):
+        load_config(tmp_path)
+
+
+def test_yaml_syntax_error_is_one_line_with_line_number(tmp_path: Path) -> None:
+    text = "role: primary\ngroup: jg0\nlisten: {nbd: 127.0.0.1:10809\ncontrol: x\n"
+    message = error_of(tmp_path, text)
+    assert message.startswith(str(tmp_path / "jp.yaml") + ": YAML syntax error at line "), message
+
+
+def test_yaml_syntax_error_reports_the_right_line(tmp_path: Path) -> None:
+    text = "role: primary\ngroup: jg0\ndata_dir: [unclosed\n"
+    message = error_of(tmp_path, text)
+    assert "line 4" in message or "line 3" in message, message
+
+
+def test_tab_indentation_is_a_syntax_error(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "role: primary\nlisten:\n\tnbd: 127.0.0.1:1\n")
+    assert "YAML syntax error at line 3" in message, message
+
+
+def test_invalid_utf8_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"role: primary\ngroup: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: YAML"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(("text", "got"), [("", "null"), ("- a\n", "list"), ("hello\n", "str")])
+def test_top_level_must_be_a_mapping(tmp_path: Path, text: str, got: str) -> None:
+    message = error_of(tmp_path, text)
+    assert "top level must be a mapping" in message and got in message, message
+    assert message.startswith(str(tmp_path / "jp.yaml")), message
+
+
+def test_huge_file_refused(tmp_path: Path) -> None:
+    path = tmp_path / "big.yaml"
+    path.write_text(PRIMARY + "#" * (2 << 20) + "\n")
+    with pytest.raises(ConfigError, match=r"big\.yaml: config is larger"):
+        load_config(path)
+
+
+# --- check_volume_files -----------------------------------------------------------------------
+
+
+def small_config(tmp_path: Path, *sizes: int) -> Config:
+    volumes = "".join(
+        f"  - {{name: v{i}, path: data/v{i}.img, size: {size}}}\n" for i, size in enumerate(sizes)
+    )
+    head, _, _ = PRIMARY.partition("volumes:")
+    return load_text(tmp_path, head + "volumes:\n" + volumes)
+
+
+def test_check_volume_files_accepts_missing_and_matching_files(tmp_path: Path) -> None:
+    config = small_config(tmp_path, MiB, 2 * MiB)
+    before = sorted(tmp_path.iterdir())
+    check_volume_files(config)  # nothing exists yet, not even data/
+    assert sorted(tmp_path.iterdir()) == before  # and nothing was created
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "v0.img").write_bytes(b"\0" * MiB)
+    check_volume_files(config)
+    assert not (tmp_path / "data" / "v1.img").exists()
+
+
+def test_check_volume_files_refuses_other_size_and_leaves_file_untouched(tmp_path: Path) -> None:
+    config = small_config(tmp_path, MiB, 2 * MiB)
+    (tmp_path / "data").mkdir()
+    v1 = tmp_path / "data" / "v1.img"
+    v1.write_bytes(b"x" * 4096)
+    os.utime(v1, ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
+    before = v1.stat()
+    with pytest.raises(ConfigError) as info:
+        check_volume_files(config)
+    assert str(info.value) == (
+        f"volumes[1].path: {v1} exists with size 4096, config says {2 * MiB}; refusing to truncate"
+    )
+    after = v1.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert v1.read_bytes() == b"x" * 4096
+    assert not (tmp_path / "data" / "v0.img").exists()  # checking creates nothing
+
+
+def test_check_volume_files_refuses_a_directory(tmp_path: Path) -> None:
+    config = small_config(tmp_path, MiB)
+    (tmp_path / "data" / "v0.img").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"^volumes\[0\]\.path: .*v0\.img.* not a regular file"):
+        check_volume_files(config)
+
+
+def test_check_volume_files_refuses_two_volumes_on_one_file(tmp_path: Path) -> None:
+    config = small_config(tmp_path, MiB, MiB)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "v0.img").write_bytes(b"\0" * MiB)
+    (tmp_path / "data" / "v1.img").symlink_to("v0.img")
+    with pytest.raises(ConfigError, match=r"^volumes\[1\]\.path: .* same file as volumes\[0\]"):
+        check_volume_files(config)
+
+
+def test_check_volume_files_parent_is_a_file(tmp_path: Path) -> None:
+    config = small_config(tmp_path, MiB)
+    (tmp_path / "data").write_text("not a dir")
+    with pytest.raises(ConfigError, match=r"^volumes\[0\]\.path: cannot check"):
+        check_volume_files(config)
