@@ -1,0 +1,470 @@
+"""Sans-I/O NBD server connection: bytes in, events out, reply bytes queued.
+
+    client bytes ─► receive_data() ─► next_event() ─► ExportChosen / Request / Disconnect
+                                                       │ (the adapter does the I/O)
+    data_to_send() ◄── reply_ok / reply_error / reply_read / reply_block_status
+
+The core validates everything a peer can get wrong (magic, option lengths,
+command flags, ranges, read-only, sizes) and answers those itself; a request
+event always describes a valid operation. No clock, no disk, no await.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum, auto
+
+from common.nbd import constants as c
+
+
+class RemoteProtocolError(Exception):
+    """The client broke the protocol; the connection must be closed."""
+
+
+class LocalProtocolError(Exception):
+    """We misused the core (a bug in the caller)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExportInfo:
+    name: str
+    size: int
+    read_only: bool
+    description: str = ""
+    fast_zero: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ExportChosen:
+    export: ExportInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    cmd: c.Cmd
+    flags: int
+    handle: int
+    offset: int
+    length: int
+    payload: bytes = b""
+
+    @property
+    def fua(self) -> bool:
+        return bool(self.flags & c.CMD_FLAG_FUA)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRefused:
+    """A request answered with an error by the core itself (for logs and counters)."""
+
+    handle: int
+    error: int
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    why: str
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+Event = ExportChosen | Request | RequestRefused | Disconnect
+
+
+class Phase(Enum):
+    CLIENT_FLAGS = auto()
+    OPTIONS = auto()
+    TRANSMISSION = auto()
+    CLOSED = auto()
+
+
+_OPT_HEADER = struct.Struct(">QII")
+_OPT_REPLY = struct.Struct(">QIII")
+_REQUEST = struct.Struct(">IHHQQI")
+_SIMPLE_REPLY = struct.Struct(">IIQ")
+_CHUNK = struct.Struct(">IHHQI")
+
+_KNOWN_FLAGS = {
+    c.Cmd.READ: c.CMD_FLAG_FUA | c.CMD_FLAG_DF,
+    c.Cmd.WRITE: c.CMD_FLAG_FUA,
+    c.Cmd.DISC: 0,
+    c.Cmd.FLUSH: c.CMD_FLAG_FUA,
+    c.Cmd.TRIM: c.CMD_FLAG_FUA,
+    c.Cmd.CACHE: c.CMD_FLAG_FUA,
+    c.Cmd.WRITE_ZEROES: c.CMD_FLAG_FUA | c.CMD_FLAG_NO_HOLE | c.CMD_FLAG_FAST_ZERO,
+    c.Cmd.BLOCK_STATUS: c.CMD_FLAG_FUA | c.CMD_FLAG_REQ_ONE,
+}
+_WRITES = (c.Cmd.WRITE, c.Cmd.TRIM, c.Cmd.WRITE_ZEROES)
+
+
+class NbdServerConnection:
+    """One client connection, from the greeting to the disconnect."""
+
+    def __init__(
+        self, exports: Mapping[str, ExportInfo], *, max_payload: int = c.MAX_PAYLOAD_BYTES
+    ) -> None:
+        self._exports = exports
+        self._max_payload = max_payload
+        self._buf = bytearray()
+        self._out: list[bytes | memoryview] = []
+        self.phase = Phase.CLIENT_FLAGS
+        self.export: ExportInfo | None = None
+        self.structured = False
+        self.no_zeroes = False
+        self._meta_export: str | None = None
+        self._meta_selected = False
+        self._discard_bytes = 0
+        self._out.append(
+            struct.pack(">QQH", c.NBDMAGIC, c.IHAVEOPT, c.FLAG_FIXED_NEWSTYLE | c.FLAG_NO_ZEROES)
+        )
+
+    # -- I/O boundary ------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        if self._discard_bytes:
+            n = min(self._discard_bytes, len(data))
+            self._discard_bytes -= n
+            data = data[n:]
+        self._buf += data
+
+    def data_to_send(self) -> list[bytes | memoryview]:
+        out, self._out = self._out, []
+        return out
+
+    def next_event(self) -> Event | _NeedData:
+        while True:
+            if self._discard_bytes:
+                n = min(self._discard_bytes, len(self._buf))
+                del self._buf[:n]
+                self._discard_bytes -= n
+                if self._discard_bytes:
+                    return NEED_DATA
+            if self.phase is Phase.TRANSMISSION:
+                return self._next_request()
+            if self.phase is Phase.CLOSED:
+                return NEED_DATA
+            if self.phase is Phase.CLIENT_FLAGS:
+                if len(self._buf) < 4:
+                    return NEED_DATA
+                self._client_flags(struct.unpack_from(">I", self._buf)[0])
+                del self._buf[:4]
+                continue
+            event = self._next_option()
+            if event is not None:
+                return event
+
+    # -- handshake -----------------------------------------------------------
+
+    def _client_flags(self, flags: int) -> None:
+        if flags & ~(c.FLAG_C_FIXED_NEWSTYLE | c.FLAG_C_NO_ZEROES):
+            raise RemoteProtocolError(f"unknown client flags {flags:#x}")
+        self.no_zeroes = bool(flags & c.FLAG_C_NO_ZEROES)
+        self.phase = Phase.OPTIONS
+
+    def _next_option(self) -> Event | _NeedData | None:
+        if len(self._buf) < _OPT_HEADER.size:
+            return NEED_DATA
+        magic, opt, length = _OPT_HEADER.unpack_from(self._buf)
+        if magic != c.IHAVEOPT:
+            raise RemoteProtocolError(f"bad option magic {magic:#x}")
+        if length > c.MAX_OPTION_BYTES:
+            raise RemoteProtocolError(f"option {opt} of {length} bytes is too large")
+        if len(self._buf) < _OPT_HEADER.size + length:
+            return NEED_DATA
+        data = bytes(self._buf[_OPT_HEADER.size : _OPT_HEADER.size + length])
+        del self._buf[: _OPT_HEADER.size + length]
+        return self._option(opt, data)
+
+    def _option(self, opt: int, data: bytes) -> Event | None:
+        if opt == c.Opt.EXPORT_NAME:
+            export = self._exports.get(data.decode("utf-8", "replace"))
+            if export is None:
+                raise RemoteProtocolError(f"unknown export {data[:64]!r} in EXPORT_NAME")
+            self._out.append(struct.pack(">QH", export.size, self._transmission_flags(export)))
+            if not self.no_zeroes:
+                self._out.append(bytes(124))
+            return self._enter_transmission(export)
+        if opt == c.Opt.ABORT:
+            self._opt_reply(opt, c.Rep.ACK)
+            self.phase = Phase.CLOSED
+            return Disconnect("client aborted the negotiation")
+        if opt == c.Opt.LIST:
+            self._opt_list(opt, data)
+            return None
+        if opt in (c.Opt.INFO, c.Opt.GO):
+            return self._opt_info_go(opt, data)
+        if opt == c.Opt.STRUCTURED_REPLY:
+            if data:
+                self._opt_error(opt, c.Rep.ERR_INVALID, "no data expected")
+                return None
+            self.structured = True
+            self._opt_reply(opt, c.Rep.ACK)
+            return None
+        if opt in (c.Opt.LIST_META_CONTEXT, c.Opt.SET_META_CONTEXT):
+            self._opt_meta_context(opt, data)
+            return None
+        self._opt_error(opt, c.Rep.ERR_UNSUP, f"option {opt} not supported")
+        return None
+
+    def _opt_reply(self, opt: int, rep: int, payload: bytes = b"") -> None:
+        self._out.append(_OPT_REPLY.pack(c.OPTION_REPLY_MAGIC, opt, rep, len(payload)) + payload)
+
+    def _opt_error(self, opt: int, rep: int, message: str) -> None:
+        self._opt_reply(opt, rep, message.encode())
+
+    def _opt_list(self, opt: int, data: bytes) -> None:
+        if data:
+            self._opt_error(opt, c.Rep.ERR_INVALID, "LIST takes no data")
+            return None
+        for name in self._exports:
+            raw = name.encode()
+            self._opt_reply(opt, c.Rep.SERVER, struct.pack(">I", len(raw)) + raw)
+        self._opt_reply(opt, c.Rep.ACK)
+        return None
+
+    def _opt_info_go(self, opt: int, data: bytes) -> Event | None:
+        if len(data) < 6:
+            self._opt_error(opt, c.Rep.ERR_INVALID, "INFO/GO too short")
+            return None
+        (name_len,) = struct.unpack_from(">I", data)
+        if 4 + name_len + 2 > len(data):
+            self._opt_error(opt, c.Rep.ERR_INVALID, "INFO/GO name length")
+            return None
+        name = data[4 : 4 + name_len].decode("utf-8", "replace")
+        (n_req,) = struct.unpack_from(">H", data, 4 + name_len)
+        if 6 + name_len + 2 * n_req != len(data):
+            self._opt_error(opt, c.Rep.ERR_INVALID, "INFO/GO request count")
+            return None
+        export = self._exports.get(name)
+        if export is None:
+            self._opt_error(opt, c.Rep.ERR_UNKNOWN, f"no export named {name!r}")
+            return None
+        requested = struct.unpack_from(f">{n_req}H", data, 6 + name_len)
+        info = struct.pack(">HQH", c.Info.EXPORT, export.size, self._transmission_flags(export))
+        self._opt_reply(opt, c.Rep.INFO, info)
+        if c.Info.NAME in requested:
+            self._opt_reply(opt, c.Rep.INFO, struct.pack(">H", c.Info.NAME) + name.encode())
+        if c.Info.DESCRIPTION in requested and export.description:
+            raw = export.description.encode()
+            self._opt_reply(opt, c.Rep.INFO, struct.pack(">H", c.Info.DESCRIPTION) + raw)
+        block = struct.pack(
+            ">HIII", c.Info.BLOCK_SIZE, 1, c.PREFERRED_BLOCK_BYTES, self._max_payload
+        )
+        self._opt_reply(opt, c.Rep.INFO, block)
+        self._opt_reply(opt, c.Rep.ACK)
+        if opt == c.Opt.GO:
+            return self._enter_transmission(export)
+        return None
+
+    def _opt_meta_context(self, opt: int, data: bytes) -> None:
+        if not self.structured:
+            self._opt_error(opt, c.Rep.ERR_INVALID, "negotiate structured replies first")
+            return None
+        try:
+            name, queries = _parse_meta_request(data)
+        except ValueError as exc:
+            self._opt_error(opt, c.Rep.ERR_INVALID, str(exc))
+            return None
+        if name not in self._exports:
+            self._opt_error(opt, c.Rep.ERR_UNKNOWN, f"no export named {name!r}")
+            return None
+        match = (not queries and opt == c.Opt.LIST_META_CONTEXT) or any(
+            q in (c.BASE_ALLOCATION, "base:") for q in queries
+        )
+        if opt == c.Opt.SET_META_CONTEXT:
+            self._meta_export, self._meta_selected = name, match
+        if match:
+            raw = c.BASE_ALLOCATION.encode()
+            ctx_id = c.BASE_ALLOCATION_ID if opt == c.Opt.SET_META_CONTEXT else 0
+            self._opt_reply(opt, c.Rep.META_CONTEXT, struct.pack(">I", ctx_id) + raw)
+        self._opt_reply(opt, c.Rep.ACK)
+        return None
+
+    def _transmission_flags(self, export: ExportInfo) -> int:
+        flags = c.FLAG_HAS_FLAGS | c.FLAG_SEND_FLUSH | c.FLAG_SEND_FUA | c.FLAG_SEND_CACHE
+        flags |= c.FLAG_CAN_MULTI_CONN
+        if self.structured:
+            flags |= c.FLAG_SEND_DF
+        if export.read_only:
+            return flags | c.FLAG_READ_ONLY
+        flags |= c.FLAG_SEND_TRIM | c.FLAG_SEND_WRITE_ZEROES
+        if export.fast_zero:
+            flags |= c.FLAG_SEND_FAST_ZERO
+        return flags
+
+    def _enter_transmission(self, export: ExportInfo) -> ExportChosen:
+        self.export = export
+        if self._meta_export != export.name:
+            self._meta_selected = False
+        self.phase = Phase.TRANSMISSION
+        return ExportChosen(export)
+
+    # -- transmission ----------------------------------------------------------
+
+    def _next_request(self) -> Event | _NeedData:
+        buf = self._buf
+        if len(buf) < _REQUEST.size:
+            return NEED_DATA
+        magic, flags, cmd, handle, offset, length = _REQUEST.unpack_from(buf)
+        if magic != c.REQUEST_MAGIC:
+            raise RemoteProtocolError(f"bad request magic {magic:#x}")
+        if cmd == c.Cmd.WRITE:
+            if length > self._max_payload:
+                del buf[: _REQUEST.size]
+                return self._discard_and_refuse(
+                    handle, length, c.EOVERFLOW, f"write of {length} bytes over the maximum"
+                )
+            if len(buf) < _REQUEST.size + length:
+                return NEED_DATA
+            payload = bytes(buf[_REQUEST.size : _REQUEST.size + length])
+            del buf[: _REQUEST.size + length]
+        else:
+            payload = b""
+            del buf[: _REQUEST.size]
+        if cmd == c.Cmd.DISC:
+            self.phase = Phase.CLOSED
+            return Disconnect("client sent DISC")
+        why = self._invalid(cmd, flags, offset, length)
+        if why is not None:
+            error, message = why
+            request = Request(
+                c.Cmd(cmd) if cmd in _KNOWN_FLAGS else c.Cmd.READ, flags, handle, offset, length
+            )
+            self.reply_error(request, error, message)
+            return RequestRefused(handle, error, message)
+        return Request(c.Cmd(cmd), flags, handle, offset, length, payload)
+
+    def _discard_and_refuse(self, handle: int, length: int, error: int, why: str) -> Event:
+        n = min(length, len(self._buf))
+        del self._buf[:n]
+        self._discard_bytes = length - n
+        self.reply_error(Request(c.Cmd.WRITE, 0, handle, 0, length), error, why)
+        return RequestRefused(handle, error, why)
+
+    def _invalid(self, cmd: int, flags: int, offset: int, length: int) -> tuple[int, str] | None:
+        export = self.export
+        assert export is not None
+        if cmd not in _KNOWN_FLAGS:
+            return c.EINVAL, f"unknown command {cmd}"
+        if flags & ~_KNOWN_FLAGS[c.Cmd(cmd)]:
+            return c.EINVAL, f"flags {flags:#x} not valid for {c.Cmd(cmd).name}"
+        if cmd == c.Cmd.FLUSH:
+            return None
+        if cmd in _WRITES and export.read_only:
+            return c.EPERM, "export is read-only"
+        if flags & c.CMD_FLAG_DF and not self.structured:
+            return c.EINVAL, "DF without structured replies"
+        if cmd == c.Cmd.BLOCK_STATUS and not self._meta_selected:
+            return c.EINVAL, "no metadata context selected"
+        if cmd == c.Cmd.READ and length > self._max_payload:
+            return c.EOVERFLOW, f"read of {length} bytes over the maximum"
+        if length == 0:
+            return c.EINVAL, "zero length"
+        if offset + length > export.size:
+            if cmd in (c.Cmd.WRITE, c.Cmd.WRITE_ZEROES):
+                return c.ENOSPC, "past the end of the export"
+            return c.EINVAL, "past the end of the export"
+        return None
+
+    # -- replies ---------------------------------------------------------------
+
+    def reply_ok(self, request: Request) -> None:
+        self._out.append(_SIMPLE_REPLY.pack(c.SIMPLE_REPLY_MAGIC, 0, request.handle))
+
+    def reply_error(self, request: Request, error: int, message: str = "") -> None:
+        if self.structured:
+            raw = message.encode()[:4096]
+            payload = struct.pack(">IH", error, len(raw)) + raw
+            self._out.append(
+                _CHUNK.pack(
+                    c.STRUCTURED_REPLY_MAGIC,
+                    c.REPLY_FLAG_DONE,
+                    c.REPLY_TYPE_ERROR,
+                    request.handle,
+                    len(payload),
+                )
+            )
+            self._out.append(payload)
+        else:
+            self._out.append(_SIMPLE_REPLY.pack(c.SIMPLE_REPLY_MAGIC, error, request.handle))
+
+    def reply_read(self, request: Request, pieces: Sequence[tuple[int, bytes | int]]) -> None:
+        """Answer a READ: each piece is (offset, data) or (offset, hole length)."""
+        out = self._out
+        if not self.structured:
+            out.append(_SIMPLE_REPLY.pack(c.SIMPLE_REPLY_MAGIC, 0, request.handle))
+            for _, piece in pieces:
+                out.append(bytes(piece) if isinstance(piece, int) else piece)
+            return
+        last = len(pieces) - 1
+        for i, (offset, piece) in enumerate(pieces):
+            done = c.REPLY_FLAG_DONE if i == last else 0
+            if isinstance(piece, int):
+                out.append(
+                    _CHUNK.pack(
+                        c.STRUCTURED_REPLY_MAGIC, done, c.REPLY_TYPE_OFFSET_HOLE, request.handle, 12
+                    )
+                    + struct.pack(">QI", offset, piece)
+                )
+            else:
+                out.append(
+                    _CHUNK.pack(
+                        c.STRUCTURED_REPLY_MAGIC,
+                        done,
+                        c.REPLY_TYPE_OFFSET_DATA,
+                        request.handle,
+                        8 + len(piece),
+                    )
+                    + struct.pack(">Q", offset)
+                )
+                out.append(piece)
+
+    def reply_block_status(self, request: Request, extents: Sequence[tuple[int, int]]) -> None:
+        """Answer BLOCK_STATUS with (length, flags) descriptors of base:allocation."""
+        if request.flags & c.CMD_FLAG_REQ_ONE:
+            extents = extents[:1]
+        body = struct.pack(">I", c.BASE_ALLOCATION_ID) + b"".join(
+            struct.pack(">II", length, flags) for length, flags in extents
+        )
+        self._out.append(
+            _CHUNK.pack(
+                c.STRUCTURED_REPLY_MAGIC,
+                c.REPLY_FLAG_DONE,
+                c.REPLY_TYPE_BLOCK_STATUS,
+                request.handle,
+                len(body),
+            )
+        )
+        self._out.append(body)
+
+
+def _parse_meta_request(data: bytes) -> tuple[str, list[str]]:
+    if len(data) < 8:
+        raise ValueError("meta context request too short")
+    (name_len,) = struct.unpack_from(">I", data)
+    pos = 4 + name_len
+    if pos + 4 > len(data):
+        raise ValueError("meta context export name length")
+    name = data[4:pos].decode("utf-8", "replace")
+    (count,) = struct.unpack_from(">I", data, pos)
+    pos += 4
+    queries: list[str] = []
+    for _ in range(count):
+        if pos + 4 > len(data):
+            raise ValueError("meta context query truncated")
+        (qlen,) = struct.unpack_from(">I", data, pos)
+        pos += 4
+        if pos + qlen > len(data):
+            raise ValueError("meta context query truncated")
+        queries.append(data[pos : pos + qlen].decode("utf-8", "replace"))
+        pos += qlen
+    if pos != len(data):
+        raise ValueError("meta context request has trailing bytes")
+    return name, queries
