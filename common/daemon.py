@@ -1,0 +1,71 @@
+"""What both daemons do to start and stop: config, volumes, NBD, signals."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+import uvloop
+
+from common.config import Config, ConfigError, check_volume_files, load_config
+from common.nbd.server import NbdServer
+from common.volume import Volume, VolumeError
+
+log = logging.getLogger("journalpair")
+
+
+def run(prog: str, role: str, argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=f"journalpair {role} daemon")
+    parser.add_argument("--config", required=True, help="YAML config file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s {prog} %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = load_config(args.config)
+        if config.role != role:
+            raise ConfigError(f"role: config says {config.role}, this is {prog}")
+        check_volume_files(config)
+    except ConfigError as exc:
+        print(f"{prog}: config error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return uvloop.run(_serve(config, read_only=(role == "secondary")))
+    except VolumeError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+
+
+async def _serve(config: Config, *, read_only: bool) -> int:
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    volumes = {
+        v.name: Volume.open_or_create(v.name, v.path, v.size, read_only=read_only)
+        for v in config.volumes
+    }
+    server = NbdServer(volumes)
+    host, port = await server.start(config.nbd_listen.host, config.nbd_listen.port)
+    log.info(
+        "group %s: serving %s over NBD on %s:%d%s",
+        config.group,
+        ", ".join(volumes),
+        host,
+        port,
+        " (read-only)" if read_only else "",
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: answering in-flight requests")
+    await server.stop()
+    for volume in volumes.values():
+        volume.sync()
+        volume.close()
+    log.info("stopped")
+    return 0
