@@ -19,6 +19,7 @@ from common.nbd.protocol import (
     ExportChosen,
     ExportInfo,
     NbdServerConnection,
+    Phase,
     RemoteProtocolError,
     Request,
     RequestRefused,
@@ -63,8 +64,12 @@ class NbdConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
-        if self._core.phase.name not in ("CLOSED",):
+        if self._core.phase is not Phase.CLOSED:
             log.info("client %s gone (%s)", self._peer, exc or "connection closed")
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
 
     def pause_writing(self) -> None:
         if self._transport is not None:
@@ -217,7 +222,6 @@ class NbdServer:
         if self.pending:
             await asyncio.gather(*self.pending, return_exceptions=True)
         for conn in list(self.connections):
-            if conn._transport is not None:
-                conn._transport.close()
+            conn.close()
         if self._server is not None:
             await self._server.wait_closed()
