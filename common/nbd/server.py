@@ -18,18 +18,23 @@ from common.nbd.protocol import (
     Disconnect,
     ExportChosen,
     ExportInfo,
+    FileData,
     NbdServerConnection,
     Phase,
+    Piece,
     RemoteProtocolError,
     Request,
     RequestRefused,
 )
+from common.nbd.sender import ReplySender
 from common.syncer import GroupSyncer
 from common.volume import Volume
 
 log = logging.getLogger("journalpair.nbd")
 
-_WRITE_BUFFER_HIGH_BYTES = 64 << 20
+_HOLE_CHUNK_MIN_BYTES = 64 << 10
+STOP_DRAIN_S = 10.0  # on SIGTERM, how long clients get to read the replies owed to them
+_SENDFILE_MIN_BYTES = 128 << 10  # below this one pread + write is cheaper than a syscall dance
 
 
 class Export:
@@ -43,45 +48,73 @@ class Export:
         )
 
 
-class NbdConnection(asyncio.Protocol):
+class NbdConnection(asyncio.BufferedProtocol):
     def __init__(self, server: NbdServer) -> None:
         self._server = server
         self._core = NbdServerConnection({n: e.info for n, e in server.exports.items()})
         self._export: Export | None = None
         self._transport: asyncio.Transport | None = None
-        self._peer = "?"
+        self.peer = "?"
         self._pending: set[asyncio.Task[None]] = set()
+        self._sender: ReplySender | None = None
+        self._closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCPTransport is not an asyncio.Transport subclass, but has its API.
         tcp = cast(asyncio.Transport, transport)
         self._transport = tcp
         peer = tcp.get_extra_info("peername")
-        self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        tcp.set_write_buffer_limits(high=_WRITE_BUFFER_HIGH_BYTES)
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self._sender = ReplySender(tcp, self._on_reply_backlog)
         self._server.connections.add(self)
         self._flush_out()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
         if self._core.phase is not Phase.CLOSED:
-            log.info("client %s gone (%s)", self._peer, exc or "connection closed")
+            log.info("client %s gone (%s)", self.peer, exc or "connection closed")
 
     def close(self) -> None:
+        """Stop reading requests; close once every reply owed has been handed over."""
+        self._closing = True
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.pause_reading()
+        self._close_if_done()
+
+    def abort(self) -> None:
         if self._transport is not None:
-            self._transport.close()
+            self._transport.abort()
+
+    def _close_if_done(self) -> None:
+        if not self._closing or self._pending or self._transport is None:
+            return
+        if self._sender is None or self._sender.idle:
+            self._transport.close()  # the transport still sends what it holds
 
     def pause_writing(self) -> None:
-        if self._transport is not None:
-            self._transport.pause_reading()
+        if self._sender is not None:
+            self._sender.transport_paused()
 
     def resume_writing(self) -> None:
-        if self._transport is not None:
+        if self._sender is not None:
+            self._sender.transport_resumed()
+        self._close_if_done()
+
+    def _on_reply_backlog(self, backlogged: bool) -> None:
+        # A client that does not read its replies stops being read: memory stays bounded.
+        if self._transport is None or self._transport.is_closing():
+            return
+        if backlogged:
+            self._transport.pause_reading()
+        else:
             self._transport.resume_reading()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._core.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
         core = self._core
-        core.receive_data(data)
+        core.buffer_updated(nbytes)
         try:
             while True:
                 event = core.next_event()
@@ -91,43 +124,36 @@ class NbdConnection(asyncio.Protocol):
                     self._request(event)
                 elif isinstance(event, ExportChosen):
                     self._export = self._server.exports[event.export.name]
-                    log.debug("client %s uses export %s", self._peer, event.export.name)
+                    if self._sender is not None:
+                        self._sender.volume = self._export.volume
+                    log.debug("client %s uses export %s", self.peer, event.export.name)
                 elif isinstance(event, RequestRefused):
-                    log.debug("client %s: refused: %s", self._peer, event.why)
+                    log.debug("client %s: refused: %s", self.peer, event.why)
                 elif isinstance(event, Disconnect):
                     self._flush_out()
-                    self._close_when_idle()
+                    self.close()
                     return
         except RemoteProtocolError as exc:
-            log.warning("client %s broke the protocol: %s; dropping it", self._peer, exc)
+            log.warning("client %s broke the protocol: %s; dropping it", self.peer, exc)
             self._flush_out()
             assert self._transport is not None
-            self._transport.close()
+            self._transport.close()  # no waiting for a peer that broke the rules
             return
         self._flush_out()
 
     def _flush_out(self) -> None:
-        out = self._core.data_to_send()
-        if out and self._transport is not None and not self._transport.is_closing():
-            self._transport.writelines(out)
-
-    def _close_when_idle(self) -> None:
-        if self._pending:
-            task = asyncio.get_running_loop().create_task(self._drain_then_close())
-            self._track(task)
-        elif self._transport is not None:
-            self._transport.close()
-
-    async def _drain_then_close(self) -> None:
-        await asyncio.gather(*(t for t in self._pending if t is not asyncio.current_task()))
-        if self._transport is not None:
-            self._transport.close()
+        if self._sender is not None:
+            self._sender.send(self._core.data_to_send())
 
     def _track(self, task: asyncio.Task[None]) -> None:
         self._pending.add(task)
         self._server.pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        task.add_done_callback(self._task_done)
         task.add_done_callback(self._server.pending.discard)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._pending.discard(task)
+        self._close_if_done()
 
     def _request(self, req: Request) -> None:
         export = self._export
@@ -173,17 +199,30 @@ class NbdConnection(asyncio.Protocol):
         self._core.reply_ok(req)
 
     def _read(self, volume: Volume, req: Request) -> None:
-        if not self._core.structured or req.flags & c.CMD_FLAG_DF:
-            self._core.reply_read(req, [(req.offset, volume.read(req.offset, req.length))])
+        # Small reads skip hole detection: two lseeks would cost more than sending zeros.
+        if (
+            req.length < _HOLE_CHUNK_MIN_BYTES
+            or not self._core.structured
+            or req.flags & c.CMD_FLAG_DF
+        ):
+            self._core.reply_read(req, [(req.offset, self._data(volume, req.offset, req.length))])
             return
-        pieces: list[tuple[int, bytes | int]] = []
+        pieces: list[tuple[int, Piece]] = []
         for e in volume.extents(req.offset, req.length, max_extents=64):
-            pieces.append((e.offset, e.length if e.hole else volume.read(e.offset, e.length)))
+            pieces.append(
+                (e.offset, e.length if e.hole else self._data(volume, e.offset, e.length))
+            )
         covered = pieces[-1][0] + _piece_len(pieces[-1][1])
         end = req.offset + req.length
         if covered < end:
-            pieces.append((covered, volume.read(covered, end - covered)))
+            pieces.append((covered, self._data(volume, covered, end - covered)))
         self._core.reply_read(req, pieces)
+
+    @staticmethod
+    def _data(volume: Volume, offset: int, length: int) -> bytes | FileData:
+        if length >= _SENDFILE_MIN_BYTES:
+            return FileData(offset, length)
+        return volume.read(offset, length)
 
     async def _sync_then_reply(self, export: Export, req: Request) -> None:
         try:
@@ -196,8 +235,10 @@ class NbdConnection(asyncio.Protocol):
         self._flush_out()
 
 
-def _piece_len(piece: bytes | int) -> int:
-    return piece if isinstance(piece, int) else len(piece)
+def _piece_len(piece: Piece) -> int:
+    if isinstance(piece, int):
+        return piece
+    return piece.length if isinstance(piece, FileData) else len(piece)
 
 
 class NbdServer:
@@ -219,9 +260,17 @@ class NbdServer:
         """Stop listening, answer what is in flight, close every connection."""
         if self._server is not None:
             self._server.close()
-        if self.pending:
-            await asyncio.gather(*self.pending, return_exceptions=True)
         for conn in list(self.connections):
             conn.close()
+        if self.pending:
+            await asyncio.gather(*self.pending, return_exceptions=True)
+        deadline = asyncio.get_running_loop().time() + STOP_DRAIN_S
+        while self.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)  # replies still draining to slow clients
+        for conn in list(self.connections):
+            log.warning(
+                "client %s did not read its replies in %.0f s; dropping it", conn.peer, STOP_DRAIN_S
+            )
+            conn.abort()
         if self._server is not None:
             await self._server.wait_closed()

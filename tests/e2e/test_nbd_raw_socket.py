@@ -6,6 +6,7 @@ The few protocol pieces needed are spelled out here from NetworkBlockDevice/nbd 
 
 from __future__ import annotations
 
+import random
 import re
 import socket
 import struct
@@ -264,3 +265,23 @@ def test_disconnect_mid_write_payload_is_dropped_and_not_applied(
     assert_logged(primary, offset, client)
     assert_bystander_works(bystander)  # includes: the first MiB still reads 0x5a
     assert read_at(primary.volume().path, 0, MiB) == b"\x5a" * MiB, "half a write was applied"
+
+
+def test_pipelined_big_reads_to_a_slow_reader_arrive_whole_and_in_order(primary: Daemon) -> None:
+    """Big reads leave by sendfile while the socket takes them, by pread + write when it
+    is full; a client that stops reading for a while must still get every byte, in order."""
+    client = RawClient(primary.nbd_port)
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KiB)  # force partials
+    try:
+        client.handshake()
+        content = random.Random(7).randbytes(8 * MiB)
+        client.sock.sendall(client.request_header(CMD_WRITE, 0, len(content), cookie=1) + content)
+        assert client.simple_reply() == (0, 1)
+        reads = [(cookie, (cookie * 3 % 8) * MiB, MiB) for cookie in range(2, 66)]
+        client.sock.sendall(b"".join(client.request_header(CMD_READ, o, n, c) for c, o, n in reads))
+        time.sleep(0.5)  # the client stalls on purpose: the server's socket fills up
+        for cookie, offset, length in reads:
+            assert client.simple_reply() == (0, cookie)
+            assert client.recv_exact(length) == content[offset : offset + length], cookie
+    finally:
+        client.close()

@@ -10,6 +10,7 @@ from common.nbd.protocol import (
     Disconnect,
     ExportChosen,
     ExportInfo,
+    FileData,
     NbdServerConnection,
     RemoteProtocolError,
     Request,
@@ -32,7 +33,8 @@ def feed_bytewise(conn: NbdServerConnection, data: bytes) -> list[object]:
     for i in range(len(data)):
         conn.receive_data(data[i : i + 1])
         while (ev := conn.next_event()) is not NEED_DATA:
-            events.append(ev)
+            # A WRITE payload is a view into the receive buffer, valid until the next feed.
+            events.append(ev._replace(payload=bytes(ev.payload)) if isinstance(ev, Request) else ev)
     return events
 
 
@@ -128,7 +130,7 @@ def test_oversized_write_is_discarded_without_buffering_it() -> None:
         conn.receive_data(chunk)
         while (ev := conn.next_event()) is not NEED_DATA:
             events.append(ev)
-        assert len(conn._buf) < (2 << 20)
+        assert conn.buffered_bytes < (2 << 20)
     conn.receive_data(request(c.Cmd.FLUSH, 0, 0, handle=9))
     events.append(conn.next_event())
     assert isinstance(events[0], RequestRefused) and events[0].error == c.EOVERFLOW
@@ -140,3 +142,14 @@ def test_bad_request_magic_is_a_protocol_error() -> None:
     conn.receive_data(b"\0" * 28)
     with pytest.raises(RemoteProtocolError, match="magic"):
         conn.next_event()
+
+
+def test_read_reply_with_file_data_leaves_the_bytes_to_the_adapter() -> None:
+    conn = transmitting()
+    conn.receive_data(request(c.Cmd.READ, 0, 1 << 20, handle=5))
+    req = conn.next_event()
+    assert isinstance(req, Request)
+    conn.reply_read(req, [(0, FileData(0, 1 << 20))])
+    header, item = conn.data_to_send()
+    assert item == FileData(0, 1 << 20)
+    assert bytes(header) == struct.pack(">IIQ", c.SIMPLE_REPLY_MAGIC, 0, 5)

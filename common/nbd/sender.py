@@ -1,0 +1,110 @@
+"""The reply stream of one NBD connection: bytes through the transport, big reads by sendfile.
+
+    core.data_to_send() ─► send() ─► queue (bounded by the reader pausing) ─► _pump()
+                                                                        │
+        bytes ──────────────────────────────────────────────► transport.writelines
+        FileData, transport idle ──► os.sendfile(socket, volume) (no copy through Python)
+        FileData, transport busy ──► wait for resume_writing (order on the wire holds)
+        FileData, socket full mid-way ──► pread the rest ──► transport.write
+
+The transport's write buffer limits are set to (1, 0), so pause_writing means "has
+bytes queued" and resume_writing "fully drained": the moment sendfile is safe again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from common.nbd.protocol import FileData, Outgoing
+from common.volume import Volume
+
+log = logging.getLogger("journalpair.nbd")
+
+QUEUE_HIGH_BYTES = 64 << 20  # stop reading requests while this much reply data waits
+QUEUE_LOW_BYTES = 16 << 20
+
+
+class ReplySender:
+    def __init__(self, transport: asyncio.Transport, on_backlog: Callable[[bool], None]) -> None:
+        self._transport = transport
+        self._on_backlog = on_backlog  # True: stop reading requests; False: go on
+        self._queue: deque[Outgoing] = deque()
+        self._queued_bytes = 0
+        self._transport_busy = False
+        self._backlogged = False
+        self.volume: Volume | None = None  # set once the client has chosen an export
+        sock = transport.get_extra_info("socket")
+        self._socket_fd = sock.fileno() if sock is not None else -1
+        transport.set_write_buffer_limits(high=1, low=0)
+
+    @property
+    def idle(self) -> bool:
+        return not self._queue and not self._transport_busy
+
+    def send(self, items: Iterable[Outgoing]) -> None:
+        for item in items:
+            self._queue.append(item)
+            self._queued_bytes += _size(item)
+        self._pump()
+
+    def transport_paused(self) -> None:
+        self._transport_busy = True
+
+    def transport_resumed(self) -> None:
+        self._transport_busy = False
+        self._pump()
+
+    def _pump(self) -> None:
+        transport = self._transport
+        queue = self._queue
+        while queue and not self._transport_busy and not transport.is_closing():
+            if isinstance(queue[0], FileData):
+                item = queue.popleft()
+                assert isinstance(item, FileData)
+                self._queued_bytes -= item.length
+                self._send_file_data(item)
+                continue
+            batch: list[bytes | memoryview] = []
+            while queue and not isinstance(queue[0], FileData):
+                data = queue.popleft()
+                assert not isinstance(data, FileData)
+                self._queued_bytes -= len(data)
+                batch.append(data)
+            transport.writelines(batch)  # may call transport_paused() before returning
+        self._update_backlog()
+
+    def _send_file_data(self, item: FileData) -> None:
+        volume = self.volume
+        assert volume is not None, "FileData before an export was chosen"
+        sent = 0
+        if self._socket_fd >= 0:
+            try:
+                while sent < item.length:
+                    n = os.sendfile(
+                        self._socket_fd, volume.fd, item.offset + sent, item.length - sent
+                    )
+                    if n == 0:
+                        break
+                    sent += n
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:  # the client went away: the transport will report it
+                log.debug("sendfile failed: %s", exc)
+        if sent < item.length:
+            self._transport.write(volume.read(item.offset + sent, item.length - sent))
+
+    def _update_backlog(self) -> None:
+        if not self._backlogged and self._queued_bytes > QUEUE_HIGH_BYTES:
+            self._backlogged = True
+            self._on_backlog(True)
+        elif self._backlogged and self._queued_bytes <= QUEUE_LOW_BYTES:
+            self._backlogged = False
+            self._on_backlog(False)
+
+
+def _size(item: Outgoing) -> int:
+    return item.length if isinstance(item, FileData) else len(item)
