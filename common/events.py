@@ -1,0 +1,184 @@
+"""The transition event log: every pair state change as one JSON line, a log line, and a feed.
+
+    emit(old, new, reason, **extra)
+        │ {"time", "group", "role", "old", "new", "reason", **extra}
+        ├─► events.log: one appended JSON line (rotated to events.log.1 past max_bytes)
+        ├─► log INFO  "group=jg0 role=primary PAIR -> PSUS: split by operator"
+        └─► every follower's bounded queue (full: the oldest is dropped and counted)
+
+    history(limit)  ◄── last lines of events.log.1 + events.log (corrupt lines skipped)
+    follow()        ──► async iterator of new events ("dropped": n after a gap)
+
+The file is not fsynced: the persisted state file is the durable record of a transition
+(invariant 6), this log is its explanation. A failed append is a WARNING, never an exception,
+so a full disk cannot stop a transition that was already persisted.
+
+A follower that does not keep up (a stalled `pairctl events --follow`) loses the oldest events
+rather than holding memory or the emitter: its queue is bounded, and the next event it gets
+says how many it missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import AsyncGenerator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+__all__ = ["EVENT_LOG_BYTES_MAX", "FOLLOW_QUEUE_MAX", "EventLog"]
+
+log = logging.getLogger("journalpair.events")
+
+EVENT_LOG_BYTES_MAX = 4 << 20  # per file; one rotated file is kept besides the current one
+FOLLOW_QUEUE_MAX = 1000  # events held for one follower that is not reading
+_RESERVED = ("time", "group", "role", "old", "new", "reason")
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class _Follower:
+    """One subscriber: a bounded queue and the count of events dropped since its last read."""
+
+    def __init__(self, queue_max: int) -> None:
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(queue_max)
+        self.dropped = 0
+
+    def offer(self, event: dict[str, Any]) -> None:
+        if self.queue.full():
+            self.queue.get_nowait()
+            self.dropped += 1
+        self.queue.put_nowait(event)
+
+    async def next(self) -> dict[str, Any]:
+        event = await self.queue.get()
+        if self.dropped:
+            event = {**event, "dropped": self.dropped}
+            self.dropped = 0
+        return event
+
+
+class EventLog:
+    """Transition events of one journal group at `path` (and `path`.1), fed to followers."""
+
+    def __init__(
+        self,
+        path: Path,
+        group: str,
+        role_fn: Callable[[], str],
+        max_bytes: int = EVENT_LOG_BYTES_MAX,
+        queue_max: int = FOLLOW_QUEUE_MAX,
+    ) -> None:
+        if max_bytes <= 0 or queue_max <= 0:
+            raise ValueError("max_bytes and queue_max must be positive")
+        self.path = Path(path)
+        self.old_path = self.path.with_name(self.path.name + ".1")
+        self.group = group
+        self._role_fn = role_fn  # a function: the role changes with takeover and swap resync
+        self._max_bytes = max_bytes
+        self._queue_max = queue_max
+        self._followers: set[_Follower] = set()
+
+    @property
+    def followers(self) -> int:
+        """How many iterators from follow() are open."""
+        return len(self._followers)
+
+    def emit(self, old: str, new: str, reason: str, **extra: Any) -> dict[str, Any]:
+        """Record the transition old -> new; returns the event as written and delivered."""
+        clash = [key for key in _RESERVED if key in extra]
+        if clash:
+            raise ValueError(f"event keys reserved: {', '.join(clash)}")
+        role = str(self._role_fn())
+        event: dict[str, Any] = {
+            "time": _now_iso(),
+            "group": self.group,
+            "role": role,
+            "old": str(old),
+            "new": str(new),
+            "reason": reason,
+            **extra,
+        }
+        self._append(json.dumps(event, separators=(",", ":"), default=str) + "\n")
+        log.info("group=%s role=%s %s -> %s: %s", self.group, role, old, new, reason)
+        for follower in self._followers:
+            follower.offer(event)
+        return event
+
+    def _append(self, line: str) -> None:
+        data = line.encode()
+        try:
+            self._rotate_if_full(len(data))
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, data)  # one write to an O_APPEND file: the line is never split
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("cannot append to event log %s: %s", self.path, exc.strerror or exc)
+
+    def _rotate_if_full(self, adding_bytes: int) -> None:
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError:
+            return
+        if size and size + adding_bytes > self._max_bytes:
+            os.replace(self.path, self.old_path)
+
+    def history(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """The last `limit` events, oldest first, from the rotated and the current file."""
+        if limit <= 0:
+            return []
+        events: list[dict[str, Any]] = []
+        for path in (self.old_path, self.path):
+            events.extend(self._read(path))
+        return events[-limit:]
+
+    def _read(self, path: Path) -> list[dict[str, Any]]:
+        # Read at most a file's worth from the end: a file we did not write stays bounded.
+        budget = self._max_bytes + (64 << 10)
+        try:
+            with open(path, "rb") as file:
+                size = file.seek(0, os.SEEK_END)
+                file.seek(max(0, size - budget))
+                data = file.read(budget)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            log.warning("cannot read event log %s: %s", path, exc.strerror or exc)
+            return []
+        events: list[dict[str, Any]] = []
+        corrupt = 0
+        for raw in data.splitlines():
+            try:
+                event = json.loads(raw)
+            except (ValueError, RecursionError):  # includes a bad UTF-8 sequence
+                event = None
+            if isinstance(event, dict):
+                events.append(event)
+            elif raw.strip():
+                corrupt += 1
+        if corrupt:
+            log.warning("skipped %d corrupt line(s) in event log %s", corrupt, path)
+        return events
+
+    async def follow(self, backlog: int = 0) -> AsyncGenerator[dict[str, Any], None]:
+        """The last `backlog` events from history, then every new event, until closed.
+
+        The subscription starts when the iterator is first advanced; history is read in the
+        same step, so no event falls between the two or appears in both.
+        """
+        follower = _Follower(self._queue_max)
+        self._followers.add(follower)
+        try:
+            for event in self.history(backlog):
+                yield event
+            while True:
+                yield await follower.next()
+        finally:
+            self._followers.discard(follower)
