@@ -8,12 +8,12 @@ import ctypes
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 
 import uvloop
 
 from common.config import Config, ConfigError, check_volume_files, load_config
-from common.nbd.server import NbdServer
-from common.volume import Volume, VolumeError
+from common.volume import VolumeError
 
 log = logging.getLogger("journalpair")
 
@@ -38,7 +38,14 @@ def _keep_big_buffers_in_the_heap() -> None:
         log.debug("mallopt unavailable; keeping the allocator's defaults")
 
 
-def run(prog: str, role: str, argv: list[str] | None = None) -> int:
+class StartupError(Exception):
+    """The daemon cannot start (corrupt journal, unreadable state...): one line, exit 1."""
+
+
+RoleService = Callable[[Config, asyncio.Event], Awaitable[None]]
+
+
+def run(prog: str, role: str, serve_role: RoleService, argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=f"journalpair {role} daemon")
     parser.add_argument("--config", required=True, help="YAML config file")
     args = parser.parse_args(argv)
@@ -57,37 +64,22 @@ def run(prog: str, role: str, argv: list[str] | None = None) -> int:
         return 2
     _keep_big_buffers_in_the_heap()
     try:
-        return uvloop.run(_serve(config, read_only=(role == "secondary")))
+        return uvloop.run(_serve(config, serve_role))
     except VolumeError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"{prog}: cannot start: {exc}", file=sys.stderr)
+        return 1
 
 
-async def _serve(config: Config, *, read_only: bool) -> int:
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    volumes = {
-        v.name: Volume.open_or_create(v.name, v.path, v.size, read_only=read_only)
-        for v in config.volumes
-    }
-    server = NbdServer(volumes)
-    host, port = await server.start(config.nbd_listen.host, config.nbd_listen.port)
-    log.info(
-        "group %s: serving %s over NBD on %s:%d%s",
-        config.group,
-        ", ".join(volumes),
-        host,
-        port,
-        " (read-only)" if read_only else "",
-    )
+async def _serve(config: Config, serve_role: RoleService) -> int:
+    """Run the role's service until SIGTERM/SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("stopping: answering in-flight requests")
-    await server.stop()
-    for volume in volumes.values():
-        volume.sync()
-        volume.close()
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    await serve_role(config, stop)
     log.info("stopped")
     return 0

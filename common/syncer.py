@@ -12,8 +12,21 @@ from collections.abc import Callable
 
 
 class GroupSyncer:
-    def __init__(self, sync: Callable[[], None]) -> None:
-        self._sync = sync
+    """`sync` runs in the executor. With `prepare`, prepare() runs on the loop first
+    (e.g. to write out buffers and pick the files) and returns what the executor runs."""
+
+    def __init__(
+        self,
+        sync: Callable[[], None] | None = None,
+        *,
+        prepare: Callable[[], Callable[[], None]] | None = None,
+    ) -> None:
+        if prepare is None:
+            if sync is None:
+                raise ValueError("GroupSyncer needs sync or prepare")
+            fixed = sync
+            prepare = lambda: fixed  # noqa: E731
+        self._prepare: Callable[[], Callable[[], None]] = prepare
         self._next: asyncio.Future[None] | None = None
         self._running = False
         self._task: asyncio.Task[None] | None = None
@@ -31,7 +44,8 @@ class GroupSyncer:
             while self._next is not None:
                 batch, self._next = self._next, None
                 try:
-                    await asyncio.get_running_loop().run_in_executor(None, self._sync)
+                    work = self._prepare()
+                    await asyncio.get_running_loop().run_in_executor(None, work)
                 except OSError as exc:
                     batch.set_exception(exc)
                 else:

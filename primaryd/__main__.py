@@ -3,10 +3,11 @@
 import sys
 
 from common.daemon import run
+from primaryd.service import serve
 
 
 def main() -> None:
-    sys.exit(run("primaryd", "primary"))
+    sys.exit(run("primaryd", "primary", serve))
 
 
 if __name__ == "__main__":

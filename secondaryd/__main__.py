@@ -3,10 +3,11 @@
 import sys
 
 from common.daemon import run
+from secondaryd.service import serve
 
 
 def main() -> None:
-    sys.exit(run("secondaryd", "secondary"))
+    sys.exit(run("secondaryd", "secondary", serve))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from typing import cast
+from typing import Protocol, cast
 
 from common.nbd import constants as c
 from common.nbd.protocol import (
@@ -33,18 +33,45 @@ from common.volume import Volume
 log = logging.getLogger("journalpair.nbd")
 
 _HOLE_CHUNK_MIN_BYTES = 64 << 10
+_JOURNALED = (c.Cmd.WRITE, c.Cmd.TRIM, c.Cmd.WRITE_ZEROES)
 STOP_DRAIN_S = 10.0  # on SIGTERM, how long clients get to read the replies owed to them
 _SENDFILE_MIN_BYTES = 128 << 10  # below this one pread + write is cheaper than a syscall dance
+
+
+class WriteJournal(Protocol):
+    """Where host writes go besides the volume (the primary's master journal).
+
+    Called inline, right BEFORE the volume write: a record is in the journal file before
+    its data can be on the volume, so a SIGKILL can leave at most the last record without
+    its write (recovery checks that one), never a write without its record. Never raises:
+    replication trouble changes the pair state, it does not fail host I/O (invariant 4).
+    """
+
+    def wrote(self, volume: str, offset: int, payload: bytes | memoryview) -> None: ...
+    def trimmed(self, volume: str, offset: int, length: int) -> None: ...
+    def zeroed(self, volume: str, offset: int, length: int) -> None: ...
+    def failed(self, volume: str, offset: int, length: int) -> None:
+        """The volume write after the record failed: the region's content is unknown."""
+
+    def before_replies(self) -> None:
+        """Replies are about to go out: make every record so far survive a SIGKILL."""
+
+    async def sync(self) -> None:
+        """FLUSH/FUA: records so far are durable when this returns (OSError if not)."""
 
 
 class Export:
     """A volume as served over NBD."""
 
-    def __init__(self, volume: Volume) -> None:
+    def __init__(self, volume: Volume, journal: WriteJournal | None, read_only: bool) -> None:
         self.volume = volume
+        self.journal = journal
         self.syncer = GroupSyncer(volume.sync)
         self.info = ExportInfo(
-            volume.name, volume.size, volume.read_only, description=f"journalpair {volume.name}"
+            volume.name,
+            volume.size,
+            read_only or volume.read_only,
+            description=f"journalpair {volume.name}",
         )
 
 
@@ -142,6 +169,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._flush_out()
 
     def _flush_out(self) -> None:
+        if self._export is not None and self._export.journal is not None:
+            self._export.journal.before_replies()
         if self._sender is not None:
             self._sender.send(self._core.data_to_send())
 
@@ -163,15 +192,22 @@ class NbdConnection(asyncio.BufferedProtocol):
             if req.cmd == c.Cmd.READ:
                 self._read(volume, req)
                 return
+            journal = export.journal
             if req.cmd == c.Cmd.WRITE:
+                if journal is not None:
+                    journal.wrote(volume.name, req.offset, req.payload)
                 volume.write(req.offset, req.payload)
             elif req.cmd == c.Cmd.TRIM:
+                if journal is not None:
+                    journal.trimmed(volume.name, req.offset, req.length)
                 volume.punch(req.offset, req.length)
             elif req.cmd == c.Cmd.WRITE_ZEROES:
                 allocate = bool(req.flags & c.CMD_FLAG_NO_HOLE)
                 if req.flags & c.CMD_FLAG_FAST_ZERO and not volume.zero_is_fast(allocate=allocate):
                     self._core.reply_error(req, c.ENOTSUP, "cannot zero fast")
                     return
+                if journal is not None:
+                    journal.zeroed(volume.name, req.offset, req.length)
                 volume.zero(req.offset, req.length, allocate=allocate)
             elif req.cmd == c.Cmd.CACHE:
                 volume.advise_willneed(req.offset, req.length)
@@ -183,6 +219,8 @@ class NbdConnection(asyncio.BufferedProtocol):
                 )
                 return
         except OSError as exc:
+            if export.journal is not None and req.cmd in _JOURNALED:
+                export.journal.failed(volume.name, req.offset, req.length)
             log.error(
                 "export %s: %s failed at %d+%d: %s",
                 volume.name,
@@ -226,7 +264,10 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     async def _sync_then_reply(self, export: Export, req: Request) -> None:
         try:
-            await export.syncer.sync()
+            if export.journal is None:
+                await export.syncer.sync()
+            else:
+                await asyncio.gather(export.syncer.sync(), export.journal.sync())
         except OSError as exc:
             log.error("export %s: fdatasync failed: %s", export.volume.name, exc)
             self._core.reply_error(req, c.EIO, f"fdatasync: {exc}")
@@ -244,8 +285,14 @@ def _piece_len(piece: Piece) -> int:
 class NbdServer:
     """Serves a set of exports on one TCP address."""
 
-    def __init__(self, volumes: Mapping[str, Volume]) -> None:
-        self.exports = {name: Export(v) for name, v in volumes.items()}
+    def __init__(
+        self,
+        volumes: Mapping[str, Volume],
+        journal: WriteJournal | None = None,
+        *,
+        read_only: bool = False,
+    ) -> None:
+        self.exports = {name: Export(v, journal, read_only) for name, v in volumes.items()}
         self.connections: set[NbdConnection] = set()
         self.pending: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import random
 import signal
@@ -190,6 +191,7 @@ class Daemon:
     log_path: Path
     nbd_port: int
     volumes: dict[str, Volume]
+    peer_port: int = 0  # primary: its replication port; secondary: the primary's
     proc: subprocess.Popen[bytes] | None = None
     log_file: IO[bytes] | None = field(default=None, repr=False)
     returncode: int | None = None
@@ -353,7 +355,7 @@ class Daemons:
                 volumes=vols.values(),
             )
         )
-        daemon = Daemon(name, role, config_path, site / f"{name}.log", nbd_port, vols)
+        daemon = Daemon(name, role, config_path, site / f"{name}.log", nbd_port, vols, peer_port)
         self.started.append(daemon)
         return daemon
 
@@ -377,6 +379,18 @@ class Daemons:
                 fill(volume)
         daemon.start()
         return daemon
+
+    def start_pair(
+        self, volumes: Sequence[tuple[str, int]] = (("vol0", 64 * MiB),)
+    ) -> tuple[Daemon, Daemon]:
+        """A primary and a secondary pulling from it, both started, not yet paired."""
+        primary = self.start_primary(volumes)
+        secondary = self.prepare("secondary", volumes, primary_port=primary.peer_port)
+        secondary.start()
+        wait_until(
+            lambda: display(primary)["link"]["up"], timeout_s=15, what="the secondary to connect"
+        )
+        return primary, secondary
 
     def stop_all(self) -> None:
         """Stop every daemon (reverse order); raise one error naming all that misbehaved."""
@@ -467,3 +481,49 @@ def close_handle(handle: Any) -> None:
     if close is not None:
         with contextlib.suppress(Exception):
             close()
+
+
+# --- pairctl ------------------------------------------------------------------------------------
+
+
+def pairctl(
+    daemon: Daemon, *args: str, check: bool = True, timeout: float = CLIENT_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    return run(
+        [DAEMON_BIN_DIR / "pairctl", "--config", daemon.config_path, *args],
+        check=check,
+        timeout=timeout,
+    )
+
+
+def display(daemon: Daemon) -> dict[str, Any]:
+    result = json.loads(pairctl(daemon, "display", "--json").stdout)
+    assert isinstance(result, dict)
+    return result
+
+
+def wait_state(daemon: Daemon, state: str, timeout_s: float = 60.0) -> None:
+    """pairctl wait STATE: exit 0 once the daemon reports it."""
+    proc = pairctl(
+        daemon, "wait", state, "--timeout", str(timeout_s), check=False, timeout=timeout_s + 15
+    )
+    assert proc.returncode == 0, (
+        f"{daemon.name} did not reach {state} in {timeout_s} s: {proc.stderr.strip()}\n"
+        + daemon.log_tail()
+    )
+
+
+def wait_caught_up(primary: Daemon, timeout_s: float = 60.0) -> dict[str, Any]:
+    """Until the primary reports lag 0 (the secondary applied everything journaled)."""
+
+    def caught_up() -> dict[str, Any] | None:
+        shown = display(primary)
+        return shown if shown["lag"]["entries"] == 0 and shown["state"] == "PAIR" else None
+
+    return wait_until(caught_up, timeout_s, "lag 0 in PAIR", interval_s=0.1)
+
+
+def create_pair(primary: Daemon, secondary: Daemon, timeout_s: float = 60.0) -> None:
+    pairctl(primary, "create")
+    wait_state(primary, "PAIR", timeout_s)
+    wait_state(secondary, "PAIR", timeout_s)

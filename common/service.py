@@ -1,0 +1,75 @@
+"""What both role services share at start and stop: volumes, state, journal, control socket."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from common.config import Config
+from common.control import ControlRefused, Handler
+from common.daemon import StartupError
+from common.events import EventLog
+from common.journal.store import JournalCorrupt, JournalStore
+from common.pairrecord import PairRecord, PairRecordError
+from common.pairstate import Role
+from common.volume import Volume
+
+log = logging.getLogger("journalpair")
+
+NOT_YET = ("split", "resync", "delete", "takeover")
+
+
+def open_volumes(config: Config, *, read_only: bool) -> dict[str, Volume]:
+    return {
+        v.name: Volume.open_or_create(v.name, v.path, v.size, read_only=read_only)
+        for v in config.volumes
+    }
+
+
+def load_record(config: Config, role: Role) -> PairRecord:
+    try:
+        record = PairRecord.load(config.data_dir, role)
+    except PairRecordError as exc:
+        raise StartupError(str(exc)) from None
+    if record.role is not role:
+        raise StartupError(
+            f"{config.data_dir}: this site is the {record.role.value} of group {config.group} "
+            f"(persisted), not the {role.value}"
+        )
+    return record
+
+
+def open_journal(directory: Path, capacity_bytes: int) -> JournalStore:
+    try:
+        store, report = JournalStore.open(directory, capacity_bytes)
+    except JournalCorrupt as exc:
+        raise StartupError(f"journal {directory}: {exc}") from None
+    log.info(
+        "journal %s: seq %d..%d, %d records in %d segments%s",
+        directory,
+        report.first_seq,
+        report.last_seq,
+        report.records,
+        report.segments,
+        f", cut {report.bytes_cut} bytes of torn tail" if report.bytes_cut else "",
+    )
+    return store
+
+
+def event_log(config: Config, role: Role) -> EventLog:
+    return EventLog(config.data_dir / "events.jsonl", config.group, lambda: role.value)
+
+
+def not_yet(verb: str) -> Handler:
+    async def refuse(args: Mapping[str, Any]) -> Mapping[str, Any]:
+        raise ControlRefused(f"cannot {verb}: not supported by this version yet")
+
+    return refuse
+
+
+def close_volumes(volumes: Mapping[str, Volume]) -> None:
+    for volume in volumes.values():
+        volume.sync()
+        volume.close()

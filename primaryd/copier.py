@@ -1,0 +1,92 @@
+"""Initial copy: the P-VOLs' content as base-journal records, through the same pipeline.
+
+    for each volume, position 0 → size:
+        ┌─ one synchronous step (no await: no host write can slip in between) ─┐
+        │ extents(pos)  hole ─► TRIM record (base), up to 1 GiB                 │
+        │               data ─► read ≤ 1 MiB ─► WRITE record (base)              │
+        └───────────────────────────────────────────────────────────────────────┘
+        journal over the copy window? wait for the secondary to release space
+    done: the last base seq is the copy's end; COPY → PAIR once the secondary applied it
+
+Reading a region and giving it a seq in one step is what keeps host writes safe during the
+copy: a host write before the step is in the data read (and has a smaller seq), a host write
+after it gets a larger seq, so the secondary applies it over the base data, never under.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from common.volume import Volume
+from primaryd.master import MasterJournal
+
+log = logging.getLogger("journalpair.copy")
+
+DATA_STEP_BYTES = 1 << 20
+HOLE_STEP_BYTES = 1 << 30  # one TRIM record covers at most this much of a hole
+YIELD_EVERY_BYTES = 8 << 20  # let host I/O in at least this often
+
+
+@dataclass
+class CopyProgress:
+    done_bytes: int = 0
+    total_bytes: int = 0
+
+
+class CopyAborted(Exception):
+    """The journal filled up (the pair was suspended) or the copy was cancelled."""
+
+
+async def copy_volumes(
+    volumes: Sequence[Volume],
+    journal: MasterJournal,
+    progress: CopyProgress,
+    wait_for_space: Callable[[], asyncio.Future[None] | None],
+) -> int:
+    """Send every volume; return the last base seq. `wait_for_space` returns a future to
+    await when the journal holds more than the copy may use, else None."""
+    progress.total_bytes = sum(v.size for v in volumes)
+    progress.done_bytes = 0
+    for volume in volumes:
+        await _copy_volume(volume, journal, progress, wait_for_space)
+    return journal.store.last_seq
+
+
+async def _copy_volume(
+    volume: Volume,
+    journal: MasterJournal,
+    progress: CopyProgress,
+    wait_for_space: Callable[[], asyncio.Future[None] | None],
+) -> None:
+    position = 0
+    since_yield = 0
+    while position < volume.size:
+        waiter = wait_for_space()
+        if waiter is not None:
+            await waiter
+            continue
+        step = _copy_step(volume, journal, position)
+        position += step
+        progress.done_bytes += step
+        since_yield += step
+        if since_yield >= YIELD_EVERY_BYTES:
+            since_yield = 0
+            await asyncio.sleep(0)
+    log.info("volume %s: base journal complete up to seq %d", volume.name, journal.store.last_seq)
+
+
+def _copy_step(volume: Volume, journal: MasterJournal, position: int) -> int:
+    """Journal the region at `position`; returns its length. Synchronous on purpose."""
+    length = min(volume.size - position, HOLE_STEP_BYTES)
+    extent = volume.extents(position, length, max_extents=1)[0]
+    if extent.hole:
+        if not journal.append_base_hole(volume.name, position, extent.length):
+            raise CopyAborted("journal full")
+        return extent.length
+    step = min(extent.length, DATA_STEP_BYTES)
+    if not journal.append_base(volume.name, position, volume.read(position, step)):
+        raise CopyAborted("journal full")
+    return step

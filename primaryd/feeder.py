@@ -1,0 +1,140 @@
+"""Serves read-journal requests: a thin asyncio adapter over the replication core.
+
+    secondary ── Hello ──────────► group.welcome()      ──► Welcome | Refuse
+              ── ReadJournal ────► group.read_journal() ──► JournalBatch (now, or after a
+                                                            bounded long poll) | Refuse
+One request is outstanding at a time (the core enforces it), so one task per connection
+answers it. A peer that breaks the protocol is logged and dropped; others carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol, cast
+
+from common.replication.messages import (
+    Hello,
+    JournalBatch,
+    ReadJournal,
+    Refuse,
+    RefuseCode,
+    Welcome,
+)
+from common.replication.protocol import (
+    NEED_DATA,
+    ConnectionClosed,
+    RemoteProtocolError,
+    ReplicationConnection,
+    Side,
+    State,
+)
+
+log = logging.getLogger("journalpair.feeder")
+
+
+class JournalSource(Protocol):
+    def welcome(self, hello: Hello, peer: str) -> Welcome | Refuse: ...
+    async def read_journal(self, request: ReadJournal) -> JournalBatch | Refuse: ...
+    def link_closed(self, peer: str) -> None: ...
+
+
+class FeederConnection(asyncio.Protocol):
+    def __init__(self, server: FeederServer) -> None:
+        self._server = server
+        self._core = ReplicationConnection(Side.PRIMARY)
+        self._transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self._answering: asyncio.Task[None] | None = None
+        self._welcomed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self._server.connections.add(self)
+        log.info("secondary %s connected", self.peer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.connections.discard(self)
+        if self._answering is not None:
+            self._answering.cancel()
+        if self._welcomed:
+            self._server.source.link_closed(self.peer)
+        log.info("secondary %s disconnected (%s)", self.peer, exc or "closed")
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._core.receive_data(data)
+            self._handle_events()
+        except RemoteProtocolError as exc:
+            log.warning("secondary %s broke the protocol: %s; dropping it", self.peer, exc)
+            if self._core.state is State.ERROR:
+                self._send(Refuse(exc.refuse_code, str(exc)[:1000]))
+            self.close()
+
+    def eof_received(self) -> bool | None:
+        self._core.receive_data(b"")
+        return None
+
+    def _handle_events(self) -> None:
+        while True:
+            event = self._core.next_event()
+            if event is NEED_DATA or isinstance(event, ConnectionClosed):
+                return
+            if isinstance(event, Hello):
+                answer = self._server.source.welcome(event, self.peer)
+                self._welcomed = isinstance(answer, Welcome)
+                self._send(answer)
+                if isinstance(answer, Refuse):
+                    log.warning("refused secondary %s: %s", self.peer, answer.reason)
+                    self.close()
+            elif isinstance(event, ReadJournal):
+                self._answering = asyncio.get_running_loop().create_task(self._answer(event))
+
+    async def _answer(self, request: ReadJournal) -> None:
+        answer = await self._server.source.read_journal(request)
+        if self._core.state is not State.WAITING:
+            return  # the secondary went away meanwhile
+        self._send(answer)
+        if isinstance(answer, Refuse):
+            log.warning("refused secondary %s: %s", self.peer, answer.reason)
+            self.close()
+
+    def _send(self, message: Welcome | Refuse | JournalBatch) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(self._core.send(message))
+
+
+class FeederServer:
+    def __init__(self, source: JournalSource) -> None:
+        self.source = source
+        self.connections: set[FeederConnection] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: FeederConnection(self), host, port)
+        sockname = self._server.sockets[0].getsockname()
+        return sockname[0], sockname[1]
+
+    def drop_all(self, why: str) -> None:
+        """Close every link, e.g. after create: the secondary says Hello again."""
+        for conn in list(self.connections):
+            log.info("closing the link to %s: %s", conn.peer, why)
+            conn.close()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        self.drop_all("stopping")
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+def refuse(code: RefuseCode, reason: str) -> Refuse:
+    return Refuse(code, reason)

@@ -1,0 +1,360 @@
+"""The primary side of one journal group: pair state, master journal, copy, read-journal.
+
+    pairctl create ─► check secondary + volume sizes ─► persist COPY (new generation)
+                   ─► drop the link (the secondary says Hello again and resets)
+                   ─► copier: base journal ─► last base seq = copy end
+    READ_JOURNAL(from, restored, applied) ─► release ≤ restored ─► batch (or long poll)
+                   applied ≥ copy end ─► persist PAIR
+    journal full ─► PFUS: host writes go to the bitmap (never fail)
+
+Every state change goes through _transition(): table lookup, persist, then act, event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from common.bitmap import DifferenceBitmap
+from common.config import Config
+from common.control import ControlRefused
+from common.events import EventLog
+from common.journal.store import JournalStore
+from common.pairrecord import PairRecord, RecordSaver
+from common.pairstate import PairInput, PairState, Refused, Role, journals_writes, next_state
+from common.replication.messages import (
+    PROTOCOL_VERSION,
+    Hello,
+    JournalBatch,
+    ReadJournal,
+    Refuse,
+    RefuseCode,
+    VolumeDesc,
+    Welcome,
+)
+from common.volume import Volume
+from primaryd.copier import CopyAborted, CopyProgress, copy_volumes
+from primaryd.feeder import FeederServer
+from primaryd.master import MasterJournal, Mode
+
+log = logging.getLogger("journalpair.primary")
+
+LONG_POLL_MAX_S = 5.0
+COPY_WINDOW_FRACTION = 0.5  # the copy waits while the journal is fuller than this
+NO_GENERATION = "none"  # Welcome needs a non-empty generation; SMPL has none
+
+
+class PrimaryGroup:
+    def __init__(
+        self,
+        config: Config,
+        volumes: Mapping[str, Volume],
+        store: JournalStore,
+        record: PairRecord,
+        events: EventLog,
+    ) -> None:
+        self.config = config
+        self.volumes = volumes
+        self.store = store
+        self.record = record
+        self.events = events
+        self._saver = RecordSaver(config.data_dir)
+        self.bitmaps = {
+            name: DifferenceBitmap.load_or_new(_bitmap_path(config.data_dir, name), v.size)[0]
+            for name, v in volumes.items()
+        }
+        self.journal = MasterJournal(store, volumes, self.bitmaps, on_full=self._journal_full)
+        self.feeder = FeederServer(self)
+        self.copy = CopyProgress()
+        self._copy_task: asyncio.Task[None] | None = None
+        self._space_freed: asyncio.Future[None] | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+        self.secondary: Hello | None = None
+        self.link_peer = ""
+        self.link_since = time.time()
+        self.restored_seq = 0
+        self.applied_seq = 0
+        self.journal.mode = _mode_for(record.state)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self, tasks: asyncio.TaskGroup) -> None:
+        self._tasks = tasks
+        listen = self.config.replication_listen
+        assert listen is not None, "the config loader requires listen.replication on a primary"
+        host, port = await self.feeder.start(listen.host, listen.port)
+        log.info(
+            "group %s: %s, journal seq %d..%d, read-journal on %s:%d",
+            self.config.group,
+            self.record.state.value,
+            self.store.first_seq,
+            self.store.last_seq,
+            host,
+            port,
+        )
+        if not self.journal.check_tail():
+            log.warning("the last stop was unclean: the last journal record was re-based")
+        if self.record.state is PairState.COPY and self.record.copy_end_seq == 0:
+            log.info("restarting the initial copy interrupted by the last stop")
+            self._start_copy()
+
+    async def stop(self) -> None:
+        if self._copy_task is not None:
+            self._copy_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, CopyAborted):
+                await self._copy_task
+        await self.feeder.stop()
+        for name, bitmap in self.bitmaps.items():
+            if bitmap.needs_save:
+                bitmap.save(_bitmap_path(self.config.data_dir, name))
+
+    # -- pairctl verbs -----------------------------------------------------------------------
+
+    async def create(self, args: Mapping[str, Any]) -> Mapping[str, Any]:
+        state = self._next(PairInput.CREATE)
+        self._check_secondary_volumes()
+        self.store.reset(self.store.next_seq)
+        self.record.generation = uuid.uuid4().hex[:16]
+        self.record.start_seq = self.store.next_seq
+        self.record.copy_end_seq = 0
+        self.record.svol_consistent = False
+        self.record.copy_total_bytes = sum(v.size for v in self.volumes.values())
+        for bitmap in self.bitmaps.values():
+            bitmap.clear_all()
+        self._transition(state, "create by operator")
+        self.feeder.drop_all("new pair generation")
+        self._start_copy()
+        return {"message": f"pair {self.config.group}: COPY started"}
+
+    def display(self) -> dict[str, Any]:
+        lag_entries = max(0, self.store.last_seq - self.applied_seq)
+        result: dict[str, Any] = {
+            "group": self.config.group,
+            "role": Role.PRIMARY.value,
+            "state": self.record.state.value,
+            "reason": self.record.reason,
+            "generation": self.record.generation,
+            "volumes": [
+                {"name": v.name, "size": v.size, "path": str(v.path)} for v in self.volumes.values()
+            ],
+            "lag": {
+                "entries": lag_entries,
+                "bytes": self._lag_bytes() if lag_entries else 0,
+                "seconds": self._lag_seconds() if lag_entries else 0.0,
+            },
+            "journal": {
+                "used_bytes": self.store.used_bytes,
+                "capacity_bytes": self.store.capacity_bytes,
+            },
+            "seq": {
+                "first": self.store.first_seq,
+                "last": self.store.last_seq,
+                "restored": self.restored_seq,
+                "applied": self.applied_seq,
+            },
+            "link": {
+                "up": self.secondary is not None,
+                "peer": self.link_peer,
+                "since": _iso(self.link_since),
+            },
+            "bitmap": {"dirty_bytes": sum(b.dirty_bytes for b in self.bitmaps.values())},
+        }
+        if self.record.state is PairState.COPY:
+            result["copy"] = {
+                "done_bytes": self.copy.done_bytes,
+                "total_bytes": self.copy.total_bytes or self.record.copy_total_bytes,
+            }
+        return result
+
+    # -- the read-journal side (feeder.JournalSource) ------------------------------------
+
+    def welcome(self, hello: Hello, peer: str) -> Welcome | Refuse:
+        if hello.group != self.config.group:
+            return Refuse(
+                RefuseCode.GROUP,
+                f"this primary serves group {self.config.group!r}, not {hello.group!r}",
+            )
+        if self.secondary is not None:
+            return Refuse(RefuseCode.BUSY, f"another secondary is connected ({self.link_peer})")
+        self.secondary = hello
+        self.link_peer, self.link_since = peer, time.time()
+        self.restored_seq, self.applied_seq = hello.restored_seq, hello.applied_seq
+        return Welcome(
+            version=PROTOCOL_VERSION,
+            group=self.config.group,
+            generation=self.record.generation or NO_GENERATION,
+            start_seq=min(self.record.start_seq, self.store.next_seq),
+            first_seq=self.store.first_seq,
+            last_seq=self.store.last_seq,
+            state=self.record.state.value,
+            volumes=self._volume_descs(),
+        )
+
+    def link_closed(self, peer: str) -> None:
+        if peer == self.link_peer:
+            self.secondary = None
+            self.link_since = time.time()
+
+    async def read_journal(self, request: ReadJournal) -> JournalBatch | Refuse:
+        self._secondary_position(request.restored_seq, request.applied_seq)
+        store = self.store
+        if not store.first_seq <= request.from_seq <= store.next_seq:
+            return Refuse(
+                RefuseCode.NEEDS_COPY,
+                f"seq {request.from_seq} is not in the master journal "
+                f"({store.first_seq}..{store.last_seq}): the pair needs a copy",
+            )
+        if request.from_seq == store.next_seq:
+            wait_s = min(request.max_wait_ms / 1000, LONG_POLL_MAX_S)
+            await self.journal.wait_for_records(request.from_seq - 1, wait_s)
+            if not store.first_seq <= request.from_seq <= store.next_seq:  # reset meanwhile
+                return Refuse(RefuseCode.NEEDS_COPY, "the master journal was reset")
+        records, count = store.read(request.from_seq, request.max_entries, request.max_bytes)
+        return JournalBatch(
+            first_seq=request.from_seq,
+            count=count,
+            records=records,
+            last_seq=store.last_seq,
+            state=self.record.state.value,
+            copy_done_bytes=min(self.copy.done_bytes, self.copy.total_bytes),
+            copy_total_bytes=self.copy.total_bytes,
+            primary_time_ns=time.time_ns(),
+        )
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _secondary_position(self, restored_seq: int, applied_seq: int) -> None:
+        self.restored_seq, self.applied_seq = restored_seq, applied_seq
+        freed = self.store.release(min(restored_seq, self.store.last_seq))
+        if freed and self._space_freed is not None and not self._space_freed.done():
+            self._space_freed.set_result(None)
+        record = self.record
+        if (
+            record.state is PairState.COPY
+            and record.copy_end_seq
+            and applied_seq >= record.copy_end_seq
+        ):
+            record.svol_consistent = True
+            self._transition(
+                next_state(Role.PRIMARY, record.state, PairInput.COPY_DONE), "copy done"
+            )
+
+    def _start_copy(self) -> None:
+        assert self._tasks is not None
+        self._copy_task = self._tasks.create_task(self._run_copy())
+
+    async def _run_copy(self) -> None:
+        started = time.monotonic()
+        try:
+            end_seq = await copy_volumes(
+                list(self.volumes.values()), self.journal, self.copy, self._wait_for_space
+            )
+        except CopyAborted as exc:
+            log.warning("initial copy stopped: %s", exc)
+            return
+        self.record.copy_end_seq = end_seq
+        self._save_record()
+        log.info(
+            "initial copy: %d bytes journaled in %.1f s, copy ends at seq %d",
+            self.copy.total_bytes,
+            time.monotonic() - started,
+            end_seq,
+        )
+        self._secondary_position(self.restored_seq, self.applied_seq)
+
+    def _wait_for_space(self) -> asyncio.Future[None] | None:
+        if self.store.used_bytes < self.store.capacity_bytes * COPY_WINDOW_FRACTION:
+            return None
+        if self._space_freed is None or self._space_freed.done():
+            self._space_freed = asyncio.get_running_loop().create_future()
+        return self._space_freed
+
+    def _journal_full(self) -> None:
+        state = self._next(PairInput.JOURNAL_FULL)
+        self.journal.mode = Mode.BITMAP
+        self._mark_unrestored()
+        self.store.reset(self.store.next_seq)
+        self._transition(state, "journal full")
+        self.feeder.drop_all("pair suspended")
+
+    def _mark_unrestored(self) -> None:
+        """Records the secondary has not made durable go to the bitmap before the journal is
+        dropped (invariant 2)."""
+        seq = max(self.restored_seq + 1, self.store.first_seq)
+        while seq <= self.store.last_seq:
+            entries = self.store.entries(seq, 4096, 16 << 20)
+            for entry in entries:
+                self.bitmaps[entry.volume].mark(entry.offset, entry.length)
+            seq = entries[-1].seq + 1
+
+    def _next(self, inp: PairInput) -> PairState:
+        try:
+            return next_state(
+                Role.PRIMARY, self.record.state, inp, svol_consistent=self.record.svol_consistent
+            )
+        except Refused as exc:
+            raise ControlRefused(str(exc)) from None
+
+    def _transition(self, state: PairState, reason: str) -> None:
+        old = self.record.state
+        self.record.state, self.record.reason = state, reason
+        self._save_record()
+        self.journal.mode = _mode_for(state)
+        self.events.emit(old.value, state.value, reason)
+
+    def _save_record(self) -> None:
+        for name, bitmap in self.bitmaps.items():
+            if bitmap.needs_save:
+                bitmap.save(_bitmap_path(self.config.data_dir, name))
+        self._saver.save_now(self.record)
+
+    def _check_secondary_volumes(self) -> None:
+        if self.secondary is None:
+            raise ControlRefused(
+                "cannot create: no secondary is connected (is secondaryd running, with "
+                f"primary: pointing at {self.config.replication_listen}?)"
+            )
+        theirs = {v.name: v.size for v in self.secondary.volumes}
+        for volume in self.volumes.values():
+            size = theirs.get(volume.name)
+            if size is None:
+                raise ControlRefused(f"cannot create: the secondary has no volume {volume.name}")
+            if size != volume.size:
+                raise ControlRefused(
+                    f"cannot create: volume {volume.name} is {volume.size} bytes on the primary "
+                    f"but {size} bytes on the secondary"
+                )
+
+    def _volume_descs(self) -> tuple[VolumeDesc, ...]:
+        return tuple(VolumeDesc(v.name, v.size) for v in self.volumes.values())
+
+    def _lag_bytes(self) -> int:
+        start = max(self.applied_seq + 1, self.store.first_seq)
+        return self.store.bytes_between(start) if start <= self.store.last_seq else 0
+
+    def _lag_seconds(self) -> float:
+        seq = self.applied_seq + 1
+        if seq < self.store.first_seq or seq > self.store.last_seq:
+            return 0.0
+        stamp = self.store.timestamp_ns_of(seq)
+        return max(0.0, (time.time_ns() - stamp) / 1e9) if stamp else 0.0
+
+
+def _mode_for(state: PairState) -> Mode:
+    if journals_writes(state):
+        return Mode.JOURNAL
+    return Mode.OFF if state is PairState.SMPL else Mode.BITMAP
+
+
+def _bitmap_path(data_dir: Path, volume: str) -> Path:
+    return data_dir / "bitmaps" / f"{volume}.bitmap"
+
+
+def _iso(epoch_s: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))

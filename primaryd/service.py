@@ -1,0 +1,61 @@
+"""primaryd's service: NBD with the master journal, read-journal server, control socket."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from common.config import Config
+from common.control import ControlServer, Handler
+from common.nbd.server import NbdServer
+from common.pairstate import Role
+from common.service import (
+    NOT_YET,
+    close_volumes,
+    event_log,
+    load_record,
+    not_yet,
+    open_journal,
+    open_volumes,
+)
+from primaryd.group import PrimaryGroup
+
+log = logging.getLogger("journalpair")
+
+
+async def serve(config: Config, stop: asyncio.Event) -> None:
+    volumes = open_volumes(config, read_only=False)
+    (config.data_dir / "bitmaps").mkdir(exist_ok=True)
+    record = load_record(config, Role.PRIMARY)
+    store = open_journal(config.data_dir / "journal", config.journal.capacity)
+    events = event_log(config, Role.PRIMARY)
+    group = PrimaryGroup(config, volumes, store, record, events)
+    nbd = NbdServer(volumes, journal=group.journal)
+
+    async def display(args: Mapping[str, Any]) -> Mapping[str, Any]:
+        return group.display()
+
+    async def history(args: Mapping[str, Any]) -> Mapping[str, Any]:
+        return {"events": events.history()}
+
+    handlers: dict[str, Handler] = {"create": group.create, "display": display, "events": history}
+    handlers |= {verb: not_yet(verb) for verb in NOT_YET}
+    control = ControlServer(config.control, handlers, {"events": lambda args: events.follow()})
+    async with asyncio.TaskGroup() as tasks:
+        await group.start(tasks)
+        host, port = await nbd.start(config.nbd_listen.host, config.nbd_listen.port)
+        log.info(
+            "group %s: serving %s over NBD on %s:%d", config.group, ", ".join(volumes), host, port
+        )
+        await control.start()
+        await stop.wait()
+        log.info("stopping: answering in-flight requests")
+        await nbd.stop()
+        await control.stop()
+        await group.stop()
+    group.journal.before_replies()
+    store.prepare_sync().run()
+    store.close()
+    close_volumes(volumes)

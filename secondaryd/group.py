@@ -1,0 +1,210 @@
+"""The secondary side of one journal group: restore journal, destager, the pair as seen here.
+
+puller ── welcomed(generation, start_seq) ──► new generation: reset the restore journal
+                                              and persist it (the copy starts over)
+       ── received(batch) ──► append to the restore journal ─► fdatasync ─► restored
+                              ─► destager.kick()      state ◄── batch.state (COPY, PAIR...)
+display ◄── restored / applied / the primary's last seq and clock
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from common.config import Config
+from common.events import EventLog
+from common.journal.store import JournalStore
+from common.pairrecord import PairRecord, RecordSaver
+from common.pairstate import PairState, Role
+from common.replication.messages import JournalBatch, VolumeDesc, Welcome
+from common.volume import Volume
+from secondaryd.destager import Destager
+from secondaryd.puller import pull_forever
+
+log = logging.getLogger("journalpair.secondary")
+
+# The primary's view of the pair that the secondary mirrors as is (suspensions are issue-4 work
+# with their own secondary names).
+_MIRRORED = {PairState.SMPL, PairState.COPY, PairState.PAIR, PairState.PFUL}
+
+
+class SecondaryGroup:
+    def __init__(
+        self,
+        config: Config,
+        volumes: Mapping[str, Volume],
+        store: JournalStore,
+        record: PairRecord,
+        events: EventLog,
+    ) -> None:
+        self.config = config
+        self.group = config.group
+        self.volumes_by_name = volumes
+        self.volumes = tuple(VolumeDesc(v.name, v.size) for v in volumes.values())
+        self.store = store
+        self.record = record
+        self.events = events
+        self.saver = RecordSaver(config.data_dir)
+        self.destager = Destager(store, volumes, record, self.saver)
+        self.restored_seq = store.last_seq
+        self.primary_last_seq = store.last_seq
+        self.primary_clock_offset_ns = 0
+        self.copy_done_bytes = 0
+        self.copy_total_bytes = 0
+        self.link_up = False
+        self.link_why = "not connected yet"
+        self.link_since = time.time()
+
+    def recover(self) -> None:
+        self.destager.recover()
+
+    async def run(self, tasks: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
+        """Start destaging and pulling; returns the tasks, for the service to cancel."""
+        assert self.config.primary is not None
+        self.destager.kick()
+        return [
+            tasks.create_task(self.destager.run()),
+            tasks.create_task(pull_forever(self.config.primary, self)),
+        ]
+
+    async def stop(self) -> None:
+        await self.destager.checkpoint()
+
+    # -- PullSink -------------------------------------------------------------------------
+
+    def position(self) -> tuple[str, int, int]:
+        return self.record.generation, self.restored_seq, self.destager.applied_seq
+
+    async def welcomed(self, welcome: Welcome) -> int:
+        state = _state_named(welcome.state)
+        if welcome.generation != self.record.generation and state is not PairState.SMPL:
+            await self._new_generation(welcome)
+        if state in _MIRRORED and state is not None:
+            self._mirror(state, f"primary is {state.value}")
+        return self.restored_seq + 1
+
+    async def received(self, batch: JournalBatch) -> None:
+        if batch.count:
+            self.store.append_blob(batch.first_seq, batch.records, batch.count)
+            await self._sync_restore_journal()
+            self.restored_seq = self.store.last_seq
+            self.destager.kick()
+        self.primary_last_seq = batch.last_seq
+        self.primary_clock_offset_ns = batch.primary_time_ns - time.time_ns()
+        self.copy_done_bytes, self.copy_total_bytes = batch.copy_done_bytes, batch.copy_total_bytes
+        state = _state_named(batch.state)
+        if state in _MIRRORED and state is not None:
+            self._mirror(state, f"primary is {state.value}")
+
+    def link(self, up: bool, why: str) -> None:
+        if up != self.link_up:
+            self.link_since = time.time()
+            log.log(
+                logging.INFO if up else logging.WARNING, "link %s: %s", "up" if up else "down", why
+            )
+        self.link_up, self.link_why = up, why
+
+    # -- display -------------------------------------------------------------------------
+
+    def display(self) -> dict[str, Any]:
+        applied = self.destager.applied_seq
+        lag_entries = max(0, self.primary_last_seq - applied)
+        result: dict[str, Any] = {
+            "group": self.group,
+            "role": Role.SECONDARY.value,
+            "state": self.record.state.value,
+            "reason": self.record.reason,
+            "generation": self.record.generation,
+            "volumes": [
+                {"name": v.name, "size": v.size, "path": str(v.path)}
+                for v in self.volumes_by_name.values()
+            ],
+            "lag": {
+                "entries": lag_entries,
+                "bytes": self._lag_bytes(applied) if lag_entries else 0,
+                "seconds": self._lag_seconds(applied) if lag_entries else 0.0,
+            },
+            "journal": {
+                "used_bytes": self.store.used_bytes,
+                "capacity_bytes": self.store.capacity_bytes,
+            },
+            "seq": {
+                "primary_last": self.primary_last_seq,
+                "restored": self.restored_seq,
+                "applied": applied,
+            },
+            "link": {
+                "up": self.link_up,
+                "peer": f"{self.config.primary.host}:{self.config.primary.port}"
+                if self.config.primary
+                else "",
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.link_since)),
+                "why": self.link_why,
+            },
+        }
+        if self.destager.error:
+            result["destage_error"] = self.destager.error
+        if self.record.state is PairState.COPY:
+            result["copy"] = {
+                "done_bytes": self.copy_done_bytes,
+                "total_bytes": self.copy_total_bytes,
+            }
+        return result
+
+    # -- internals -------------------------------------------------------------------------
+
+    async def _new_generation(self, welcome: Welcome) -> None:
+        log.info(
+            "primary has generation %s (here: %s): restore journal restarts at seq %d",
+            welcome.generation,
+            self.record.generation or "none",
+            welcome.start_seq,
+        )
+        self.store.reset(welcome.start_seq)
+        self.restored_seq = welcome.start_seq - 1
+        self.destager.reset(welcome.start_seq - 1)
+        record = self.record
+        record.generation = welcome.generation
+        record.start_seq = welcome.start_seq
+        record.applied_seq = record.destage_intent_seq = welcome.start_seq - 1
+        record.svol_consistent = False
+        await self.saver.save(record)
+
+    async def _sync_restore_journal(self) -> None:
+        ticket = self.store.prepare_sync()
+        await asyncio.get_running_loop().run_in_executor(None, ticket.run)
+
+    def _mirror(self, state: PairState, reason: str) -> None:
+        old = self.record.state
+        if old is state:
+            return
+        self.record.state, self.record.reason = state, reason
+        if state is PairState.PAIR:
+            self.record.svol_consistent = True
+        self.saver.save_now(self.record)
+        self.events.emit(old.value, state.value, reason)
+
+    def _lag_bytes(self, applied: int) -> int:
+        start = max(applied + 1, self.store.first_seq)
+        return self.store.bytes_between(start) if start <= self.store.last_seq else 0
+
+    def _lag_seconds(self, applied: int) -> float:
+        seq = applied + 1
+        if not self.store.first_seq <= seq <= self.store.last_seq:
+            return 0.0
+        stamp = self.store.timestamp_ns_of(seq)
+        if not stamp:
+            return 0.0
+        primary_now = time.time_ns() + self.primary_clock_offset_ns
+        return max(0.0, (primary_now - stamp) / 1e9)
+
+
+def _state_named(name: str) -> PairState | None:
+    try:
+        return PairState(name)
+    except ValueError:
+        return None

@@ -1,0 +1,127 @@
+"""The pull loop: connect to the primary, say Hello, then READ_JOURNAL until the link drops.
+
+    connect ─► Hello(group, generation, restored, applied, volumes)
+            ◄─ Welcome(generation, start_seq, state) ─► sink.welcomed(): same generation
+               goes on from restored+1; another one resets the restore journal to start_seq
+            ◄─ Refuse(code, reason) ─► logged, shown in display, retried with backoff
+    loop:   ─► ReadJournal(from, limits, restored, applied)
+            ◄─ JournalBatch ─► sink.received(): restore journal append + fdatasync,
+                                then `restored` moves on (and rides on the next request)
+A lost link is retried with a bounded exponential backoff; the state stays what it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+
+from common.config import Address
+from common.replication.messages import (
+    PROTOCOL_VERSION,
+    Hello,
+    JournalBatch,
+    Message,
+    ReadJournal,
+    Refuse,
+    VolumeDesc,
+    Welcome,
+)
+from common.replication.protocol import (
+    ConnectionClosed,
+    NeedData,
+    RemoteProtocolError,
+    ReplicationConnection,
+    Side,
+)
+
+log = logging.getLogger("journalpair.pull")
+
+BATCH_ENTRIES_MAX = 16384
+BATCH_BYTES_MAX = 8 << 20
+LONG_POLL_MS = 1000
+RECV_BYTES = 1 << 20
+CONNECT_TIMEOUT_S = 5.0
+ANSWER_TIMEOUT_S = 30.0  # a long poll is at most a few seconds; silence beyond this is a dead link
+BACKOFF_MIN_S = 0.2
+BACKOFF_MAX_S = 5.0
+
+
+class PullSink(Protocol):
+    group: str
+    volumes: tuple[VolumeDesc, ...]
+
+    def position(self) -> tuple[str, int, int]:
+        """(generation, restored_seq, applied_seq)"""
+
+    async def welcomed(self, welcome: Welcome) -> int:
+        """Returns the seq to pull from."""
+
+    async def received(self, batch: JournalBatch) -> None: ...
+    def link(self, up: bool, why: str) -> None: ...
+
+
+class LinkDown(Exception):
+    pass
+
+
+async def pull_forever(primary: Address, sink: PullSink) -> None:
+    backoff = BACKOFF_MIN_S
+    while True:
+        try:
+            await _pull_once(primary, sink)
+            backoff = BACKOFF_MIN_S
+        except (OSError, LinkDown, RemoteProtocolError, TimeoutError) as exc:
+            sink.link(False, _why(exc))
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+
+async def _pull_once(primary: Address, sink: PullSink) -> None:
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(primary.host, primary.port), CONNECT_TIMEOUT_S
+    )
+    core = ReplicationConnection(Side.SECONDARY)
+    try:
+        generation, restored, applied = sink.position()
+        hello = Hello(PROTOCOL_VERSION, sink.group, generation, restored, applied, sink.volumes)
+        writer.write(core.send(hello))
+        answer = await _next_message(core, reader)
+        if isinstance(answer, Refuse):
+            raise LinkDown(f"primary refused ({answer.code}): {answer.reason}")
+        assert isinstance(answer, Welcome)
+        from_seq = await sink.welcomed(answer)
+        sink.link(True, f"connected to {primary.host}:{primary.port}")
+        while True:
+            _generation, restored, applied = sink.position()
+            request = ReadJournal(
+                from_seq, BATCH_ENTRIES_MAX, BATCH_BYTES_MAX, LONG_POLL_MS, restored, applied
+            )
+            writer.write(core.send(request))
+            answer = await _next_message(core, reader)
+            if isinstance(answer, Refuse):
+                raise LinkDown(f"primary refused ({answer.code}): {answer.reason}")
+            assert isinstance(answer, JournalBatch)
+            await sink.received(answer)
+            from_seq += answer.count
+    finally:
+        writer.close()
+
+
+async def _next_message(core: ReplicationConnection, reader: asyncio.StreamReader) -> Message:
+    while True:
+        event = core.next_event()
+        if isinstance(event, ConnectionClosed):
+            raise LinkDown("the primary closed the link")
+        if not isinstance(event, NeedData):
+            return event
+        data = await asyncio.wait_for(reader.read(RECV_BYTES), ANSWER_TIMEOUT_S)
+        core.receive_data(data)
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "primary did not answer in time"
+    if isinstance(exc, RemoteProtocolError):
+        return f"primary broke the protocol: {exc}"
+    return str(exc) or type(exc).__name__

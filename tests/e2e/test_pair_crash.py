@@ -1,0 +1,192 @@
+"""Crashes under load: the S-VOLs are always an exact prefix of the write order (invariant 1),
+and end equal to the P-VOLs; a killed primary resumes without a full copy (invariant 2).
+
+    writer (QD1: each write after the previous one is acknowledged)
+      n = 1, 2, 3 ...: block n = (n, slot, crc, payload(n)) ─► slot of vol0 or vol1
+    round: SIGKILL secondaryd at a random moment ─► restart ─► SIGSTOP it at once
+           read every slot of the S-VOL files: highest n found = K
+           every slot must hold the last write to it among 1..K (or never written): a prefix
+           SIGCONT ─► next round
+    end:   writer stops ─► lag 0 ─► S-VOL files == P-VOL files
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import struct
+import threading
+import zlib
+from pathlib import Path
+
+import nbd
+import pytest
+
+from tests.e2e.helpers import (
+    Daemon,
+    Daemons,
+    MiB,
+    close_handle,
+    create_pair,
+    display,
+    sha256_file,
+    wait_caught_up,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+BLOCK = 4096
+SLOTS_PER_VOLUME = 512
+VOLUMES = (("vol0", 8 * MiB), ("vol1", 8 * MiB))
+_HEADER = struct.Struct("<QII")  # n, slot, crc32 of the rest
+
+
+def slot_location(slot: int) -> tuple[str, int]:
+    """Slots alternate between the two volumes, spread over each (a 16 KiB stride)."""
+    volume = VOLUMES[slot % 2][0]
+    return volume, (slot // 2) * 4 * BLOCK
+
+
+def block(n: int, slot: int) -> bytes:
+    body = random.Random(n).randbytes(BLOCK - _HEADER.size)
+    return _HEADER.pack(n, slot, zlib.crc32(body)) + body
+
+
+def parse(data: bytes, slot: int) -> int:
+    """The write number a slot holds (0 = never written); a torn or foreign block fails."""
+    if data == bytes(BLOCK):
+        return 0
+    n, found_slot, crc = _HEADER.unpack_from(data)
+    assert found_slot == slot and crc == zlib.crc32(data[_HEADER.size :]), f"slot {slot} torn"
+    return int(n)
+
+
+class Writer(threading.Thread):
+    """Writes blocks 1, 2, 3... to random slots, one at a time; records what was acknowledged."""
+
+    def __init__(self, primary: Daemon, seed: int) -> None:
+        super().__init__(daemon=True)
+        self.primary = primary
+        self.rng = random.Random(seed)
+        self.acked: list[int] = [0]  # acked[n] = slot of write n
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        handles = {}
+        try:
+            for name, _ in VOLUMES:
+                handles[name] = nbd.NBD()
+                handles[name].connect_uri(self.primary.uri(name))
+            n = 0
+            while not self.stop.is_set():
+                n += 1
+                slot = self.rng.randrange(SLOTS_PER_VOLUME * 2)
+                volume, offset = slot_location(slot)
+                handles[volume].pwrite(block(n, slot), offset)
+                self.acked.append(slot)
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+        finally:
+            for handle in handles.values():
+                close_handle(handle)
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join(timeout=30)
+        assert self.error is None, f"writer failed: {self.error!r}"
+
+    def finish_after_kill(self) -> None:
+        """The primary was killed: the writer's connection fails, which ends it."""
+        self.stop.set()
+        self.join(timeout=30)
+        assert not self.is_alive(), "writer hung after the primary died"
+
+
+def read_slots(daemon: Daemon) -> dict[int, int]:
+    found = {}
+    files = {name: open(daemon.volume(name).path, "rb") for name, _ in VOLUMES}  # noqa: SIM115
+    try:
+        for slot in range(SLOTS_PER_VOLUME * 2):
+            volume, offset = slot_location(slot)
+            found[slot] = parse(os.pread(files[volume].fileno(), BLOCK, offset), slot)
+    finally:
+        for file in files.values():
+            file.close()
+    return found
+
+
+def assert_prefix_state(found: dict[int, int], acked: list[int]) -> int:
+    """The S-VOL holds exactly writes 1..K for K = the newest write found; returns K."""
+    k = max(found.values())
+    last_write: dict[int, int] = {}
+    for n in range(1, min(k, len(acked) - 1) + 1):
+        last_write[acked[n]] = n
+    assert k <= len(acked), f"the S-VOL holds write {k}, never issued"
+    mixed = {slot: (n, last_write.get(slot, 0)) for slot, n in found.items()}
+    mixed = {slot: pair for slot, pair in mixed.items() if pair[0] != pair[1]}
+    assert not mixed, f"not a prefix state at K={k}: slot -> (found, expected) {mixed}"
+    return k
+
+
+def assert_volumes_equal(primary: Daemon, secondary: Daemon) -> None:
+    for name, _ in VOLUMES:
+        assert sha256_file(primary.volume(name).path) == sha256_file(secondary.volume(name).path), (
+            f"{name}: S-VOL differs from P-VOL"
+        )
+
+
+def test_secondary_killed_at_random_moments_always_holds_a_prefix(daemons: Daemons) -> None:
+    primary, secondary = daemons.start_pair(VOLUMES)
+    create_pair(primary, secondary)
+    writer = Writer(primary, seed=11)
+    writer.start()
+    rng = random.Random(5)
+    prefixes = []
+    try:
+        for _ in range(8):
+            wait_until(lambda: len(writer.acked) > 50, 30, "the writer to get going")
+            target = len(writer.acked) + rng.randrange(20, 400)
+            wait_until(lambda t=target: len(writer.acked) > t, 60, "more writes")  # type: ignore[misc]
+            secondary.kill()
+            secondary.start()
+            os.kill(secondary.pid, signal.SIGSTOP)  # freeze it before it catches up
+            try:
+                prefixes.append(assert_prefix_state(read_slots(secondary), writer.acked))
+            finally:
+                os.kill(secondary.pid, signal.SIGCONT)
+    finally:
+        writer.finish()
+    assert prefixes == sorted(prefixes), f"restored prefixes went backwards: {prefixes}"
+    assert prefixes[-1] > 0
+    wait_caught_up(primary)
+    assert_prefix_state(read_slots(secondary), writer.acked)
+    assert_volumes_equal(primary, secondary)
+
+
+def test_primary_killed_under_load_resumes_without_a_full_copy(daemons: Daemons) -> None:
+    primary, secondary = daemons.start_pair(VOLUMES)
+    create_pair(primary, secondary)
+    copies_before = events_into(primary, "COPY")
+    for round_seed in range(3):
+        writer = Writer(primary, seed=100 + round_seed)
+        writer.start()
+        wait_until(lambda w=writer: len(w.acked) > 300, 60, "writes")  # type: ignore[misc]
+        primary.kill()  # mid-write: the last record may lack its volume write
+        writer.finish_after_kill()
+        primary.start()
+        wait_until(lambda: display(primary)["link"]["up"], 30, "the secondary to reconnect")
+    wait_caught_up(primary)
+    assert display(primary)["state"] == "PAIR"
+    assert events_into(primary, "COPY") == copies_before, "a restart started a new copy"
+    assert primary.log_text().count("initial copy:") == 1, "the copy ran again"
+    assert_volumes_equal(primary, secondary)
+
+
+def events_into(daemon: Daemon, state: str) -> int:
+    path = Path(daemon.config_path).parent / "data" / "events.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return sum(json.loads(line)["new"] == state for line in lines)
