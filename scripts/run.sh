@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make run: both daemons in the foreground on loopback, output prefixed [primary]/[secondary].
 #
-#   start primaryd, secondaryd ──► wait for the NBD ports ──► pairctl create (best effort)
+#   start primaryd, secondaryd ──► wait for the NBD ports and the link ──► pairctl create
+#   (when SMPL) ──► pairctl wait PAIR
 #        │                                                         │
 #        └── Ctrl-C / SIGTERM: SIGTERM to both, wait (SIGKILL after STOP_TIMEOUT_S) ◄──┘
 #            a daemon exiting on its own stops the other one too
@@ -112,13 +113,31 @@ wait_port() {
     done
 }
 
+# pair_field FIELD: one field of `pairctl display --json` on the primary ("" if unreachable).
+pair_field() {
+    "$VENV/bin/pairctl" --config "$PRIMARY_CONFIG" display --json 2>/dev/null |
+        "$VENV/bin/python" -c 'import json, sys; d = json.load(sys.stdin); print(eval(sys.argv[1], {}, d))' "$1" 2>/dev/null || true
+}
+
+# try_pair: once the secondary is connected, create the pair if it is not paired yet (the pair
+# state persists in data_dir, so a second `make run` finds it PAIR and leaves it alone).
 try_pair() {
-    if [[ ! -x "$VENV/bin/pairctl" ]]; then
-        log "warning: no pairctl; the volumes run unpaired (SMPL)"
+    local deadline=$((SECONDS + READY_TIMEOUT_S)) state
+    until [[ "$(pair_field 'link["up"]')" == "True" ]]; do
+        if ((SECONDS >= deadline)); then
+            log "warning: the secondary did not connect within ${READY_TIMEOUT_S}s; running unpaired"
+            return 0
+        fi
+        sleep 0.2
+    done
+    state=$(pair_field state)
+    if [[ "$state" != "SMPL" ]]; then
+        log "pair already exists: $state (pairctl --config $PRIMARY_CONFIG display)"
         return 0
     fi
     if "$VENV/bin/pairctl" --config "$PRIMARY_CONFIG" create; then
-        log "pair created (pairctl --config $PRIMARY_CONFIG display)"
+        "$VENV/bin/pairctl" --config "$PRIMARY_CONFIG" wait PAIR --timeout 600 &&
+            log "pair is PAIR: $PRIMARY_CONFIG's volumes replicate to $SECONDARY_CONFIG's"
     else
         log "warning: 'pairctl --config $PRIMARY_CONFIG create' failed; running unpaired"
     fi
@@ -138,6 +157,11 @@ run: primaryd serves ${vols[*]} on nbd://$addr/<volume>. Point a client at it:
   qemu-img convert -p -n -O raw disk.img nbd://$addr/$vol
   fio --name=t --ioengine=nbd --uri=nbd://$addr/$vol --rw=randwrite --bs=4k --iodepth=32 \\
       --runtime=10 --time_based
+Watch the pair:
+  $VENV/bin/pairctl --config $PRIMARY_CONFIG display --watch
+  $VENV/bin/pairctl --config $SECONDARY_CONFIG display
+  $VENV/bin/pairctl --config $PRIMARY_CONFIG events --follow
+The secondary serves its read-only copy on nbd://$(config_nbd "$SECONDARY_CONFIG")/<volume>.
 Ctrl-C stops both daemons.
 
 EOF
