@@ -3,7 +3,8 @@
     for each volume, position 0 → size:
         ┌─ one synchronous step (no await: no host write can slip in between) ─┐
         │ extents(pos)  hole ─► TRIM record (base), up to 1 GiB                 │
-        │               data ─► read ≤ 1 MiB ─► WRITE record (base)              │
+        │               data ─► read ≤ 1 MiB ─► WRITE record (base), or a TRIM   │
+        │                                        record when it is all zeros    │
         └───────────────────────────────────────────────────────────────────────┘
         journal over the copy window? wait for the secondary to release space
     done: the last base seq is the copy's end; COPY → PAIR once the secondary applied it
@@ -87,6 +88,11 @@ def _copy_step(volume: Volume, journal: MasterJournal, position: int) -> int:
             raise CopyAborted("journal full")
         return extent.length
     step = min(extent.length, DATA_STEP_BYTES)
-    if not journal.append_base(volume.name, position, volume.read(position, step)):
+    data = volume.read(position, step)
+    if data.count(0) == step:  # allocated zeros: a hole on the S-VOL, nothing to send
+        appended = journal.append_base_hole(volume.name, position, step)
+    else:
+        appended = journal.append_base(volume.name, position, data)
+    if not appended:
         raise CopyAborted("journal full")
     return step

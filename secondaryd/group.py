@@ -55,6 +55,7 @@ class SecondaryGroup:
         self.primary_clock_offset_ns = 0
         self.copy_done_bytes = 0
         self.copy_total_bytes = 0
+        self._syncing: asyncio.Future[None] | None = None
         self.link_up = False
         self.link_why = "not connected yet"
         self.link_since = time.time()
@@ -77,7 +78,10 @@ class SecondaryGroup:
     # -- PullSink -------------------------------------------------------------------------
 
     def position(self) -> tuple[str, int, int]:
-        return self.record.generation, self.restored_seq, self.destager.applied_seq
+        # The destager may run ahead of the last restore-journal sync; never report more
+        # applied than restored (the primary holds both until restored moves).
+        applied = min(self.destager.applied_seq, self.restored_seq)
+        return self.record.generation, self.restored_seq, applied
 
     async def welcomed(self, welcome: Welcome) -> int:
         state = _state_named(welcome.state)
@@ -89,10 +93,12 @@ class SecondaryGroup:
 
     async def received(self, batch: JournalBatch) -> None:
         if batch.count:
+            # One batch is synced while the next is fetched: `restored` (which lets the
+            # primary free space) moves only once its records are durable here.
+            if self._syncing is not None:
+                await self._syncing
             self.store.append_blob(batch.first_seq, batch.records, batch.count)
-            await self._sync_restore_journal()
-            self.restored_seq = self.store.last_seq
-            self.destager.kick()
+            self._syncing = asyncio.ensure_future(self._sync_restore_journal())
         self.primary_last_seq = batch.last_seq
         self.primary_clock_offset_ns = batch.primary_time_ns - time.time_ns()
         self.copy_done_bytes, self.copy_total_bytes = batch.copy_done_bytes, batch.copy_total_bytes
@@ -175,8 +181,11 @@ class SecondaryGroup:
         await self.saver.save(record)
 
     async def _sync_restore_journal(self) -> None:
+        upto = self.store.last_seq
         ticket = self.store.prepare_sync()
         await asyncio.get_running_loop().run_in_executor(None, ticket.run)
+        self.restored_seq = upto
+        self.destager.kick()
 
     def _mirror(self, state: PairState, reason: str) -> None:
         old = self.record.state

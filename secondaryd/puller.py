@@ -38,7 +38,7 @@ from common.replication.protocol import (
 log = logging.getLogger("journalpair.pull")
 
 BATCH_ENTRIES_MAX = 16384
-BATCH_BYTES_MAX = 8 << 20
+BATCH_BYTES_MAX = 16 << 20
 LONG_POLL_MS = 1000
 RECV_BYTES = 1 << 20
 CONNECT_TIMEOUT_S = 5.0
