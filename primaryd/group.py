@@ -46,6 +46,7 @@ from primaryd.master import MasterJournal, Mode
 log = logging.getLogger("journalpair.primary")
 
 LONG_POLL_MAX_S = 5.0
+BITMAP_SAVE_S = 1.0
 COPY_WINDOW_FRACTION = 0.5  # the copy waits while the journal is fuller than this
 NO_GENERATION = "none"  # Welcome needs a non-empty generation; SMPL has none
 
@@ -75,6 +76,7 @@ class PrimaryGroup:
         self._copy_task: asyncio.Task[None] | None = None
         self._space_freed: asyncio.Future[None] | None = None
         self._tasks: asyncio.TaskGroup | None = None
+        self._bitmap_task: asyncio.Task[None] | None = None
         self.secondary: Hello | None = None
         self.link_peer = ""
         self.link_since = time.time()
@@ -86,6 +88,7 @@ class PrimaryGroup:
 
     async def start(self, tasks: asyncio.TaskGroup) -> None:
         self._tasks = tasks
+        self._bitmap_task = tasks.create_task(self._save_bitmaps_forever())
         listen = self.config.replication_listen
         assert listen is not None, "the config loader requires listen.replication on a primary"
         host, port = await self.feeder.start(listen.host, listen.port)
@@ -105,6 +108,8 @@ class PrimaryGroup:
             self._start_copy()
 
     async def stop(self) -> None:
+        if self._bitmap_task is not None:
+            self._bitmap_task.cancel()
         if self._copy_task is not None:
             self._copy_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, CopyAborted):
@@ -244,6 +249,16 @@ class PrimaryGroup:
             self._transition(
                 next_state(Role.PRIMARY, record.state, PairInput.COPY_DONE), "copy done"
             )
+
+    async def _save_bitmaps_forever(self) -> None:
+        """While suspended, marks go to the bitmaps in memory; a crash must not lose more
+        than BITMAP_SAVE_S of them (a resync would skip those regions)."""
+        while True:
+            await asyncio.sleep(BITMAP_SAVE_S)
+            for name, bitmap in self.bitmaps.items():
+                if bitmap.needs_save:
+                    path = _bitmap_path(self.config.data_dir, name)
+                    await asyncio.get_running_loop().run_in_executor(None, bitmap.save, path)
 
     def _start_copy(self) -> None:
         assert self._tasks is not None

@@ -33,6 +33,9 @@ from common.volume import Volume
 log = logging.getLogger("journalpair.journal")
 
 
+REBASE_STEP_BYTES = 1 << 20
+
+
 class Mode(enum.Enum):
     OFF = "off"  # SMPL: volumes are not replicated
     JOURNAL = "journal"  # COPY, PAIR, PFUL
@@ -148,17 +151,23 @@ class MasterJournal:
         log.warning(
             "volume %s %d+%d: journaling its content again: %s", volume, offset, length, why
         )
-        if self.mode is not Mode.JOURNAL:
-            self.bitmaps[volume].mark(offset, length)
-            return
-        try:
-            data = self.volumes[volume].read(offset, length)
-        except OSError as exc:
-            log.error("volume %s: cannot read %d+%d back: %s", volume, offset, length, exc)
-            self.bitmaps[volume].mark(offset, length)
-            return
-        if not self.append_base(volume, offset, data):
-            self.bitmaps[volume].mark(offset, length)
+        end = offset + length
+        while offset < end and self.mode is Mode.JOURNAL:
+            step = min(end - offset, REBASE_STEP_BYTES)
+            try:
+                data = self.volumes[volume].read(offset, step)
+            except OSError as exc:
+                log.error("volume %s: cannot read %d+%d back: %s", volume, offset, step, exc)
+                break
+            if data.count(0) == step:
+                appended = self.append_base_hole(volume, offset, step)
+            else:
+                appended = self.append_base(volume, offset, data)
+            if not appended:
+                break
+            offset += step
+        if offset < end:  # not journaled: the bitmap keeps it for the next resync
+            self.bitmaps[volume].mark(offset, end - offset)
 
     def _prepare_sync(self) -> Callable[[], None]:
         ticket = self.store.prepare_sync()

@@ -89,7 +89,7 @@ class Destager:
             await self._kick.wait()
             self._kick.clear()
             try:
-                while self.store.last_seq > self.applied_seq:
+                while self.store.durable_seq > self.applied_seq:
                     if self.applied_seq >= self.record.destage_intent_seq:
                         await self.checkpoint()
                     await self._round()
@@ -102,7 +102,11 @@ class Destager:
                 return
 
     async def _round(self) -> None:
-        limit = self.record.destage_intent_seq - self.applied_seq
+        # Only records durable in the restore journal: after a power loss, recovery re-applies
+        # from that journal, so it must still hold everything the S-VOLs may have seen.
+        limit = min(self.record.destage_intent_seq, self.store.durable_seq) - self.applied_seq
+        if limit <= 0:
+            return
         entries = self.store.entries(self.applied_seq + 1, min(ROUND_ENTRIES, limit), ROUND_BYTES)
         if entries:
             self._apply(entries)
@@ -128,7 +132,7 @@ class Destager:
 
     def _window_end(self, applied: int) -> int:
         """The last seq within WINDOW_BYTES after `applied` (at least one record)."""
-        last = self.store.last_seq
+        last = self.store.durable_seq
         if last <= applied:
             return applied
         held = self.store.bytes_between(applied + 1)

@@ -73,6 +73,9 @@ async def pull_forever(primary: Address, sink: PullSink) -> None:
             backoff = BACKOFF_MIN_S
         except (OSError, LinkDown, RemoteProtocolError, TimeoutError) as exc:
             sink.link(False, _why(exc))
+        except Exception as exc:  # a bad batch, a full restore journal...: not the daemon's end
+            log.exception("pulling failed; the link is dropped and retried")
+            sink.link(False, f"pulling failed: {type(exc).__name__}: {exc}")
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, BACKOFF_MAX_S)
 

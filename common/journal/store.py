@@ -31,6 +31,7 @@ import os
 import struct
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,10 +141,19 @@ class SyncTicket:
     (after a failed fsync the kernel may drop the dirty pages and a retry can "succeed").
     """
 
-    def __init__(self, segments: frozenset[_Segment], file_fds: list[int], dir_fd: int | None):
+    def __init__(
+        self,
+        segments: frozenset[_Segment],
+        file_fds: list[int],
+        dir_fd: int | None,
+        upto_seq: int,
+        on_durable: Callable[[int], None],
+    ):
         self.segments = segments
         self.syncs_dir = dir_fd is not None
         self.succeeded = False
+        self.upto_seq = upto_seq  # every record up to this seq is durable once run() returns
+        self._on_durable = on_durable
         self._file_fds = file_fds
         self._dir_fd = dir_fd
 
@@ -156,6 +166,7 @@ class SyncTicket:
             self.succeeded = True
         finally:
             self.close()
+        self._on_durable(self.upto_seq)
 
     def close(self) -> None:
         fds, self._file_fds = self._file_fds, []
@@ -199,6 +210,7 @@ class JournalStore:
         self._dirty: set[_Segment] = set()  # written since the last prepare_sync
         self._dir_dirty = False
         self._last_ticket: SyncTicket | None = None
+        self._durable_seq = 0
         self._cursor: tuple[int, _Segment, int] | None = None  # (seq, segment, offset)
 
     @classmethod
@@ -215,6 +227,7 @@ class JournalStore:
         store = cls(directory, capacity_bytes, segment_bytes, log_name, pending_bytes_max)
         try:
             report = store._recover()
+            store.prepare_sync().run()  # what a killed process left in the page cache
         except BaseException:
             store.close()
             raise
@@ -399,8 +412,18 @@ class JournalStore:
             raise
         self._dirty.clear()
         self._dir_dirty = False
-        self._last_ticket = SyncTicket(live, fds, dir_fd)
+        self._last_ticket = SyncTicket(live, fds, dir_fd, self.last_seq, self._mark_durable)
         return self._last_ticket
+
+    @property
+    def durable_seq(self) -> int:
+        """The highest seq known to be on disk (fdatasync'ed): what a restore journal may
+        report as restored and a destager may apply."""
+        return self._durable_seq
+
+    def _mark_durable(self, upto_seq: int) -> None:
+        # Called from the executor thread that ran the ticket: one int store, no lock needed.
+        self._durable_seq = max(self._durable_seq, min(upto_seq, self._next_seq - 1))
 
     # -- reading -------------------------------------------------------------
 
@@ -609,6 +632,7 @@ class JournalStore:
         while self._segments:
             self._drop_oldest()
         self._next_seq = next_seq
+        self._durable_seq = next_seq - 1
         self._start_segment(next_seq)
 
     def _drop_oldest(self) -> int:

@@ -132,6 +132,12 @@ def assert_prefix_state(found: dict[int, int], acked: list[int]) -> int:
     return k
 
 
+def caught_up_within(primary: Daemon, entries: int) -> bool:
+    shown = display(primary)
+    assert shown["state"] == "PAIR", f"the pair left PAIR: {shown['state']} ({shown['reason']})"
+    return bool(shown["link"]["up"]) and shown["lag"]["entries"] <= entries
+
+
 def assert_volumes_equal(primary: Daemon, secondary: Daemon) -> None:
     for name, _ in VOLUMES:
         assert sha256_file(primary.volume(name).path) == sha256_file(secondary.volume(name).path), (
@@ -148,7 +154,10 @@ def test_secondary_killed_at_random_moments_always_holds_a_prefix(daemons: Daemo
     prefixes = []
     try:
         for _ in range(8):
+            # Kill at a random moment of normal operation: the secondary has caught up with
+            # the writer (a restart costs it about a second of backlog).
             wait_until(lambda: len(writer.acked) > 50, 30, "the writer to get going")
+            wait_until(lambda: caught_up_within(primary, 500), 60, "the secondary to catch up")
             target = len(writer.acked) + rng.randrange(20, 400)
             wait_until(lambda t=target: len(writer.acked) > t, 60, "more writes")  # type: ignore[misc]
             secondary.kill()

@@ -1,0 +1,436 @@
+"""MasterJournal on real files: the primary's write hooks, tail check, full journal, group commit.
+
+A "kill" here is what SIGKILL leaves: the segment files as they are on disk (the page cache
+survives), read by a new JournalStore; anything held only in the old process's memory is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import tracemalloc
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.bitmap import DifferenceBitmap
+from common.journal.record import FLAG_BASE, Entry, Op, iter_records
+from common.journal.store import SEGMENT_HEADER_BYTES, JournalStore, SyncTicket
+from common.volume import Volume
+from primaryd.master import MasterJournal, Mode
+
+KiB = 1 << 10
+MiB = 1 << 20
+VOLUME_BYTES = 1 * MiB
+NAMES = ("vol0", "vol1")
+REGION_BYTES = 4 * KiB
+CAPACITY_BYTES = 16 * MiB
+
+
+@dataclass
+class Primary:
+    """The primary's journal, volumes and bitmaps, wired as primaryd wires them."""
+
+    data_dir: Path
+    store: JournalStore
+    volumes: dict[str, Volume]
+    bitmaps: dict[str, DifferenceBitmap]
+    master: MasterJournal = field(init=False)
+    full_calls: int = 0
+
+    def __post_init__(self) -> None:
+        self.master = MasterJournal(self.store, self.volumes, self.bitmaps, self._on_full)
+
+    def _on_full(self) -> None:
+        self.full_calls += 1
+        self.master.mode = Mode.BITMAP  # as the group does when it suspends the pair (PFUS)
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.data_dir / "journal"
+
+
+@contextlib.contextmanager
+def opened_primary(
+    data_dir: Path,
+    *,
+    mode: Mode = Mode.JOURNAL,
+    volume_bytes: int = VOLUME_BYTES,
+    capacity_bytes: int = CAPACITY_BYTES,
+    segment_bytes: int | None = None,
+    store_cls: type[JournalStore] = JournalStore,
+) -> Iterator[Primary]:
+    store, _ = store_cls.open(data_dir / "journal", capacity_bytes, segment_bytes)
+    volumes: dict[str, Volume] = {}
+    try:
+        for name in NAMES:
+            volumes[name] = Volume.open_or_create(name, data_dir / f"{name}.img", volume_bytes)
+        bitmaps = {name: DifferenceBitmap(volume_bytes, REGION_BYTES) for name in NAMES}
+        primary = Primary(data_dir, store, volumes, bitmaps)
+        primary.master.mode = mode
+        yield primary
+    finally:
+        store.close()
+        for volume in volumes.values():
+            volume.close()
+
+
+@contextlib.contextmanager
+def killed_and_restarted(old: Primary, **kwargs: Any) -> Iterator[Primary]:
+    """A new primary over the files `old` left, opened before `old` is closed (closing it
+    would write out its pending tail, which a SIGKILL loses)."""
+    with opened_primary(old.data_dir, **kwargs) as new:
+        yield new
+
+
+def records_on_disk(journal_dir: Path) -> list[Entry]:
+    """Every record in the segment files, decoded from the bytes on disk."""
+    entries: list[Entry] = []
+    for path in sorted(journal_dir.glob("*.seg")):
+        entries.extend(iter_records(path.read_bytes()[SEGMENT_HEADER_BYTES:]))
+    return entries
+
+
+def fields(entry: Entry) -> tuple[str, Op, int, int, bytes, int]:
+    return entry.volume, entry.op, entry.offset, entry.length, bytes(entry.payload), entry.flags
+
+
+def dirty_offsets(bitmap: DifferenceBitmap) -> list[int]:
+    return [
+        offset for offset in range(0, bitmap.volume_size, REGION_BYTES) if bitmap.is_marked(offset)
+    ]
+
+
+Request = tuple[str, Op, int, int, bytes]  # volume, op, offset, length, payload
+
+
+def random_requests(rng: random.Random, count: int) -> list[Request]:
+    requests: list[Request] = []
+    for _ in range(count):
+        op = rng.choice(list(Op))
+        offset = rng.randrange(0, VOLUME_BYTES, 512)
+        length = rng.randrange(512, min(16 * KiB, VOLUME_BYTES - offset) + 1, 512)
+        payload = rng.randbytes(length) if op is Op.WRITE else b""
+        requests.append((rng.choice(NAMES), op, offset, length, payload))
+    return requests
+
+
+def journal_request(master: MasterJournal, request: Request) -> None:
+    """What the NBD server calls for a request, before its volume write."""
+    volume, op, offset, length, payload = request
+    if op is Op.WRITE:
+        master.wrote(volume, offset, payload)
+    elif op is Op.TRIM:
+        master.trimmed(volume, offset, length)
+    else:
+        master.zeroed(volume, offset, length)
+
+
+def do_volume_write(volumes: dict[str, Volume], request: Request) -> None:
+    volume, op, offset, length, payload = request
+    if op is Op.WRITE:
+        volumes[volume].write(offset, payload)
+    elif op is Op.TRIM:
+        volumes[volume].punch(offset, length)
+    else:
+        volumes[volume].zero(offset, length, allocate=False)
+
+
+# -- the write hooks ----------------------------------------------------------------------
+
+
+def test_journal_mode_appends_consecutive_records_of_each_request(tmp_path: Path) -> None:
+    requests = random_requests(random.Random(3), 60)
+    with opened_primary(tmp_path, segment_bytes=16 * KiB) as p:
+        for request in requests:
+            journal_request(p.master, request)
+        entries = p.store.entries(1, 1000, 64 * MiB)
+        assert [entry.seq for entry in entries] == list(range(1, len(requests) + 1))
+        assert [fields(entry) for entry in entries] == [(*r, 0) for r in requests]
+        assert p.master.records_appended == len(requests)
+        assert p.store.segment_count > 1  # the records span segment rolls
+        assert all(bitmap.dirty_regions == 0 for bitmap in p.bitmaps.values())
+
+
+def test_each_record_is_in_the_segment_file_when_the_hook_returns(tmp_path: Path) -> None:
+    requests = random_requests(random.Random(4), 40)
+    with opened_primary(tmp_path, segment_bytes=16 * KiB) as p:
+        for seq, request in enumerate(requests, start=1):
+            journal_request(p.master, request)
+            on_disk = records_on_disk(p.journal_dir)  # what a SIGKILL now leaves
+            assert len(on_disk) == seq
+            assert (on_disk[-1].seq, *fields(on_disk[-1])) == (seq, *request, 0)
+            if request[1] is Op.WRITE:
+                segment = max(p.journal_dir.glob("*.seg"))
+                assert request[4] in segment.read_bytes()
+
+
+def test_mode_off_journals_and_marks_nothing(tmp_path: Path) -> None:
+    with opened_primary(tmp_path, mode=Mode.OFF) as p:
+        for request in random_requests(random.Random(5), 20):
+            journal_request(p.master, request)
+        assert p.store.last_seq == 0
+        assert p.master.records_appended == 0
+        assert records_on_disk(p.journal_dir) == []
+        assert all(bitmap.dirty_regions == 0 for bitmap in p.bitmaps.values())
+
+
+def test_mode_bitmap_marks_the_regions_and_journals_nothing(tmp_path: Path) -> None:
+    with opened_primary(tmp_path, mode=Mode.BITMAP) as p:
+        p.master.wrote("vol0", 5 * REGION_BYTES + 100, b"x" * REGION_BYTES)  # spans two
+        p.master.trimmed("vol1", 40 * REGION_BYTES, 3 * REGION_BYTES)
+        p.master.zeroed("vol0", 80 * REGION_BYTES, 1)
+        assert dirty_offsets(p.bitmaps["vol0"]) == [
+            5 * REGION_BYTES,
+            6 * REGION_BYTES,
+            80 * REGION_BYTES,
+        ]
+        assert dirty_offsets(p.bitmaps["vol1"]) == [
+            40 * REGION_BYTES,
+            41 * REGION_BYTES,
+            42 * REGION_BYTES,
+        ]
+        assert p.store.last_seq == 0
+        assert records_on_disk(p.journal_dir) == []
+
+
+# -- check_tail after a kill ----------------------------------------------------------------
+
+
+def test_check_tail_of_an_empty_journal_is_true(tmp_path: Path) -> None:
+    with opened_primary(tmp_path) as p:
+        assert p.master.check_tail() is True
+        assert p.store.last_seq == 0
+
+
+@pytest.mark.parametrize("op", list(Op))
+def test_check_tail_is_true_when_the_last_record_reached_the_volume(tmp_path: Path, op: Op) -> None:
+    earlier: Request = ("vol1", Op.WRITE, 64 * KiB, 8 * KiB, b"\x11" * 8 * KiB)
+    last: Request = ("vol1", op, 68 * KiB, 8 * KiB, b"\x22" * 8 * KiB if op is Op.WRITE else b"")
+    with opened_primary(tmp_path) as old:
+        for request in (earlier, last):
+            journal_request(old.master, request)
+            do_volume_write(old.volumes, request)
+        with killed_and_restarted(old) as p:
+            assert p.master.check_tail() is True
+            assert p.store.last_seq == 2
+            assert len(records_on_disk(p.journal_dir)) == 2
+
+
+def test_check_tail_rejournals_a_write_that_never_reached_the_volume(tmp_path: Path) -> None:
+    before: Request = ("vol0", Op.WRITE, 12 * KiB, 8 * KiB, random.Random(1).randbytes(8 * KiB))
+    lost: Request = ("vol0", Op.WRITE, 16 * KiB, 8 * KiB, b"\x77" * 8 * KiB)
+    with opened_primary(tmp_path) as old:
+        journal_request(old.master, before)
+        do_volume_write(old.volumes, before)
+        journal_request(old.master, lost)  # killed before its volume write
+        with killed_and_restarted(old) as p:
+            actual = p.volumes["vol0"].read(16 * KiB, 8 * KiB)
+            assert actual == before[4][4 * KiB :] + bytes(4 * KiB)
+            assert p.master.check_tail() is False
+            base = records_on_disk(p.journal_dir)[-1]  # in the file, not only in memory
+            assert base.seq == 3
+            assert fields(base) == ("vol0", Op.WRITE, 16 * KiB, 8 * KiB, actual, FLAG_BASE)
+            assert p.master.check_tail() is True  # the tail now says what the volume holds
+            assert p.store.last_seq == 3
+
+
+@pytest.mark.parametrize("op", [Op.TRIM, Op.ZERO])
+def test_check_tail_rejournals_a_trim_or_zero_that_never_reached_the_volume(
+    tmp_path: Path, op: Op
+) -> None:
+    data: Request = ("vol1", Op.WRITE, 100 * KiB, 16 * KiB, random.Random(2).randbytes(16 * KiB))
+    lost: Request = ("vol1", op, 96 * KiB, 32 * KiB, b"")
+    with opened_primary(tmp_path) as old:
+        journal_request(old.master, data)
+        do_volume_write(old.volumes, data)
+        journal_request(old.master, lost)  # killed before the punch
+        with killed_and_restarted(old) as p:
+            assert p.master.check_tail() is False
+            base = records_on_disk(p.journal_dir)[-1]
+            expected = bytes(4 * KiB) + data[4] + bytes(12 * KiB)
+            assert (base.seq, *fields(base)) == (
+                3,
+                "vol1",
+                Op.WRITE,
+                96 * KiB,
+                32 * KiB,
+                expected,
+                FLAG_BASE,
+            )
+
+
+def test_check_tail_of_a_large_trim_reads_the_volume_piecewise(tmp_path: Path) -> None:
+    volume_bytes = 64 * MiB
+    trim: Request = ("vol0", Op.TRIM, 0, volume_bytes, b"")
+    with opened_primary(tmp_path, volume_bytes=volume_bytes) as old:
+        journal_request(old.master, trim)
+        do_volume_write(old.volumes, trim)
+        with killed_and_restarted(old, volume_bytes=volume_bytes) as p:
+            tracemalloc.start()
+            try:
+                assert p.master.check_tail() is True
+                _, peak_bytes = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            assert peak_bytes < 8 * MiB  # not the 64 MiB region at once
+            assert p.store.last_seq == 1
+
+
+def test_check_tail_rejournals_a_large_trim_that_never_reached_the_volume(
+    tmp_path: Path,
+) -> None:
+    volume_bytes = 64 * MiB
+    data: Request = ("vol0", Op.WRITE, 40 * MiB, 4 * KiB, b"\x5a" * 4 * KiB)
+    lost: Request = ("vol0", Op.TRIM, 0, volume_bytes, b"")  # one NBD TRIM of the volume
+    with opened_primary(tmp_path, volume_bytes=volume_bytes, capacity_bytes=1 << 30) as old:
+        journal_request(old.master, data)
+        do_volume_write(old.volumes, data)
+        journal_request(old.master, lost)  # killed before the punch
+        with killed_and_restarted(old, volume_bytes=volume_bytes, capacity_bytes=1 << 30) as p:
+            assert p.master.check_tail() is False
+            # The data the TRIM did not remove is journaled again after it, or marked dirty.
+            replayed = bytearray(volume_bytes)
+            for entry in p.store.entries(3, 1000, 64 * MiB):
+                if entry.op is Op.WRITE:
+                    replayed[entry.offset : entry.offset + entry.length] = entry.payload
+            in_journal = replayed[40 * MiB : 40 * MiB + 4 * KiB] == data[4]
+            assert in_journal or p.bitmaps["vol0"].is_marked(40 * MiB)
+
+
+# -- a full journal -------------------------------------------------------------------------
+
+
+def test_a_full_journal_suspends_once_and_marks_the_bitmap_instead(tmp_path: Path) -> None:
+    with opened_primary(tmp_path, capacity_bytes=4 * KiB, segment_bytes=4 * KiB) as p:
+        offsets = [i * 2 * REGION_BYTES for i in range(8)]
+        for offset in offsets:
+            p.master.wrote("vol0", offset, b"\xee" * 1000)  # never raises
+        p.master.trimmed("vol1", 0, REGION_BYTES)
+        p.master.zeroed("vol1", 8 * REGION_BYTES, REGION_BYTES)
+        assert p.full_calls == 1
+        journaled = p.store.last_seq
+        assert 0 < journaled < len(offsets)
+        assert [entry.offset for entry in records_on_disk(p.journal_dir)] == offsets[:journaled]
+        assert dirty_offsets(p.bitmaps["vol0"]) == offsets[journaled:]
+        assert dirty_offsets(p.bitmaps["vol1"]) == [0, 8 * REGION_BYTES]
+
+
+# -- group commit -------------------------------------------------------------------------
+
+
+class CountingStore(JournalStore):
+    """A real store that keeps every sync ticket it hands out."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tickets: list[SyncTicket] = []
+
+    def prepare_sync(self) -> SyncTicket:
+        ticket = super().prepare_sync()
+        self.tickets.append(ticket)
+        return ticket
+
+
+@pytest.mark.asyncio
+async def test_concurrent_syncs_share_one_fdatasync(tmp_path: Path) -> None:
+    with opened_primary(tmp_path, store_cls=CountingStore) as p:
+        assert isinstance(p.store, CountingStore)
+        p.master.wrote("vol0", 0, b"\x01" * 4 * KiB)
+        async with asyncio.timeout(2):
+            await asyncio.gather(*(p.master.sync() for _ in range(20)))
+        assert 1 <= len(p.store.tickets) <= 2
+        assert all(ticket.succeeded for ticket in p.store.tickets)
+
+
+@pytest.mark.asyncio
+async def test_syncs_complete_while_host_writes_continue(tmp_path: Path) -> None:
+    with opened_primary(tmp_path, segment_bytes=64 * KiB, store_cls=CountingStore) as p:
+        assert isinstance(p.store, CountingStore)
+        writes = 120
+        durable_upto: list[int] = []
+
+        async def host() -> None:
+            for i in range(writes):
+                p.master.wrote(NAMES[i % 2], (i % 200) * 4 * KiB, bytes([i]) * 4 * KiB)
+                await asyncio.sleep(0.001 if i % 4 == 0 else 0)
+
+        async def flusher(host_task: asyncio.Task[None]) -> None:
+            while not host_task.done():
+                upto = p.store.last_seq
+                await asyncio.gather(p.master.sync(), p.master.sync())  # a FLUSH and a FUA
+                durable_upto.append(upto)
+
+        async with asyncio.timeout(2):
+            host_task = asyncio.create_task(host())
+            await asyncio.gather(host_task, flusher(host_task))
+            await p.master.sync()
+        assert len(durable_upto) >= 2  # syncs completed while writes went on
+        assert len(p.store.tickets) <= 2 * len(durable_upto) + 1
+        assert all(ticket.succeeded for ticket in p.store.tickets)
+        synced = {seg.path for ticket in p.store.tickets for seg in ticket.segments}
+        assert set(p.journal_dir.glob("*.seg")) <= synced  # every segment was fdatasynced
+        assert any(ticket.syncs_dir for ticket in p.store.tickets)  # and the new names
+        assert p.store.pending_bytes == 0
+        assert len(records_on_disk(p.journal_dir)) == writes
+
+
+# -- the read-journal long poll -------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_wait_for_records_returns_at_once_when_a_newer_record_exists(
+    tmp_path: Path,
+) -> None:
+    with opened_primary(tmp_path) as p:
+        p.master.wrote("vol0", 0, b"\x01" * 512)
+        started = time.monotonic()
+        await asyncio.wait_for(p.master.wait_for_records(0, timeout_s=5.0), 0.2)
+        assert time.monotonic() - started < 0.1
+
+
+@pytest.mark.asyncio
+async def test_wait_for_records_wakes_every_waiter_on_append(tmp_path: Path) -> None:
+    with opened_primary(tmp_path) as p:
+        p.master.wrote("vol0", 0, b"\x01" * 512)
+        waiters = [
+            asyncio.create_task(p.master.wait_for_records(1, timeout_s=5.0)) for _ in range(3)
+        ]
+        await asyncio.sleep(0.02)
+        assert not any(waiter.done() for waiter in waiters)
+        p.master.zeroed("vol1", 0, 512)
+        started = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(*waiters), 0.2)
+        assert time.monotonic() - started < 0.1
+
+
+@pytest.mark.asyncio
+async def test_wait_for_records_times_out_then_still_wakes_a_later_waiter(
+    tmp_path: Path,
+) -> None:
+    with opened_primary(tmp_path) as p:
+        started = time.monotonic()
+        await p.master.wait_for_records(0, timeout_s=0.05)
+        assert 0.04 <= time.monotonic() - started < 0.2
+        waiter = asyncio.create_task(p.master.wait_for_records(0, timeout_s=5.0))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        p.master.trimmed("vol0", 0, 4 * KiB)
+        await asyncio.wait_for(waiter, 0.2)
+
+
+@pytest.mark.asyncio
+async def test_wait_for_records_is_not_woken_by_bitmap_marks(tmp_path: Path) -> None:
+    with opened_primary(tmp_path, mode=Mode.BITMAP) as p:
+        waiter = asyncio.create_task(p.master.wait_for_records(0, timeout_s=0.1))
+        await asyncio.sleep(0.01)
+        p.master.wrote("vol0", 0, b"\x01" * 512)
+        await asyncio.sleep(0.02)
+        assert not waiter.done()
+        await asyncio.wait_for(waiter, 0.2)  # then times out as asked
+        assert p.store.last_seq == 0
