@@ -120,6 +120,8 @@ _KNOWN_FLAGS: dict[int, int] = {
 _WRITES = frozenset((c.Cmd.WRITE, c.Cmd.TRIM, c.Cmd.WRITE_ZEROES))
 _CMDS = {int(cmd): cmd for cmd in c.Cmd}  # a dict lookup is ~5x cheaper than Cmd(n)
 _WRITE = int(c.Cmd.WRITE)
+_READ = int(c.Cmd.READ)
+_FUA = int(c.CMD_FLAG_FUA)
 _DISC = int(c.Cmd.DISC)
 _REQUEST_BYTES = _REQUEST.size
 # The receive buffer: requests are parsed in place; it grows to hold one whole
@@ -431,6 +433,11 @@ class NbdServerConnection:
     def _invalid(self, cmd: int, flags: int, offset: int, length: int) -> tuple[int, str] | None:
         export = self.export
         assert export is not None
+        if (
+            (cmd == _WRITE and not flags & ~_FUA and not export.read_only)
+            or (cmd == _READ and not flags & ~_FUA and length <= self._max_payload)
+        ) and 0 < length <= export.size - offset:
+            return None  # the common case, checked first and cheaply
         known = _KNOWN_FLAGS.get(cmd)
         if known is None:
             return c.EINVAL, f"unknown command {cmd}"

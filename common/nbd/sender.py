@@ -17,7 +17,7 @@ import asyncio
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from common.nbd.protocol import FileData, Outgoing
 from common.volume import Volume
@@ -45,7 +45,14 @@ class ReplySender:
     def idle(self) -> bool:
         return not self._queue and not self._transport_busy
 
-    def send(self, items: Iterable[Outgoing]) -> None:
+    def send(self, items: list[Outgoing]) -> None:
+        if not self._queue and not self._transport_busy and not self._transport.is_closing():
+            for item in items:
+                if isinstance(item, FileData):
+                    break
+            else:  # only bytes, nothing waiting: straight to the transport
+                self._transport.writelines(items)  # type: ignore[arg-type]
+                return
         for item in items:
             self._queue.append(item)
             self._queued_bytes += _size(item)

@@ -34,6 +34,7 @@ log = logging.getLogger("journalpair.nbd")
 
 _HOLE_CHUNK_MIN_BYTES = 64 << 10
 _JOURNALED = (c.Cmd.WRITE, c.Cmd.TRIM, c.Cmd.WRITE_ZEROES)
+_READ, _WRITE, _FLUSH, _FUA = c.Cmd.READ, c.Cmd.WRITE, c.Cmd.FLUSH, c.CMD_FLAG_FUA
 STOP_DRAIN_S = 10.0  # on SIGTERM, how long clients get to read the replies owed to them
 _SENDFILE_MIN_BYTES = 128 << 10  # below this one pread + write is cheaper than a syscall dance
 
@@ -188,12 +189,13 @@ class NbdConnection(asyncio.BufferedProtocol):
         export = self._export
         assert export is not None
         volume = export.volume
+        cmd = req.cmd
         try:
-            if req.cmd == c.Cmd.READ:
+            if cmd is _READ:
                 self._read(volume, req)
                 return
             journal = export.journal
-            if req.cmd == c.Cmd.WRITE:
+            if cmd is _WRITE:
                 if journal is not None:
                     journal.wrote(volume.name, req.offset, req.payload)
                 volume.write(req.offset, req.payload)
@@ -231,7 +233,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             )
             self._core.reply_error(req, c.ENOSPC if exc.errno == 28 else c.EIO, str(exc))
             return
-        if req.cmd == c.Cmd.FLUSH or req.fua:
+        if cmd is _FLUSH or req.flags & _FUA:
             self._track(asyncio.get_running_loop().create_task(self._sync_then_reply(export, req)))
             return
         self._core.reply_ok(req)
