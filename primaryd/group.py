@@ -354,8 +354,10 @@ class PrimaryGroup:
         return self.store.bytes_between(start) if start <= self.store.last_seq else 0
 
     def _lag_seconds(self) -> float:
-        seq = self.applied_seq + 1
-        if seq < self.store.first_seq or seq > self.store.last_seq:
+        # The oldest record not applied yet; when its segment is already released (restored
+        # but not applied), the oldest held record's age is the best lower bound we have.
+        seq = max(self.applied_seq + 1, self.store.first_seq)
+        if seq > self.store.last_seq:
             return 0.0
         stamp = self.store.timestamp_ns_of(seq)
         return max(0.0, (time.time_ns() - stamp) / 1e9) if stamp else 0.0

@@ -110,8 +110,9 @@ class MasterJournal:
             return
         if self._appended is None or self._appended.done():
             self._appended = asyncio.get_running_loop().create_future()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._appended), timeout_s)
+        with contextlib.suppress(TimeoutError):  # asyncio.timeout: see secondaryd/puller.py
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(self._appended)
 
     # -- internals ----------------------------------------------------------------------
 

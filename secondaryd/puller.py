@@ -81,9 +81,10 @@ async def pull_forever(primary: Address, sink: PullSink) -> None:
 
 
 async def _pull_once(primary: Address, sink: PullSink) -> None:
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(primary.host, primary.port), CONNECT_TIMEOUT_S
-    )
+    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+    # arrives as the read completes, and the daemon then never stops.
+    async with asyncio.timeout(CONNECT_TIMEOUT_S):
+        reader, writer = await asyncio.open_connection(primary.host, primary.port)
     core = ReplicationConnection(Side.SECONDARY)
     try:
         generation, restored, applied = sink.position()
@@ -118,7 +119,8 @@ async def _next_message(core: ReplicationConnection, reader: asyncio.StreamReade
             raise LinkDown("the primary closed the link")
         if not isinstance(event, NeedData):
             return event
-        data = await asyncio.wait_for(reader.read(RECV_BYTES), ANSWER_TIMEOUT_S)
+        async with asyncio.timeout(ANSWER_TIMEOUT_S):
+            data = await reader.read(RECV_BYTES)
         core.receive_data(data)
 
 
