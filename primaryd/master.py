@@ -1,13 +1,15 @@
 """The primary's master journal: every host write of the group, in order, with a seq.
 
-    NBD WRITE/TRIM/WRITE_ZEROES ─► wrote()/trimmed()/zeroed() ─► then the volume write
-                                     │ mode JOURNAL: encode, append, write to the segment file
-                                     │               (page cache: survives a SIGKILL)
-                                     │ mode BITMAP: mark the difference bitmap
-                                     │ mode OFF (SMPL): nothing
-    Records reach the file before their data reaches the volume, one request at a time, so
-    after a SIGKILL only the LAST record can lack its volume write: check_tail() compares it
-    with the volume at start and, if they differ, journals the region's real content again.
+    NBD batch of writes ─► wrote()/trimmed()/zeroed() each ─► flush_records() ─► volume I/O
+                              │ mode JOURNAL: encode, append to the tail (memory)
+                              │ mode BITMAP: mark the difference bitmap
+                              │ mode OFF (SMPL): nothing
+                           flush_records(): the tail into the segment file, one write
+                                            (page cache: survives a SIGKILL)
+    Records reach the file before their data can reach the volume, a batch at a time, so
+    after a SIGKILL only the last batch's records can lack their volume writes: check_tail()
+    compares the newest CHECK_TAIL_RECORDS records with the volumes at start and journals
+    the actual content of every region that differs.
     FLUSH / FUA ─► sync(): group commit, fdatasync of the segments in an executor
     copier ─► append_base(): base-journal records, ordered with host writes by seq
 
@@ -34,6 +36,8 @@ log = logging.getLogger("journalpair.journal")
 
 
 REBASE_STEP_BYTES = 1 << 20
+# At least common.nbd.server.JOURNAL_BATCH_REQUESTS: the records a kill can leave unapplied.
+CHECK_TAIL_RECORDS = 1024
 
 
 class Mode(enum.Enum):
@@ -73,25 +77,30 @@ class MasterJournal:
     def failed(self, volume: str, offset: int, length: int) -> None:
         self._rebase(volume, offset, length, "the volume write failed")
 
-    def before_replies(self) -> None:
+    def flush_records(self) -> None:
         if self.store.pending_bytes:
             self.store.write_pending()
 
+    async def sync(self) -> None:
+        await self._syncer.sync()
+
     def check_tail(self) -> bool:
-        """At start: does the volume hold what the last record says? If not (killed between
-        the record and its volume write), journal the region's actual content after it."""
+        """At start: do the volumes hold what the newest records say? If not (killed between
+        a batch's records and its volume writes), journal those regions' actual content."""
         store = self.store
         if self.mode is not Mode.JOURNAL or store.last_seq < store.first_seq:
             return True
-        entry = store.entries(store.last_seq, 1, 64 << 20)[0]
-        if _volume_holds(self.volumes[entry.volume], entry):
-            return True
-        self._rebase(entry.volume, entry.offset, entry.length, f"seq {entry.seq} never reached it")
-        self.before_replies()
-        return False
-
-    async def sync(self) -> None:
-        await self._syncer.sync()
+        first = max(store.first_seq, store.last_seq - CHECK_TAIL_RECORDS + 1)
+        entries: list[Entry] = []
+        while first <= store.last_seq:
+            chunk = store.entries(first, CHECK_TAIL_RECORDS, 64 << 20)
+            entries.extend(chunk)
+            first = chunk[-1].seq + 1
+        stale = _regions_not_on_volumes(self.volumes, entries)
+        for volume, offset, length in stale:
+            self._rebase(volume, offset, length, "its last write never reached the volume")
+        self.flush_records()
+        return not stale
 
     # -- base journal (initial copy, resync) -----------------------------------------
 
@@ -120,7 +129,6 @@ class MasterJournal:
         self, volume: str, op: Op, offset: int, length: int, payload: bytes | memoryview
     ) -> None:
         if self.mode is Mode.JOURNAL and self._append(volume, op, offset, length, payload, 0):
-            self.store.write_pending()  # before the volume write: see the module docstring
             return
         if self.mode is not Mode.OFF:
             self.bitmaps[volume].mark(offset, length)
@@ -175,15 +183,59 @@ class MasterJournal:
         return ticket.run
 
 
-def _volume_holds(volume: Volume, entry: Entry) -> bool:
-    """Whether the volume's content at the entry's region is what the entry wrote."""
+def _regions_not_on_volumes(
+    volumes: Mapping[str, Volume], entries: list[Entry]
+) -> list[tuple[str, int, int]]:
+    """Regions where the newest of `entries` touching them differs from the volume.
+
+    Newest first: a part of a region that a newer entry covers is that entry's to check."""
+    covered: dict[str, list[tuple[int, int]]] = {}
+    stale: list[tuple[str, int, int]] = []
+    for entry in reversed(entries):
+        done = covered.setdefault(entry.volume, [])
+        for start, end in _uncovered(entry.offset, entry.offset + entry.length, done):
+            if not _volume_holds(volumes[entry.volume], entry, start, end):
+                stale.append((entry.volume, start, end - start))
+        done.append((entry.offset, entry.offset + entry.length))
+    return stale
+
+
+def _uncovered(start: int, end: int, covered: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    parts = [(start, end)]
+    for c_start, c_end in covered:
+        parts = [
+            piece
+            for p_start, p_end in parts
+            for piece in ((p_start, min(p_end, c_start)), (max(p_start, c_end), p_end))
+            if piece[0] < piece[1]
+        ]
+    return parts
+
+
+def _volume_holds(volume: Volume, entry: Entry, start: int, end: int) -> bool:
+    """Whether the volume holds what the entry wrote in [start, end) (within its region)."""
     step = 1 << 20
-    for start in range(0, entry.length, step):
-        n = min(step, entry.length - start)
-        actual = volume.read(entry.offset + start, n)
-        if entry.op is Op.WRITE:
-            if actual != entry.payload[start : start + n]:
-                return False
-        elif actual.count(0) != n:
+    if entry.op is not Op.WRITE:  # zeros expected: holes match without reading them
+        position = start
+        while position < end:
+            extents = volume.extents(position, end - position)
+            for extent in extents:
+                if not extent.hole and not _zeros(volume, extent.offset, extent.length):
+                    return False
+            position = extents[-1].offset + extents[-1].length
+        return True
+    for position in range(start, end, step):
+        n = min(step, end - position)
+        at = position - entry.offset
+        if volume.read(position, n) != entry.payload[at : at + n]:
+            return False
+    return True
+
+
+def _zeros(volume: Volume, offset: int, length: int) -> bool:
+    step = 1 << 20
+    for position in range(offset, offset + length, step):
+        n = min(step, offset + length - position)
+        if volume.read(position, n).count(0) != n:
             return False
     return True

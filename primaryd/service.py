@@ -55,7 +55,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         await nbd.stop()
         await control.stop()
         await group.stop()
-    group.journal.before_replies()
+    group.journal.flush_records()
     store.prepare_sync().run()
     store.close()
     close_volumes(volumes)

@@ -35,6 +35,10 @@ log = logging.getLogger("journalpair.nbd")
 _HOLE_CHUNK_MIN_BYTES = 64 << 10
 _JOURNALED = (c.Cmd.WRITE, c.Cmd.TRIM, c.Cmd.WRITE_ZEROES)
 _READ, _WRITE, _FLUSH, _FUA = c.Cmd.READ, c.Cmd.WRITE, c.Cmd.FLUSH, c.CMD_FLAG_FUA
+_TRIM, _WRITE_ZEROES = c.Cmd.TRIM, c.Cmd.WRITE_ZEROES
+# Requests journaled together, then executed: records reach the journal file in one write,
+# and a crash can leave at most this many records without their volume writes.
+JOURNAL_BATCH_REQUESTS = 256
 STOP_DRAIN_S = 10.0  # on SIGTERM, how long clients get to read the replies owed to them
 _SENDFILE_MIN_BYTES = 128 << 10  # below this one pread + write is cheaper than a syscall dance
 
@@ -42,10 +46,12 @@ _SENDFILE_MIN_BYTES = 128 << 10  # below this one pread + write is cheaper than 
 class WriteJournal(Protocol):
     """Where host writes go besides the volume (the primary's master journal).
 
-    Called inline, right BEFORE the volume write: a record is in the journal file before
-    its data can be on the volume, so a SIGKILL can leave at most the last record without
-    its write (recovery checks that one), never a write without its record. Never raises:
-    replication trouble changes the pair state, it does not fail host I/O (invariant 4).
+    For each batch of at most JOURNAL_BATCH_REQUESTS requests: wrote/trimmed/zeroed for
+    its writes, in order, then flush_records(), then the volume I/O. A record is in the
+    journal file before its data can be on the volume, so a SIGKILL leaves at most the last
+    batch's records without their writes (recovery checks those), never a write without
+    its record. Never raises: replication trouble changes the pair state, it does not fail
+    host I/O (invariant 4).
     """
 
     def wrote(self, volume: str, offset: int, payload: bytes | memoryview) -> None: ...
@@ -54,8 +60,8 @@ class WriteJournal(Protocol):
     def failed(self, volume: str, offset: int, length: int) -> None:
         """The volume write after the record failed: the region's content is unknown."""
 
-    def before_replies(self) -> None:
-        """Replies are about to go out: make every record so far survive a SIGKILL."""
+    def flush_records(self) -> None:
+        """Records so far into the journal file (page cache), before the volume I/O."""
 
     async def sync(self) -> None:
         """FLUSH/FUA: records so far are durable when this returns (OSError if not)."""
@@ -143,14 +149,22 @@ class NbdConnection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         core = self._core
         core.buffer_updated(nbytes)
+        batch: list[Request] = []
         try:
             while True:
                 event = core.next_event()
+                if isinstance(event, Request):
+                    batch.append(event)
+                    if len(batch) < JOURNAL_BATCH_REQUESTS:
+                        continue
+                if batch:
+                    self._run_batch(batch)
+                    batch = []
                 if event is NEED_DATA:
                     break
                 if isinstance(event, Request):
-                    self._request(event)
-                elif isinstance(event, ExportChosen):
+                    continue
+                if isinstance(event, ExportChosen):
                     self._export = self._server.exports[event.export.name]
                     if self._sender is not None:
                         self._sender.volume = self._export.volume
@@ -170,8 +184,6 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._flush_out()
 
     def _flush_out(self) -> None:
-        if self._export is not None and self._export.journal is not None:
-            self._export.journal.before_replies()
         if self._sender is not None:
             self._sender.send(self._core.data_to_send())
 
@@ -185,6 +197,36 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._pending.discard(task)
         self._close_if_done()
 
+    def _run_batch(self, batch: list[Request]) -> None:
+        """Journal the batch's writes, put the records in the journal file, then do the I/O:
+        a record is on file before its data can be on the volume (see WriteJournal)."""
+        export = self._export
+        assert export is not None
+        journal = export.journal
+        if journal is not None:
+            for req in batch:
+                if req.cmd in _JOURNALED and not self._refused_fast_zero(export.volume, req):
+                    self._journal(journal, export.volume.name, req)
+            journal.flush_records()
+        for req in batch:
+            self._request(req)
+
+    @staticmethod
+    def _journal(journal: WriteJournal, volume: str, req: Request) -> None:
+        cmd = req.cmd
+        if cmd is _WRITE:
+            journal.wrote(volume, req.offset, req.payload)
+        elif cmd is _TRIM:
+            journal.trimmed(volume, req.offset, req.length)
+        else:
+            journal.zeroed(volume, req.offset, req.length)
+
+    @staticmethod
+    def _refused_fast_zero(volume: Volume, req: Request) -> bool:
+        if req.cmd is not _WRITE_ZEROES or not req.flags & c.CMD_FLAG_FAST_ZERO:
+            return False
+        return not volume.zero_is_fast(allocate=bool(req.flags & c.CMD_FLAG_NO_HOLE))
+
     def _request(self, req: Request) -> None:
         export = self._export
         assert export is not None
@@ -194,23 +236,15 @@ class NbdConnection(asyncio.BufferedProtocol):
             if cmd is _READ:
                 self._read(volume, req)
                 return
-            journal = export.journal
             if cmd is _WRITE:
-                if journal is not None:
-                    journal.wrote(volume.name, req.offset, req.payload)
                 volume.write(req.offset, req.payload)
-            elif req.cmd == c.Cmd.TRIM:
-                if journal is not None:
-                    journal.trimmed(volume.name, req.offset, req.length)
+            elif cmd is _TRIM:
                 volume.punch(req.offset, req.length)
-            elif req.cmd == c.Cmd.WRITE_ZEROES:
-                allocate = bool(req.flags & c.CMD_FLAG_NO_HOLE)
-                if req.flags & c.CMD_FLAG_FAST_ZERO and not volume.zero_is_fast(allocate=allocate):
+            elif cmd is _WRITE_ZEROES:
+                if self._refused_fast_zero(volume, req):
                     self._core.reply_error(req, c.ENOTSUP, "cannot zero fast")
                     return
-                if journal is not None:
-                    journal.zeroed(volume.name, req.offset, req.length)
-                volume.zero(req.offset, req.length, allocate=allocate)
+                volume.zero(req.offset, req.length, allocate=bool(req.flags & c.CMD_FLAG_NO_HOLE))
             elif req.cmd == c.Cmd.CACHE:
                 volume.advise_willneed(req.offset, req.length)
             elif req.cmd == c.Cmd.BLOCK_STATUS:

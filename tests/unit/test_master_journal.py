@@ -121,7 +121,7 @@ def random_requests(rng: random.Random, count: int) -> list[Request]:
 
 
 def journal_request(master: MasterJournal, request: Request) -> None:
-    """What the NBD server calls for a request, before its volume write."""
+    """What the NBD server calls for a batch of one request, before its volume write."""
     volume, op, offset, length, payload = request
     if op is Op.WRITE:
         master.wrote(volume, offset, payload)
@@ -129,6 +129,7 @@ def journal_request(master: MasterJournal, request: Request) -> None:
         master.trimmed(volume, offset, length)
     else:
         master.zeroed(volume, offset, length)
+    master.flush_records()
 
 
 def do_volume_write(volumes: dict[str, Volume], request: Request) -> None:
@@ -157,7 +158,7 @@ def test_journal_mode_appends_consecutive_records_of_each_request(tmp_path: Path
         assert all(bitmap.dirty_regions == 0 for bitmap in p.bitmaps.values())
 
 
-def test_each_record_is_in_the_segment_file_when_the_hook_returns(tmp_path: Path) -> None:
+def test_each_record_is_in_the_segment_file_after_flush_records(tmp_path: Path) -> None:
     requests = random_requests(random.Random(4), 40)
     with opened_primary(tmp_path, segment_bytes=16 * KiB) as p:
         for seq, request in enumerate(requests, start=1):
@@ -316,6 +317,7 @@ def test_a_full_journal_suspends_once_and_marks_the_bitmap_instead(tmp_path: Pat
         assert p.full_calls == 1
         journaled = p.store.last_seq
         assert 0 < journaled < len(offsets)
+        p.master.flush_records()
         assert [entry.offset for entry in records_on_disk(p.journal_dir)] == offsets[:journaled]
         assert dirty_offsets(p.bitmaps["vol0"]) == offsets[journaled:]
         assert dirty_offsets(p.bitmaps["vol1"]) == [0, 8 * REGION_BYTES]
@@ -434,3 +436,31 @@ async def test_wait_for_records_is_not_woken_by_bitmap_marks(tmp_path: Path) -> 
         assert not waiter.done()
         await asyncio.wait_for(waiter, 0.2)  # then times out as asked
         assert p.store.last_seq == 0
+
+
+def test_check_tail_finds_every_write_of_a_killed_batch_newest_record_winning(
+    tmp_path: Path,
+) -> None:
+    """A batch is journaled, then its volume writes start and the kill comes after some of
+    them: every region whose newest record is not on the volume is journaled again with
+    the volume's actual content, and only those."""
+    first: Request = ("vol0", Op.WRITE, 0, 4 * KiB, b"\x01" * 4 * KiB)
+    overwritten: Request = ("vol0", Op.WRITE, 0, 4 * KiB, b"\x02" * 4 * KiB)
+    done: Request = ("vol1", Op.WRITE, 8 * KiB, 4 * KiB, b"\x03" * 4 * KiB)
+    lost: Request = ("vol1", Op.WRITE, 64 * KiB, 4 * KiB, b"\x04" * 4 * KiB)
+    batch = [first, overwritten, done, lost]
+    with opened_primary(tmp_path) as old:
+        for request in batch:
+            volume, _op, offset, _length, payload = request
+            old.master.wrote(volume, offset, payload)
+        old.master.flush_records()
+        for request in (first, done):  # the kill: `overwritten` and `lost` never applied
+            do_volume_write(old.volumes, request)
+    with opened_primary(tmp_path) as p:
+        assert p.master.check_tail() is False
+        rebased = [e for e in p.store.entries(5, 10, 1 << 20)]
+        assert sorted((e.volume, e.offset, e.op, bytes(e.payload[:1])) for e in rebased) == [
+            ("vol0", 0, Op.WRITE, b"\x01"),  # the volume's actual content, not the newest record
+            ("vol1", 64 * KiB, Op.TRIM, b""),  # still zeros there: sent as a hole
+        ]
+        assert all(e.flags == FLAG_BASE for e in rebased)
