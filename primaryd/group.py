@@ -38,6 +38,7 @@ from common.replication.messages import (
     VolumeDesc,
     Welcome,
 )
+from common.runmarker import LastStop
 from common.volume import Volume
 from primaryd.copier import CopyAborted, CopyProgress, copy_volumes
 from primaryd.feeder import FeederServer
@@ -77,6 +78,7 @@ class PrimaryGroup:
         self._space_freed: asyncio.Future[None] | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._bitmap_task: asyncio.Task[None] | None = None
+        self.last_stop = LastStop.CLEAN  # set by the service before start()
         self.secondary: Hello | None = None
         self.link_peer = ""
         self.link_since = time.time()
@@ -101,8 +103,10 @@ class PrimaryGroup:
             host,
             port,
         )
-        if not self.journal.check_tail():
-            log.warning("the last stop was unclean: the last journal record was re-based")
+        if self.last_stop is LastStop.SYSTEM_CRASH and journals_writes(self.record.state):
+            self._after_system_crash()
+        elif not self.journal.check_tail():
+            log.warning("the last stop was unclean: writes of its last batch were re-sent")
         if self.record.state is PairState.COPY and self.record.copy_end_seq == 0:
             log.info("restarting the initial copy interrupted by the last stop")
             self._start_copy()
@@ -289,6 +293,21 @@ class PrimaryGroup:
         if self._space_freed is None or self._space_freed.done():
             self._space_freed = asyncio.get_running_loop().create_future()
         return self._space_freed
+
+    def _after_system_crash(self) -> None:
+        """The machine went down (power loss, panic): writes not yet fdatasync'ed may have
+        reached the P-VOL while their records did not reach the journal, and nothing tells
+        which. Every region is marked for the resync, and the pair is suspended (PSUE)."""
+        log.error(
+            "this primary restarted after a system crash (new boot id): the journal may miss "
+            "writes that reached the volumes; suspending the pair, every region marked for resync"
+        )
+        state = next_state(Role.PRIMARY, self.record.state, PairInput.LINK_LOST)
+        self.journal.mode = Mode.BITMAP
+        for bitmap in self.bitmaps.values():
+            bitmap.mark_all()
+        self.store.reset(self.store.next_seq)
+        self._transition(state, "primary system crash: full resync needed")
 
     def _journal_full(self) -> None:
         state = self._next(PairInput.JOURNAL_FULL)

@@ -11,6 +11,7 @@ from common.config import Config
 from common.control import ControlServer, Handler
 from common.nbd.server import NbdServer
 from common.pairstate import Role
+from common.runmarker import LastStop, mark_running, mark_stopped
 from common.service import (
     NOT_YET,
     close_volumes,
@@ -32,6 +33,9 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     store = open_journal(config.data_dir / "journal", config.journal.capacity)
     events = event_log(config, Role.PRIMARY)
     group = PrimaryGroup(config, volumes, store, record, events)
+    group.last_stop = mark_running(config.data_dir)
+    if group.last_stop is not LastStop.CLEAN:
+        log.warning("the last stop was not clean (%s)", group.last_stop.value)
     nbd = NbdServer(volumes, journal=group.journal)
 
     async def display(args: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -59,3 +63,4 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     store.prepare_sync().run()
     store.close()
     close_volumes(volumes)
+    mark_stopped(config.data_dir)

@@ -107,11 +107,13 @@ class SecondaryGroup:
             self._mirror(state, f"primary is {state.value}")
 
     def link(self, up: bool, why: str) -> None:
+        # One line per change of state or of reason: a dead primary retried every few
+        # seconds does not flood the log, a new kind of failure is always told.
+        if up != self.link_up or why != self.link_why:
+            level = logging.INFO if up else logging.WARNING
+            log.log(level, "link %s: %s", "up" if up else "down", why)
         if up != self.link_up:
             self.link_since = time.time()
-            log.log(
-                logging.INFO if up else logging.WARNING, "link %s: %s", "up" if up else "down", why
-            )
         self.link_up, self.link_why = up, why
 
     # -- display -------------------------------------------------------------------------

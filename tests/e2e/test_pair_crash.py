@@ -31,6 +31,7 @@ from tests.e2e.helpers import (
     close_handle,
     create_pair,
     display,
+    qemu_io,
     sha256_file,
     wait_caught_up,
     wait_until,
@@ -224,3 +225,26 @@ def test_sigterm_mid_load_stops_either_daemon_promptly_and_loses_nothing(
     assert_volumes_equal(primary, secondary)
     primary.stop()
     secondary.stop()
+
+
+def test_primary_back_from_a_system_crash_suspends_with_every_region_marked(
+    daemons: Daemons,
+) -> None:
+    """After a power loss the journal may miss writes that reached the P-VOL, and nothing
+    says which: the pair must not carry on as if in sync. Simulated: the primary is killed
+    and its "running" marker names another boot."""
+    primary, secondary = daemons.start_pair(VOLUMES)
+    create_pair(primary, secondary)
+    qemu_io(primary.uri("vol0"), "write -P 0x61 0 1M")
+    primary.kill()
+    marker = Path(primary.config_path).parent / "data" / "running"
+    assert marker.exists(), "a running primary keeps a marker of its boot"
+    marker.write_text("00000000-0000-0000-0000-000000000000\n")  # another boot
+    primary.start()
+    shown = display(primary)
+    assert shown["state"] == "PSUE"
+    assert "system crash" in shown["reason"]
+    assert shown["bitmap"]["dirty_bytes"] == sum(size for _, size in VOLUMES)
+    qemu_io(primary.uri("vol0"), "write -P 0x62 0 4k")  # host writes still succeed
+    primary.stop()
+    assert not marker.exists(), "a clean stop removes the marker"

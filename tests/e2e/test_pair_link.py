@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import signal
+import socket
+import struct
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -198,3 +200,39 @@ def test_secondary_restarts_and_catches_up_without_a_new_copy(daemons: Daemons) 
     transitions = [(e["old"], e["new"]) for e in events(primary)]
     assert [new for _old, new in transitions].count("COPY") == 1, transitions
     assert transitions[-1] == ("COPY", "PAIR"), transitions
+
+
+def test_malformed_frames_close_the_link_with_a_log_line_on_both_sides(
+    daemons: Daemons,
+) -> None:
+    """Invariant 7 on the replication port: garbage is logged and dropped, the daemon and
+    the real secondary carry on; a primary that answers garbage is logged by the secondary."""
+    primary, secondary = daemons.start_pair()
+    # A peer that sends a frame claiming 2 GiB, then one that sends bad msgpack.
+    for junk in (struct.pack(">I", 2 << 30) + b"x" * 64, struct.pack(">I", 3) + b"\xc1\xc1\xc1"):
+        with socket.create_connection(("127.0.0.1", primary.peer_port), timeout=10) as sock:
+            sock.sendall(junk)
+            sock.settimeout(10)
+            while sock.recv(65536):  # the primary answers (Refuse) and closes
+                pass
+    wait_until(
+        lambda: primary.log_text().count("broke the protocol") >= 2, 10, "the primary's log line"
+    )
+    create_pair(primary, secondary)  # the real secondary was not disturbed
+
+    # A fake primary that answers the secondary's Hello with garbage.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        lone = daemons.prepare("secondary", name="lone", primary_port=listener.getsockname()[1])
+        lone.start()
+        listener.settimeout(15)
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)  # its Hello
+            conn.sendall(struct.pack(">I", 4) + b"\xff\xff\xff\xff")
+            wait_until(
+                lambda: "broke the protocol" in lone.log_text(), 10, "the secondary's log line"
+            )
+    assert lone.running()
+    assert display(lone)["link"]["up"] is False
