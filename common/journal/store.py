@@ -459,11 +459,14 @@ class JournalStore:
         self._cursor = (seq, seg, offset)
         return (parts[0] if len(parts) == 1 else b"".join(parts)), seq - from_seq
 
-    def entries(self, from_seq: int, max_entries: int, max_bytes: int) -> list[Entry]:
-        """read() and decode, payload crcs checked."""
+    def entries(
+        self, from_seq: int, max_entries: int, max_bytes: int, *, check_payload: bool = True
+    ) -> list[Entry]:
+        """read() and decode, payload crcs checked unless check_payload=False (for records
+        already checked by append_blob or by recovery at open)."""
         blob, _ = self.read(from_seq, max_entries, max_bytes)
         try:
-            return list(iter_records(blob))
+            return list(iter_records(blob, check_payload=check_payload))
         except (TruncatedRecord, CorruptRecord) as exc:
             raise JournalCorrupt(f"{self.log_name}: reading from seq {from_seq}: {exc}") from None
 
