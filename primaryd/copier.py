@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from common.volume import Volume
@@ -41,47 +41,65 @@ class CopyAborted(Exception):
     """The journal filled up (the pair was suspended) or the copy was cancelled."""
 
 
+Ranges = Mapping[str, Sequence[tuple[int, int]]]  # volume name -> (offset, length) to copy
+
+
 async def copy_volumes(
     volumes: Sequence[Volume],
     journal: MasterJournal,
     progress: CopyProgress,
     wait_for_space: Callable[[], asyncio.Future[None] | None],
+    ranges: Ranges | None = None,
+    copied: Callable[[str, int, int], None] | None = None,
 ) -> int:
-    """Send every volume; return the last base seq. `wait_for_space` returns a future to
-    await when the journal holds more than the copy may use, else None."""
-    progress.total_bytes = sum(v.size for v in volumes)
+    """Send the volumes (initial copy), or only `ranges` of them (resync: the difference
+    bitmaps' runs); `copied(volume, offset, length)` after each range is journaled. Returns
+    the last base seq. `wait_for_space` returns a future to await when the journal holds
+    more than the copy may use, else None."""
+    plan = {
+        v.name: ranges.get(v.name, ()) if ranges is not None else ((0, v.size),) for v in volumes
+    }
+    progress.total_bytes = sum(length for todo in plan.values() for _, length in todo)
     progress.done_bytes = 0
     for volume in volumes:
-        await _copy_volume(volume, journal, progress, wait_for_space)
+        for offset, length in plan[volume.name]:
+            await _copy_range(volume, offset, length, journal, progress, wait_for_space)
+            if copied is not None:
+                copied(volume.name, offset, length)
+        log.info(
+            "volume %s: base journal complete up to seq %d", volume.name, journal.store.last_seq
+        )
     return journal.store.last_seq
 
 
-async def _copy_volume(
+async def _copy_range(
     volume: Volume,
+    start: int,
+    length: int,
     journal: MasterJournal,
     progress: CopyProgress,
     wait_for_space: Callable[[], asyncio.Future[None] | None],
 ) -> None:
-    position = 0
+    position, end = start, start + length
     since_yield = 0
-    while position < volume.size:
+    while position < end:
         waiter = wait_for_space()
         if waiter is not None:
             await waiter
             continue
-        step = _copy_step(volume, journal, position)
+        step = _copy_step(volume, journal, position, end)
         position += step
         progress.done_bytes += step
         since_yield += step
         if since_yield >= YIELD_EVERY_BYTES:
             since_yield = 0
             await asyncio.sleep(0)
-    log.info("volume %s: base journal complete up to seq %d", volume.name, journal.store.last_seq)
 
 
-def _copy_step(volume: Volume, journal: MasterJournal, position: int) -> int:
-    """Journal the region at `position`; returns its length. Synchronous on purpose."""
-    length = min(volume.size - position, HOLE_STEP_BYTES)
+def _copy_step(volume: Volume, journal: MasterJournal, position: int, end: int) -> int:
+    """Journal the region at `position` (before `end`); returns its length. Synchronous on
+    purpose: no host write can come between the read and the seq it gets."""
+    length = min(end - position, HOLE_STEP_BYTES)
     extent = volume.extents(position, length, max_extents=1)[0]
     if extent.hole:
         if not journal.append_base_hole(volume.name, position, extent.length):

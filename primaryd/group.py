@@ -27,7 +27,15 @@ from common.control import ControlRefused
 from common.events import EventLog
 from common.journal.store import JournalStore
 from common.pairrecord import PairRecord, RecordSaver
-from common.pairstate import PairInput, PairState, Refused, Role, journals_writes, next_state
+from common.pairstate import (
+    PairInput,
+    PairState,
+    Refused,
+    Role,
+    is_suspended,
+    journals_writes,
+    next_state,
+)
 from common.replication.messages import (
     PROTOCOL_VERSION,
     Hello,
@@ -40,7 +48,7 @@ from common.replication.messages import (
 )
 from common.runmarker import LastStop
 from common.volume import Volume
-from primaryd.copier import CopyAborted, CopyProgress, copy_volumes
+from primaryd.copier import CopyAborted, CopyProgress, Ranges, copy_volumes
 from primaryd.feeder import FeederServer
 from primaryd.master import MasterJournal, Mode
 
@@ -48,6 +56,7 @@ log = logging.getLogger("journalpair.primary")
 
 LONG_POLL_MAX_S = 5.0
 BITMAP_SAVE_S = 1.0
+SPLIT_FLUSH_S = 30.0  # how long split waits for the secondary to apply the journal
 COPY_WINDOW_FRACTION = 0.5  # the copy waits while the journal is fuller than this
 NO_GENERATION = "none"  # Welcome needs a non-empty generation; SMPL has none
 
@@ -108,8 +117,12 @@ class PrimaryGroup:
         elif not self.journal.check_tail():
             log.warning("the last stop was unclean: writes of its last batch were re-sent")
         if self.record.state is PairState.COPY and self.record.copy_end_seq == 0:
-            log.info("restarting the initial copy interrupted by the last stop")
-            self._start_copy()
+            # A resync leaves its regions marked until journaled; an initial copy has none.
+            dirty = any(b.dirty_regions for b in self.bitmaps.values())
+            log.info(
+                "restarting the %s interrupted by the last stop", "resync" if dirty else "copy"
+            )
+            self._start_copy(self._bitmap_ranges() if dirty else None)
 
     async def stop(self) -> None:
         if self._bitmap_task is not None:
@@ -127,19 +140,66 @@ class PrimaryGroup:
 
     async def create(self, args: Mapping[str, Any]) -> Mapping[str, Any]:
         state = self._next(PairInput.CREATE)
-        self._check_secondary_volumes()
-        self.store.reset(self.store.next_seq)
-        self.record.generation = uuid.uuid4().hex[:16]
-        self.record.start_seq = self.store.next_seq
-        self.record.copy_end_seq = 0
-        self.record.svol_consistent = False
-        self.record.copy_total_bytes = sum(v.size for v in self.volumes.values())
+        self._check_secondary_volumes("create")
         for bitmap in self.bitmaps.values():
             bitmap.clear_all()
+        self._new_generation(sum(v.size for v in self.volumes.values()))
         self._transition(state, "create by operator")
         self.feeder.drop_all("new pair generation")
-        self._start_copy()
+        self._start_copy(None)
         return {"message": f"pair {self.config.group}: COPY started"}
+
+    async def split(self, args: Mapping[str, Any]) -> Mapping[str, Any]:
+        """PAIR -> PSUS: from now on writes go to the bitmap; the journal up to here is
+        flushed to the secondary first, so the S-VOL is consistent at the split point."""
+        if args.get("rw"):
+            raise ControlRefused("cannot split --rw: not supported by this version yet")
+        state = self._next(PairInput.SPLIT)
+        if self._copy_task is not None:
+            self._copy_task.cancel()
+        split_seq = self.store.last_seq
+        self.journal.mode = Mode.BITMAP  # the split point: later writes are marked
+        flushed = await self._wait_applied(split_seq, SPLIT_FLUSH_S)
+        reason = "split by operator"
+        if not flushed:
+            reason += f" (journal not flushed past seq {self.applied_seq}: link down or slow)"
+        self._suspend(state, reason)
+        return {
+            "message": f"pair {self.config.group}: PSUS at seq {split_seq}"
+            + (
+                ""
+                if flushed
+                else f"; the secondary applied only up to {self.applied_seq}, "
+                "the rest is in the bitmap"
+            )
+        }
+
+    async def resync(self, args: Mapping[str, Any]) -> Mapping[str, Any]:
+        """PSUS/PSUE/PFUS -> COPY -> PAIR, copying only the regions the bitmaps mark."""
+        if args.get("swap"):
+            raise ControlRefused("cannot resync --swap: not supported by this version yet")
+        state = self._next(PairInput.RESYNC)
+        self._check_secondary_volumes("resync")
+        ranges = self._bitmap_ranges()
+        total = sum(length for runs in ranges.values() for _, length in runs)
+        self._new_generation(total)
+        self._transition(state, f"resync by operator: {total} bytes marked")
+        self.feeder.drop_all("resync: new journal generation")
+        self._start_copy(ranges)
+        return {"message": f"pair {self.config.group}: COPY started, {total} bytes to copy"}
+
+    async def delete(self, args: Mapping[str, Any]) -> Mapping[str, Any]:
+        state = self._next(PairInput.DELETE)
+        if self._copy_task is not None:
+            self._copy_task.cancel()
+        self.store.reset(self.store.next_seq)
+        for bitmap in self.bitmaps.values():
+            bitmap.clear_all()
+        self.record.generation = ""
+        self.record.svol_consistent = False
+        self._transition(state, "delete by operator")
+        self.feeder.drop_all("pair deleted")
+        return {"message": f"pair {self.config.group}: deleted (SMPL)"}
 
     def display(self) -> dict[str, Any]:
         lag_entries = max(0, self.store.last_seq - self.applied_seq)
@@ -213,6 +273,10 @@ class PrimaryGroup:
     async def read_journal(self, request: ReadJournal) -> JournalBatch | Refuse:
         self._secondary_position(request.restored_seq, request.applied_seq)
         store = self.store
+        if not store.first_seq <= request.from_seq <= store.next_seq and is_suspended(
+            self.record.state
+        ):
+            return self._status_batch(request)  # the gap is in the bitmaps, not lost
         if not store.first_seq <= request.from_seq <= store.next_seq:
             return Refuse(
                 RefuseCode.NEEDS_COPY,
@@ -225,6 +289,12 @@ class PrimaryGroup:
             if not store.first_seq <= request.from_seq <= store.next_seq:  # reset meanwhile
                 return Refuse(RefuseCode.NEEDS_COPY, "the master journal was reset")
         records, count = store.read(request.from_seq, request.max_entries, request.max_bytes)
+        return self._status_batch(request, records, count)
+
+    def _status_batch(
+        self, request: ReadJournal, records: bytes = b"", count: int = 0
+    ) -> JournalBatch:
+        store = self.store
         return JournalBatch(
             first_seq=request.from_seq,
             count=count,
@@ -264,18 +334,52 @@ class PrimaryGroup:
                     path = _bitmap_path(self.config.data_dir, name)
                     await asyncio.get_running_loop().run_in_executor(None, bitmap.save, path)
 
-    def _start_copy(self) -> None:
-        assert self._tasks is not None
-        self._copy_task = self._tasks.create_task(self._run_copy())
+    def _new_generation(self, copy_total_bytes: int) -> None:
+        """A journal discontinuity the secondary must follow: it drops what it has not
+        applied (the bitmaps hold those regions) and takes the copy from start_seq."""
+        self.store.reset(self.store.next_seq)
+        self.record.generation = uuid.uuid4().hex[:16]
+        self.record.start_seq = self.store.next_seq
+        self.record.copy_end_seq = 0
+        self.record.svol_consistent = False
+        self.record.copy_total_bytes = copy_total_bytes
 
-    async def _run_copy(self) -> None:
+    async def _wait_applied(self, seq: int, timeout_s: float) -> bool:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.applied_seq < seq:
+            if self.secondary is None or asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    def _bitmap_ranges(self) -> Ranges:
+        return {name: list(b.runs(max_run_bytes=64 << 20)) for name, b in self.bitmaps.items()}
+
+    def _suspend(self, state: PairState, reason: str) -> None:
+        """Into a suspended state: what the secondary has not restored goes to the bitmaps,
+        the journal is emptied, later writes are marked (invariant 2)."""
+        self.journal.mode = Mode.BITMAP
+        self._mark_unrestored()
+        self.store.reset(self.store.next_seq)
+        self._transition(state, reason)
+
+    def _start_copy(self, ranges: Ranges | None) -> None:
+        assert self._tasks is not None
+        self._copy_task = self._tasks.create_task(self._run_copy(ranges))
+
+    async def _run_copy(self, ranges: Ranges | None) -> None:
         started = time.monotonic()
         try:
             end_seq = await copy_volumes(
-                list(self.volumes.values()), self.journal, self.copy, self._wait_for_space
+                list(self.volumes.values()),
+                self.journal,
+                self.copy,
+                self._wait_for_space,
+                ranges,
+                copied=self._copied,
             )
         except CopyAborted as exc:
-            log.warning("initial copy stopped: %s", exc)
+            log.warning("copy stopped: %s", exc)
             return
         self.record.copy_end_seq = end_seq
         self._save_record()
@@ -286,6 +390,11 @@ class PrimaryGroup:
             end_seq,
         )
         self._secondary_position(self.restored_seq, self.applied_seq)
+
+    def _copied(self, volume: str, offset: int, length: int) -> None:
+        # Journaled (with a seq the secondary will get): no longer a difference to track.
+        if self.journal.mode is Mode.JOURNAL:
+            self.bitmaps[volume].clear(offset, length)
 
     def _wait_for_space(self) -> asyncio.Future[None] | None:
         if self.store.used_bytes < self.store.capacity_bytes * COPY_WINDOW_FRACTION:
@@ -310,12 +419,7 @@ class PrimaryGroup:
         self._transition(state, "primary system crash: full resync needed")
 
     def _journal_full(self) -> None:
-        state = self._next(PairInput.JOURNAL_FULL)
-        self.journal.mode = Mode.BITMAP
-        self._mark_unrestored()
-        self.store.reset(self.store.next_seq)
-        self._transition(state, "journal full")
-        self.feeder.drop_all("pair suspended")
+        self._suspend(self._next(PairInput.JOURNAL_FULL), "journal full")
 
     def _mark_unrestored(self) -> None:
         """Records the secondary has not made durable go to the bitmap before the journal is
@@ -348,20 +452,20 @@ class PrimaryGroup:
                 bitmap.save(_bitmap_path(self.config.data_dir, name))
         self._saver.save_now(self.record)
 
-    def _check_secondary_volumes(self) -> None:
+    def _check_secondary_volumes(self, verb: str) -> None:
         if self.secondary is None:
             raise ControlRefused(
-                "cannot create: no secondary is connected (is secondaryd running, with "
+                f"cannot {verb}: no secondary is connected (is secondaryd running, with "
                 f"primary: pointing at {self.config.replication_listen}?)"
             )
         theirs = {v.name: v.size for v in self.secondary.volumes}
         for volume in self.volumes.values():
             size = theirs.get(volume.name)
             if size is None:
-                raise ControlRefused(f"cannot create: the secondary has no volume {volume.name}")
+                raise ControlRefused(f"cannot {verb}: the secondary has no volume {volume.name}")
             if size != volume.size:
                 raise ControlRefused(
-                    f"cannot create: volume {volume.name} is {volume.size} bytes on the primary "
+                    f"cannot {verb}: volume {volume.name} is {volume.size} bytes on the primary "
                     f"but {size} bytes on the secondary"
                 )
 

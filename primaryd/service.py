@@ -13,7 +13,6 @@ from common.nbd.server import NbdServer
 from common.pairstate import Role
 from common.runmarker import LastStop, mark_running, mark_stopped
 from common.service import (
-    NOT_YET,
     close_volumes,
     event_log,
     load_record,
@@ -44,8 +43,15 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     async def history(args: Mapping[str, Any]) -> Mapping[str, Any]:
         return {"events": events.history()}
 
-    handlers: dict[str, Handler] = {"create": group.create, "display": display, "events": history}
-    handlers |= {verb: not_yet(verb) for verb in NOT_YET}
+    handlers: dict[str, Handler] = {
+        "create": group.create,
+        "split": group.split,
+        "resync": group.resync,
+        "delete": group.delete,
+        "takeover": not_yet("takeover"),
+        "display": display,
+        "events": history,
+    }
     control = ControlServer(config.control, handlers, {"events": lambda args: events.follow()})
     async with asyncio.TaskGroup() as tasks:
         await group.start(tasks)

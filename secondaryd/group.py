@@ -27,9 +27,17 @@ from secondaryd.puller import pull_forever
 
 log = logging.getLogger("journalpair.secondary")
 
-# The primary's view of the pair that the secondary mirrors as is (suspensions are issue-4 work
-# with their own secondary names).
-_MIRRORED = {PairState.SMPL, PairState.COPY, PairState.PAIR, PairState.PFUL}
+# The secondary's name for the state the primary reports (RAID Manager: a split shows PSUS on
+# the primary, SSUS on the secondary).
+_MIRRORED = {
+    PairState.SMPL: PairState.SMPL,
+    PairState.COPY: PairState.COPY,
+    PairState.PAIR: PairState.PAIR,
+    PairState.PFUL: PairState.PFUL,
+    PairState.PSUS: PairState.SSUS,
+    PairState.PFUS: PairState.PFUS,
+    PairState.PSUE: PairState.PSUE,
+}
 
 
 class SecondaryGroup:
@@ -87,8 +95,8 @@ class SecondaryGroup:
         state = _state_named(welcome.state)
         if welcome.generation != self.record.generation and state is not PairState.SMPL:
             await self._new_generation(welcome)
-        if state in _MIRRORED and state is not None:
-            self._mirror(state, f"primary is {state.value}")
+        if state is not None and state in _MIRRORED:
+            self._mirror(_MIRRORED[state], f"primary is {state.value}")
         return self.restored_seq + 1
 
     async def received(self, batch: JournalBatch) -> None:
@@ -103,8 +111,8 @@ class SecondaryGroup:
         self.primary_clock_offset_ns = batch.primary_time_ns - time.time_ns()
         self.copy_done_bytes, self.copy_total_bytes = batch.copy_done_bytes, batch.copy_total_bytes
         state = _state_named(batch.state)
-        if state in _MIRRORED and state is not None:
-            self._mirror(state, f"primary is {state.value}")
+        if state is not None and state in _MIRRORED:
+            self._mirror(_MIRRORED[state], f"primary is {state.value}")
 
     def link(self, up: bool, why: str) -> None:
         # One line per change of state or of reason: a dead primary retried every few

@@ -165,12 +165,11 @@ def test_host_writes_never_wait_for_a_stopped_secondary(daemons: Daemons) -> Non
         assert "journal full" in shown["reason"], shown
         assert shown["bitmap"]["dirty_bytes"] > 0, shown
 
-    # Resumed, the secondary reconnects and learns that the journal it needs is gone; the pair
-    # stays suspended until an operator resyncs (a later feature), never resumes silently.
-    link = wait_until(
-        lambda: told_needs_copy(secondary), 30, "the resumed secondary to be refused", 0.1
-    )
-    assert link["up"] is False, link
+    # Resumed, the secondary learns the pair is suspended (the records it missed are in the
+    # primary's bitmap now); the pair stays PFUS until an operator resyncs, never resumes
+    # silently.
+    wait_until(lambda: display(secondary)["state"] == "PFUS", 30, "the secondary to show PFUS", 0.1)
+    assert display(secondary)["seq"]["applied"] < display(primary)["seq"]["last"]
     shown = display(primary)
     assert shown["state"] == "PFUS" and "journal full" in shown["reason"], shown
     qemu_io(primary.uri(), "write -P 0x77 50M 1M")
