@@ -384,7 +384,7 @@ class PrimaryGroup:
         self.record.copy_end_seq = end_seq
         self._save_record()
         log.info(
-            "initial copy: %d bytes journaled in %.1f s, copy ends at seq %d",
+            "copy: %d bytes journaled in %.1f s, copy ends at seq %d",
             self.copy.total_bytes,
             time.monotonic() - started,
             end_seq,

@@ -1,7 +1,9 @@
 """The replication pipeline, measured: initial copy vs nbdcopy, and lag under a write burst.
 
     content: a volume 25% full of random data (random 1 MiB chunks), made once
-    copy   (per rep, interleaved):  journalpair: fresh primary + secondary, create ─► PAIR
+    copy   (per rep, interleaved):  journalpair: fresh primary + secondary, create ─► PAIR,
+                                                 then split, write 1% in 64 KiB regions,
+                                                 resync ─► PAIR (time, bytes marked)
                                     nbdcopy:     the same image ─► qemu-nbd (fresh target)
     burst  (per rep): paired empty volume; fio 4k randwrite QD32 for --burst-s seconds,
                       display polled every 0.25 s (peak lag); at fio's end: lag entries and
@@ -103,19 +105,57 @@ class Pair:
         return json.loads(out.stdout) if out.returncode == 0 else {}
 
     def create_and_wait(self) -> float:
-        start = time.monotonic()
+        """Seconds from SMPL -> COPY to COPY -> PAIR, by the daemon's event times (pairctl's
+        own start-up, ~0.3 s per call here, is not the copy's)."""
         subprocess.run([BIN / "pairctl", "--config", self.p_cfg, "create"], check=True)
         subprocess.run(
             [BIN / "pairctl", "--config", self.p_cfg, "wait", "PAIR", "--timeout", "600"],
             check=True,
         )
-        return time.monotonic() - start
+        return self.last_copy_s()
+
+    def pairctl(self, *args: str) -> str:
+        return subprocess.run(
+            [BIN / "pairctl", "--config", self.p_cfg, *args],
+            check=True, capture_output=True, text=True,
+        ).stdout  # fmt: skip
+
+    def resync_after_changing(self, fraction: float, size: int) -> dict[str, float]:
+        """split, write `fraction` of the volume in random 64 KiB regions, resync to PAIR."""
+        self.pairctl("split")
+        rng = random.Random(9)
+        regions = rng.sample(range(size // (64 << 10)), int(size * fraction) // (64 << 10))
+        commands: list[str] = []
+        for region in regions:
+            commands += ["-c", f"write -P 0x5c {region * (64 << 10)} 64k"]
+        subprocess.run(
+            ["qemu-io", "-f", "raw", *commands, f"nbd://127.0.0.1:{self.p_nbd}/vol0"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        self.pairctl("resync")
+        self.pairctl("wait", "PAIR", "--timeout", "600")
+        events = [json.loads(e) for e in self.pairctl("events").splitlines()]
+        reason = [e["reason"] for e in events if "resync by operator" in e["reason"]][-1]
+        return {"seconds": self.last_copy_s(), "bytes": int(reason.split(": ")[1].split(" b")[0])}
+
+    def last_copy_s(self) -> float:
+        """From the daemon's own events: the last -> COPY to the next COPY -> PAIR."""
+        events = [json.loads(e) for e in self.pairctl("events").splitlines()]
+        began = [e["time"] for e in events if e["new"] == "COPY"][-1]
+        ended = [e["time"] for e in events if e["old"] == "COPY" and e["new"] == "PAIR"][-1]
+        return _epoch(ended) - _epoch(began)
 
     def stop(self) -> None:
         for proc in self.procs:
             proc.terminate()
         for proc in self.procs:
             proc.wait(timeout=30)
+
+
+def _epoch(iso: str) -> float:
+    import datetime
+
+    return datetime.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 def nbdcopy_time(image: Path, work: Path, size: int) -> float:
@@ -200,7 +240,9 @@ def main() -> int:
     opts = p.parse_args()
     RESULTS.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="pipeline-", dir=RESULTS))
-    results: dict[str, Any] = {"settings": vars(opts), "copy": [], "nbdcopy": [], "burst": []}
+    results: dict[str, Any] = {
+        "settings": vars(opts), "copy": [], "nbdcopy": [], "resync": [], "burst": []
+    }  # fmt: skip
     try:
         image = work / "content.img"
         data = make_content(image, opts.size, opts.fill)
@@ -212,6 +254,7 @@ def main() -> int:
             pair.start()
             try:
                 results["copy"].append(pair.create_and_wait())
+                results["resync"].append(pair.resync_after_changing(0.01, opts.size))
             finally:
                 pair.stop()
             results["nbdcopy"].append(nbdcopy_time(image, rep_dir, opts.size))
@@ -233,6 +276,11 @@ def main() -> int:
     print(f"nbdcopy to qemu-nbd (same image):          {fmt(ref, ' s')}")
     print(f"ratio journalpair/nbdcopy (time, lower is better): "
           f"{statistics.median(copy) / statistics.median(ref):.2f}")  # fmt: skip
+    resync_s = [r["seconds"] for r in results["resync"]]
+    resync_bytes = [r["bytes"] for r in results["resync"]]
+    print(f"resync after changing 1%:  {fmt(resync_s, ' s')}, {fmt(resync_bytes)} bytes")
+    print(f"resync / full initial copy (time): "
+          f"{statistics.median(resync_s) / statistics.median(copy):.3f}")  # fmt: skip
     for key in results["burst"][0]:
         print(f"burst {key:<18} {fmt([b[key] for b in results['burst']])}")
     print(f"raw results: {out}")

@@ -40,10 +40,11 @@ log = logging.getLogger("journalpair.pull")
 BATCH_ENTRIES_MAX = 16384
 BATCH_BYTES_MAX = 16 << 20
 LONG_POLL_MS = 1000
+DESTAGING_POLL_MS = 50
 RECV_BYTES = 1 << 20
 CONNECT_TIMEOUT_S = 5.0
 ANSWER_TIMEOUT_S = 30.0  # a long poll is at most a few seconds; silence beyond this is a dead link
-BACKOFF_MIN_S = 0.2
+BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 5.0
 
 
@@ -68,19 +69,21 @@ class LinkDown(Exception):
 async def pull_forever(primary: Address, sink: PullSink) -> None:
     backoff = BACKOFF_MIN_S
     while True:
+        welcomed: list[bool] = []
         try:
-            await _pull_once(primary, sink)
-            backoff = BACKOFF_MIN_S
+            await _pull_once(primary, sink, welcomed)
         except (OSError, LinkDown, RemoteProtocolError, TimeoutError) as exc:
             sink.link(False, _why(exc))
         except Exception as exc:  # a bad batch, a full restore journal...: not the daemon's end
             log.exception("pulling failed; the link is dropped and retried")
             sink.link(False, f"pulling failed: {type(exc).__name__}: {exc}")
+        if welcomed:  # the link worked: a drop (a new generation, a restart) retries soon
+            backoff = BACKOFF_MIN_S
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, BACKOFF_MAX_S)
 
 
-async def _pull_once(primary: Address, sink: PullSink) -> None:
+async def _pull_once(primary: Address, sink: PullSink, welcomed: list[bool]) -> None:
     # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
     # arrives as the read completes, and the daemon then never stops.
     async with asyncio.timeout(CONNECT_TIMEOUT_S):
@@ -95,11 +98,15 @@ async def _pull_once(primary: Address, sink: PullSink) -> None:
             raise LinkDown(f"primary refused ({answer.code}): {answer.reason}")
         assert isinstance(answer, Welcome)
         from_seq = await sink.welcomed(answer)
+        welcomed.append(True)
         sink.link(True, f"connected to {primary.host}:{primary.port}")
         while True:
             _generation, restored, applied = sink.position()
+            # While the destager works, ask again soon: the primary learns `applied` only from
+            # requests (lag, COPY -> PAIR); when caught up, a long poll costs nothing.
+            wait_ms = LONG_POLL_MS if applied >= from_seq - 1 else DESTAGING_POLL_MS
             request = ReadJournal(
-                from_seq, BATCH_ENTRIES_MAX, BATCH_BYTES_MAX, LONG_POLL_MS, restored, applied
+                from_seq, BATCH_ENTRIES_MAX, BATCH_BYTES_MAX, wait_ms, restored, applied
             )
             writer.write(core.send(request))
             answer = await _next_message(core, reader)
