@@ -18,8 +18,6 @@ from common.volume import Volume
 
 log = logging.getLogger("journalpair")
 
-NOT_YET = ("split", "resync", "delete", "takeover")
-
 
 def open_volumes(config: Config, *, read_only: bool) -> dict[str, Volume]:
     return {

@@ -12,20 +12,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from common.bitmap import DifferenceBitmap
 from common.config import Config
+from common.control import ControlRefused
 from common.events import EventLog
 from common.journal.store import JournalStore
 from common.pairrecord import PairRecord, RecordSaver
-from common.pairstate import PairState, Role
+from common.pairstate import PairInput, PairState, Refused, Role, next_state
 from common.replication.messages import JournalBatch, VolumeDesc, Welcome
 from common.volume import Volume
 from secondaryd.destager import Destager
 from secondaryd.puller import pull_forever
+from secondaryd.writable import BitmapMarker
 
 log = logging.getLogger("journalpair.secondary")
+
+BITMAP_SAVE_S = 1.0
 
 # The secondary's name for the state the primary reports (RAID Manager: a split shows PSUS on
 # the primary, SSUS on the secondary).
@@ -64,6 +69,18 @@ class SecondaryGroup:
         self.copy_done_bytes = 0
         self.copy_total_bytes = 0
         self._syncing: asyncio.Future[None] | None = None
+        (config.data_dir / "bitmaps").mkdir(exist_ok=True)
+        self.bitmaps = {
+            name: DifferenceBitmap.load_or_new(
+                config.data_dir / "bitmaps" / f"{name}.bitmap", v.size
+            )[0]
+            for name, v in volumes.items()
+        }
+        self.marker = BitmapMarker(self.bitmaps)
+        self.on_writable: list[Callable[[BitmapMarker], None]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pulling: asyncio.Task[None] | None = None
+        self._destaging: asyncio.Task[None] | None = None
         self.link_up = False
         self.link_why = "not connected yet"
         self.link_since = time.time()
@@ -71,17 +88,75 @@ class SecondaryGroup:
     def recover(self) -> None:
         self.destager.recover()
 
+    @property
+    def writable(self) -> bool:
+        """Hosts write the S-VOLs (SSWS): no pulling, writes marked in the bitmaps."""
+        return self.record.state is PairState.SSWS
+
     async def run(self, tasks: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
-        """Start destaging and pulling; returns the tasks, for the service to cancel."""
+        """Start destaging and pulling (not in SSWS); returns the tasks, for the service to
+        cancel."""
         assert self.config.primary is not None
-        self.destager.kick()
-        return [
-            tasks.create_task(self.destager.run()),
-            tasks.create_task(pull_forever(self.config.primary, self)),
-        ]
+        self._tasks = [tasks.create_task(self._save_bitmaps_forever())]
+        if not self.writable:
+            self.destager.kick()
+            self._destaging = tasks.create_task(self.destager.run())
+            self._pulling = tasks.create_task(pull_forever(self.config.primary, self))
+            self._tasks += [self._destaging, self._pulling]
+        return self._tasks
+
+    async def takeover(self, args: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The primary site is lost: stop pulling, destage everything restored, and let
+        hosts write the S-VOLs (SSWS). Exit code 2, as HUR's horctakeover for an S-VOL
+        takeover."""
+        if self.link_up:
+            raise ControlRefused(
+                "cannot takeover: the primary answers (a swap takeover is not supported yet); "
+                "split on the primary, or stop it, first"
+            )
+        try:
+            state = next_state(
+                Role.SECONDARY,
+                self.record.state,
+                PairInput.TAKEOVER_SSWS,
+                svol_consistent=self.record.svol_consistent,
+            )
+        except Refused as exc:
+            raise ControlRefused(str(exc)) from None
+        if self._pulling is not None:
+            self._pulling.cancel()
+        while self.destager.applied_seq < self.store.durable_seq and not self.destager.error:
+            self.destager.kick()
+            await asyncio.sleep(0.01)
+        await self.destager.checkpoint()
+        if self._destaging is not None:
+            self._destaging.cancel()
+        applied = self.destager.applied_seq
+        old = self.record.state
+        self.record.state, self.record.reason = state, "takeover: the primary does not answer"
+        self.saver.save_now(self.record)
+        self.events.emit(old.value, state.value, self.record.reason, applied_seq=applied)
+        for hook in self.on_writable:
+            hook(self.marker)
+        return {
+            "message": f"takeover: the S-VOLs are read-write (SSWS), consistent at seq {applied}",
+            "exit_code": 2,
+        }
+
+    async def _save_bitmaps_forever(self) -> None:
+        while True:
+            await asyncio.sleep(BITMAP_SAVE_S)
+            self.save_bitmaps()
+
+    def save_bitmaps(self) -> None:
+        for name, bitmap in self.bitmaps.items():
+            if bitmap.needs_save:
+                bitmap.save(self.config.data_dir / "bitmaps" / f"{name}.bitmap")
 
     async def stop(self) -> None:
-        await self.destager.checkpoint()
+        if not self.writable:
+            await self.destager.checkpoint()
+        self.save_bitmaps()
 
     # -- PullSink -------------------------------------------------------------------------
 
@@ -162,6 +237,7 @@ class SecondaryGroup:
                 "why": self.link_why,
             },
         }
+        result["bitmap"] = {"dirty_bytes": sum(b.dirty_bytes for b in self.bitmaps.values())}
         if self.destager.error:
             result["destage_error"] = self.destager.error
         if self.record.state is PairState.COPY:

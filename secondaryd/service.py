@@ -13,7 +13,6 @@ from common.control import ControlServer, Handler
 from common.nbd.server import NbdServer
 from common.pairstate import Role
 from common.service import (
-    NOT_YET,
     close_volumes,
     event_log,
     load_record,
@@ -34,6 +33,9 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     group = SecondaryGroup(config, volumes, store, record, events)
     group.recover()  # before anything is served: the S-VOLs are an exact prefix again
     nbd = NbdServer(volumes, read_only=True)
+    group.on_writable.append(nbd.set_writable)
+    if group.writable:
+        nbd.set_writable(group.marker)
 
     async def display(args: Mapping[str, Any]) -> Mapping[str, Any]:
         return group.display()
@@ -44,17 +46,18 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     handlers: dict[str, Handler] = {
         "display": display,
         "events": history,
-        "create": not_yet("create"),
+        "takeover": group.takeover,
     }
-    handlers |= {verb: not_yet(verb) for verb in NOT_YET}
+    handlers |= {verb: not_yet(verb) for verb in ("create", "split", "resync", "delete")}
     control = ControlServer(config.control, handlers, {"events": lambda args: events.follow()})
     async with asyncio.TaskGroup() as tasks:
         running = await group.run(tasks)
         host, port = await nbd.start(config.nbd_listen.host, config.nbd_listen.port)
         log.info(
-            "group %s: serving %s read-only over NBD on %s:%d",
+            "group %s: serving %s %s over NBD on %s:%d",
             config.group,
             ", ".join(volumes),
+            "read-write (SSWS)" if group.writable else "read-only",
             host,
             port,
         )

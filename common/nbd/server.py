@@ -8,6 +8,7 @@ others. Replies for one batch of received bytes go out with one writelines.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import Protocol, cast
@@ -332,6 +333,13 @@ class NbdServer:
         self.connections: set[NbdConnection] = set()
         self.pending: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
+
+    def set_writable(self, journal: WriteJournal) -> None:
+        """Hosts may write from now on (takeover): new connections see a writable export,
+        existing ones keep what they negotiated (NBD flags are fixed per connection)."""
+        for export in self.exports.values():
+            export.journal = journal
+            export.info = dataclasses.replace(export.info, read_only=export.volume.read_only)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         loop = asyncio.get_running_loop()

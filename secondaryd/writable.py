@@ -1,0 +1,31 @@
+"""The S-VOLs written by hosts (SSWS): every write marks the secondary's difference bitmap,
+so a later resync knows what this site changed. The NBD WriteJournal hook for that role."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from common.bitmap import DifferenceBitmap
+
+
+class BitmapMarker:
+    def __init__(self, bitmaps: Mapping[str, DifferenceBitmap]) -> None:
+        self.bitmaps = bitmaps
+
+    def wrote(self, volume: str, offset: int, payload: bytes | memoryview) -> None:
+        self.bitmaps[volume].mark(offset, len(payload))
+
+    def trimmed(self, volume: str, offset: int, length: int) -> None:
+        self.bitmaps[volume].mark(offset, length)
+
+    def zeroed(self, volume: str, offset: int, length: int) -> None:
+        self.bitmaps[volume].mark(offset, length)
+
+    def failed(self, volume: str, offset: int, length: int) -> None:
+        self.bitmaps[volume].mark(offset, length)
+
+    def flush_records(self) -> None:
+        """Marks live in memory and are saved every second (SecondaryGroup)."""
+
+    async def sync(self) -> None:
+        """FLUSH on an S-VOL: the volume's own fdatasync is the NBD server's part."""
