@@ -132,9 +132,7 @@ class PrimaryGroup:
             with contextlib.suppress(asyncio.CancelledError, CopyAborted):
                 await self._copy_task
         await self.feeder.stop()
-        for name, bitmap in self.bitmaps.items():
-            if bitmap.needs_save:
-                bitmap.save(_bitmap_path(self.config.data_dir, name))
+        self._save_bitmaps()
 
     # -- pairctl verbs -----------------------------------------------------------------------
 
@@ -329,10 +327,10 @@ class PrimaryGroup:
         than BITMAP_SAVE_S of them (a resync would skip those regions)."""
         while True:
             await asyncio.sleep(BITMAP_SAVE_S)
-            for name, bitmap in self.bitmaps.items():
-                if bitmap.needs_save:
-                    path = _bitmap_path(self.config.data_dir, name)
-                    await asyncio.get_running_loop().run_in_executor(None, bitmap.save, path)
+            # On the loop thread, like every other save: two saves of one file at once (this
+            # in an executor, a transition's on the loop) raced on the same .tmp file. A
+            # bitmap is 2 KiB per GiB; its fsyncs cost a few ms, once a second at most.
+            self._save_bitmaps()
 
     def _new_generation(self, copy_total_bytes: int) -> None:
         """A journal discontinuity the secondary must follow: it drops what it has not
@@ -447,10 +445,13 @@ class PrimaryGroup:
         self.events.emit(old.value, state.value, reason)
 
     def _save_record(self) -> None:
+        self._save_bitmaps()
+        self._saver.save_now(self.record)
+
+    def _save_bitmaps(self) -> None:
         for name, bitmap in self.bitmaps.items():
             if bitmap.needs_save:
                 bitmap.save(_bitmap_path(self.config.data_dir, name))
-        self._saver.save_now(self.record)
 
     def _check_secondary_volumes(self, verb: str) -> None:
         if self.secondary is None:
