@@ -28,6 +28,7 @@ from common.events import EventLog
 from common.journal.store import JournalStore
 from common.pairrecord import PairRecord, RecordSaver
 from common.pairstate import (
+    HIGH_WATER_DEFAULT,
     PairInput,
     PairState,
     Refused,
@@ -56,7 +57,8 @@ log = logging.getLogger("journalpair.primary")
 
 LONG_POLL_MAX_S = 5.0
 BITMAP_SAVE_S = 1.0
-SPLIT_FLUSH_S = 30.0  # how long split waits for the secondary to apply the journal
+SPLIT_FLUSH_S = 30.0
+JOURNAL_WATCH_S = 0.1  # how long split waits for the secondary to apply the journal
 COPY_WINDOW_FRACTION = 0.5  # the copy waits while the journal is fuller than this
 NO_GENERATION = "none"  # Welcome needs a non-empty generation; SMPL has none
 
@@ -87,6 +89,7 @@ class PrimaryGroup:
         self._space_freed: asyncio.Future[None] | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._bitmap_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         self.last_stop = LastStop.CLEAN  # set by the service before start()
         self.secondary: Hello | None = None
         self.link_peer = ""
@@ -100,6 +103,7 @@ class PrimaryGroup:
     async def start(self, tasks: asyncio.TaskGroup) -> None:
         self._tasks = tasks
         self._bitmap_task = tasks.create_task(self._save_bitmaps_forever())
+        self._watch_task = tasks.create_task(self._watch_journal_use())
         listen = self.config.replication_listen
         assert listen is not None, "the config loader requires listen.replication on a primary"
         host, port = await self.feeder.start(listen.host, listen.port)
@@ -125,8 +129,9 @@ class PrimaryGroup:
             self._start_copy(self._bitmap_ranges() if dirty else None)
 
     async def stop(self) -> None:
-        if self._bitmap_task is not None:
-            self._bitmap_task.cancel()
+        for task in (self._bitmap_task, self._watch_task):
+            if task is not None:
+                task.cancel()
         if self._copy_task is not None:
             self._copy_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, CopyAborted):
@@ -321,6 +326,18 @@ class PrimaryGroup:
             self._transition(
                 next_state(Role.PRIMARY, record.state, PairInput.COPY_DONE), "copy done"
             )
+
+    async def _watch_journal_use(self) -> None:
+        """PAIR <-> PFUL around the high-water mark: the operator sees the journal filling up
+        before it is full (PFUS)."""
+        while True:
+            await asyncio.sleep(JOURNAL_WATCH_S)
+            use = self.store.used_bytes / self.store.capacity_bytes
+            state = self.record.state
+            if state is PairState.PAIR and use >= HIGH_WATER_DEFAULT:
+                self._transition(self._next(PairInput.JOURNAL_HIGH), f"journal {use:.0%} full")
+            elif state is PairState.PFUL and use < HIGH_WATER_DEFAULT:
+                self._transition(self._next(PairInput.JOURNAL_LOW), f"journal {use:.0%} full")
 
     async def _save_bitmaps_forever(self) -> None:
         """While suspended, marks go to the bitmaps in memory; a crash must not lose more

@@ -116,3 +116,28 @@ def test_a_full_journal_suspends_then_resync_brings_the_pair_back(daemons: Daemo
     wait_state(primary, "PAIR", 60)
     wait_caught_up(primary)
     assert volumes_equal(primary, secondary)
+
+
+def test_journal_over_the_high_water_mark_is_pful_and_back_under_is_pair(
+    daemons: Daemons,
+) -> None:
+    primary = daemons.prepare("primary", (("vol0", SIZE),))
+    config = primary.config_path.read_text().replace("capacity: 64MiB", "capacity: 16MiB")
+    primary.config_path.write_text(config)
+    primary.start()
+    secondary = daemons.prepare("secondary", (("vol0", SIZE),), primary_port=primary.peer_port)
+    secondary.start()
+    wait_until(lambda: display(primary)["link"]["up"], 15, "the secondary to connect")
+    create_pair(primary, secondary)
+    os.kill(secondary.pid, signal.SIGSTOP)
+    try:
+        qemu_io(primary.uri(), "write -P 0x66 0 14M")  # ~85% of the journal, not full
+        wait_state(primary, "PFUL", 10)
+        assert "full" in display(primary)["reason"]
+    finally:
+        os.kill(secondary.pid, signal.SIGCONT)
+    wait_state(primary, "PAIR", 30)  # drained back under the mark
+    wait_caught_up(primary)
+    assert volumes_equal(primary, secondary)
+    states = [e for e in pairctl(primary, "events").stdout.splitlines() if "PFUL" in e]
+    assert len(states) == 2  # PAIR -> PFUL, PFUL -> PAIR
