@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import crc32c
@@ -310,3 +310,24 @@ class DifferenceBitmap:
             raise BitmapError(f"bitmap file {path}: {exc}") from exc
         bitmap.needs_save = False
         return bitmap, True
+
+
+def bitmap_path(data_dir: Path, volume: str) -> Path:
+    """Where a site keeps a volume's difference bitmap."""
+    return data_dir / "bitmaps" / f"{volume}.bitmap"
+
+
+def load_bitmaps(data_dir: Path, volume_sizes: Mapping[str, int]) -> dict[str, DifferenceBitmap]:
+    """Each volume's bitmap from data_dir (a clean one where none was saved)."""
+    (data_dir / "bitmaps").mkdir(exist_ok=True)
+    return {
+        name: DifferenceBitmap.load_or_new(bitmap_path(data_dir, name), size)[0]
+        for name, size in volume_sizes.items()
+    }
+
+
+def save_bitmaps(data_dir: Path, bitmaps: Mapping[str, DifferenceBitmap]) -> None:
+    """Save the bitmaps that changed. Call from one thread only (they share .tmp names)."""
+    for name, bitmap in bitmaps.items():
+        if bitmap.needs_save:
+            bitmap.save(bitmap_path(data_dir, name))

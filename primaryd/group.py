@@ -18,10 +18,9 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-from common.bitmap import DifferenceBitmap
+from common.bitmap import load_bitmaps, save_bitmaps
 from common.config import Config
 from common.control import ControlRefused
 from common.events import EventLog
@@ -78,10 +77,7 @@ class PrimaryGroup:
         self.record = record
         self.events = events
         self._saver = RecordSaver(config.data_dir)
-        self.bitmaps = {
-            name: DifferenceBitmap.load_or_new(_bitmap_path(config.data_dir, name), v.size)[0]
-            for name, v in volumes.items()
-        }
+        self.bitmaps = load_bitmaps(config.data_dir, {n: v.size for n, v in volumes.items()})
         self.journal = MasterJournal(store, volumes, self.bitmaps, on_full=self._journal_full)
         self.feeder = FeederServer(self)
         self.copy = CopyProgress()
@@ -466,9 +462,7 @@ class PrimaryGroup:
         self._saver.save_now(self.record)
 
     def _save_bitmaps(self) -> None:
-        for name, bitmap in self.bitmaps.items():
-            if bitmap.needs_save:
-                bitmap.save(_bitmap_path(self.config.data_dir, name))
+        save_bitmaps(self.config.data_dir, self.bitmaps)
 
     def _check_secondary_volumes(self, verb: str) -> None:
         if self.secondary is None:
@@ -508,10 +502,6 @@ def _mode_for(state: PairState) -> Mode:
     if journals_writes(state):
         return Mode.JOURNAL
     return Mode.OFF if state is PairState.SMPL else Mode.BITMAP
-
-
-def _bitmap_path(data_dir: Path, volume: str) -> Path:
-    return data_dir / "bitmaps" / f"{volume}.bitmap"
 
 
 def _iso(epoch_s: float) -> str:

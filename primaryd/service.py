@@ -27,7 +27,6 @@ log = logging.getLogger("journalpair")
 
 async def serve(config: Config, stop: asyncio.Event) -> None:
     volumes = open_volumes(config, read_only=False)
-    (config.data_dir / "bitmaps").mkdir(exist_ok=True)
     record = load_record(config, Role.PRIMARY)
     store = open_journal(config.data_dir / "journal", config.journal.capacity)
     events = event_log(config, Role.PRIMARY)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from common.bitmap import DifferenceBitmap
+from common.bitmap import load_bitmaps, save_bitmaps
 from common.config import Config
 from common.control import ControlRefused
 from common.events import EventLog
@@ -69,13 +69,7 @@ class SecondaryGroup:
         self.copy_done_bytes = 0
         self.copy_total_bytes = 0
         self._syncing: asyncio.Future[None] | None = None
-        (config.data_dir / "bitmaps").mkdir(exist_ok=True)
-        self.bitmaps = {
-            name: DifferenceBitmap.load_or_new(
-                config.data_dir / "bitmaps" / f"{name}.bitmap", v.size
-            )[0]
-            for name, v in volumes.items()
-        }
+        self.bitmaps = load_bitmaps(config.data_dir, {n: v.size for n, v in volumes.items()})
         self.marker = BitmapMarker(self.bitmaps)
         self.on_writable: list[Callable[[BitmapMarker], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -149,9 +143,7 @@ class SecondaryGroup:
             self.save_bitmaps()
 
     def save_bitmaps(self) -> None:
-        for name, bitmap in self.bitmaps.items():
-            if bitmap.needs_save:
-                bitmap.save(self.config.data_dir / "bitmaps" / f"{name}.bitmap")
+        save_bitmaps(self.config.data_dir, self.bitmaps)
 
     async def stop(self) -> None:
         if not self.writable:

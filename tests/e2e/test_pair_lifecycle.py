@@ -33,6 +33,19 @@ SIZE = 64 * MiB
 REGION = 64 * KiB
 
 
+def paired_with_journal(daemons: Daemons, capacity: str) -> tuple[Daemon, Daemon]:
+    """A PAIR whose primary has a journal of `capacity` (the configs default to 64MiB)."""
+    primary = daemons.prepare("primary", (("vol0", SIZE),))
+    config = primary.config_path.read_text().replace("capacity: 64MiB", f"capacity: {capacity}")
+    primary.config_path.write_text(config)
+    primary.start()
+    secondary = daemons.prepare("secondary", (("vol0", SIZE),), primary_port=primary.peer_port)
+    secondary.start()
+    wait_until(lambda: display(primary)["link"]["up"], 15, "the secondary to connect")
+    create_pair(primary, secondary)
+    return primary, secondary
+
+
 def volumes_equal(primary: Daemon, secondary: Daemon) -> bool:
     return sha256_file(primary.volume().path) == sha256_file(secondary.volume().path)
 
@@ -97,14 +110,7 @@ def test_delete_returns_both_sides_to_smpl_and_create_starts_over(daemons: Daemo
 
 
 def test_a_full_journal_suspends_then_resync_brings_the_pair_back(daemons: Daemons) -> None:
-    primary = daemons.prepare("primary", (("vol0", SIZE),))
-    config = primary.config_path.read_text().replace("capacity: 64MiB", "capacity: 8MiB")
-    primary.config_path.write_text(config)
-    primary.start()
-    secondary = daemons.prepare("secondary", (("vol0", SIZE),), primary_port=primary.peer_port)
-    secondary.start()
-    wait_until(lambda: display(primary)["link"]["up"], 15, "the secondary to connect")
-    create_pair(primary, secondary)
+    primary, secondary = paired_with_journal(daemons, "8MiB")
     os.kill(secondary.pid, signal.SIGSTOP)
     try:
         qemu_io(primary.uri(), "write -P 0x55 0 16M")  # twice the journal: never fails
@@ -121,14 +127,7 @@ def test_a_full_journal_suspends_then_resync_brings_the_pair_back(daemons: Daemo
 def test_journal_over_the_high_water_mark_is_pful_and_back_under_is_pair(
     daemons: Daemons,
 ) -> None:
-    primary = daemons.prepare("primary", (("vol0", SIZE),))
-    config = primary.config_path.read_text().replace("capacity: 64MiB", "capacity: 16MiB")
-    primary.config_path.write_text(config)
-    primary.start()
-    secondary = daemons.prepare("secondary", (("vol0", SIZE),), primary_port=primary.peer_port)
-    secondary.start()
-    wait_until(lambda: display(primary)["link"]["up"], 15, "the secondary to connect")
-    create_pair(primary, secondary)
+    primary, secondary = paired_with_journal(daemons, "16MiB")
     os.kill(secondary.pid, signal.SIGSTOP)
     try:
         qemu_io(primary.uri(), "write -P 0x66 0 14M")  # ~85% of the journal, not full
