@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from common.config import Config
-from common.control import ControlRefused, Handler
+from common.control import ControlRefused, ControlServer, Handler
 from common.daemon import StartupError
 from common.events import EventLog
 from common.journal.store import JournalCorrupt, JournalStore
@@ -60,7 +60,30 @@ def event_log(config: Config, role: Role) -> EventLog:
     return EventLog(config.data_dir / "events.jsonl", config.group, lambda: role.value)
 
 
-def not_yet(verb: str) -> Handler:
+OPERATIONS = ("create", "split", "resync", "delete", "takeover")
+
+
+def control_server(
+    config: Config,
+    events: EventLog,
+    display: Callable[[], Mapping[str, Any]],
+    operations: Mapping[str, Handler],
+) -> ControlServer:
+    """The control API of either role: display and events, the role's operations, and a
+    clear refusal for every other pairctl operation."""
+
+    async def show(args: Mapping[str, Any]) -> Mapping[str, Any]:
+        return display()
+
+    async def history(args: Mapping[str, Any]) -> Mapping[str, Any]:
+        return {"events": events.history()}
+
+    handlers: dict[str, Handler] = {verb: _not_here(verb) for verb in OPERATIONS}
+    handlers |= {"display": show, "events": history, **operations}
+    return ControlServer(config.control, handlers, {"events": lambda args: events.follow()})
+
+
+def _not_here(verb: str) -> Handler:
     async def refuse(args: Mapping[str, Any]) -> Mapping[str, Any]:
         raise ControlRefused(f"cannot {verb}: not supported by this version yet")
 

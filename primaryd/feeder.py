@@ -18,7 +18,6 @@ from common.replication.messages import (
     JournalBatch,
     ReadJournal,
     Refuse,
-    RefuseCode,
     Welcome,
 )
 from common.replication.protocol import (
@@ -134,7 +133,3 @@ class FeederServer:
         self.drop_all("stopping")
         if self._server is not None:
             await self._server.wait_closed()
-
-
-def refuse(code: RefuseCode, reason: str) -> Refuse:
-    return Refuse(code, reason)

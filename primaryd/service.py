@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
-from typing import Any
 
 from common.config import Config
-from common.control import ControlServer, Handler
 from common.nbd.server import NbdServer
 from common.pairstate import Role
 from common.runmarker import LastStop, mark_running, mark_stopped
 from common.service import (
     close_volumes,
+    control_server,
     event_log,
     load_record,
-    not_yet,
     open_journal,
     open_volumes,
 )
@@ -36,22 +33,13 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         log.warning("the last stop was not clean (%s)", group.last_stop.value)
     nbd = NbdServer(volumes, journal=group.journal)
 
-    async def display(args: Mapping[str, Any]) -> Mapping[str, Any]:
-        return group.display()
-
-    async def history(args: Mapping[str, Any]) -> Mapping[str, Any]:
-        return {"events": events.history()}
-
-    handlers: dict[str, Handler] = {
+    operations = {
         "create": group.create,
         "split": group.split,
         "resync": group.resync,
         "delete": group.delete,
-        "takeover": not_yet("takeover"),
-        "display": display,
-        "events": history,
     }
-    control = ControlServer(config.control, handlers, {"events": lambda args: events.follow()})
+    control = control_server(config, events, group.display, operations)
     async with asyncio.TaskGroup() as tasks:
         await group.start(tasks)
         host, port = await nbd.start(config.nbd_listen.host, config.nbd_listen.port)

@@ -5,18 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
-from typing import Any
 
 from common.config import Config
-from common.control import ControlServer, Handler
 from common.nbd.server import NbdServer
 from common.pairstate import Role
 from common.service import (
     close_volumes,
+    control_server,
     event_log,
     load_record,
-    not_yet,
     open_journal,
     open_volumes,
 )
@@ -37,19 +34,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     if group.writable:
         nbd.set_writable(group.marker)
 
-    async def display(args: Mapping[str, Any]) -> Mapping[str, Any]:
-        return group.display()
-
-    async def history(args: Mapping[str, Any]) -> Mapping[str, Any]:
-        return {"events": events.history()}
-
-    handlers: dict[str, Handler] = {
-        "display": display,
-        "events": history,
-        "takeover": group.takeover,
-    }
-    handlers |= {verb: not_yet(verb) for verb in ("create", "split", "resync", "delete")}
-    control = ControlServer(config.control, handlers, {"events": lambda args: events.follow()})
+    control = control_server(config, events, group.display, {"takeover": group.takeover})
     async with asyncio.TaskGroup() as tasks:
         running = await group.run(tasks)
         host, port = await nbd.start(config.nbd_listen.host, config.nbd_listen.port)
