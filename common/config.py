@@ -13,19 +13,24 @@ for problems with the file itself, the file name. The daemons call both function
 create, open or bind anything, so a bad config never touches disk or ports.
 
 The schema is data: each section is a table of YAML key -> _Key (parser, Config field, required,
-default, roles). To add a key (say ``path_watch_s``), add a row to the table and the field to the
-dataclass it fills.
+default, roles). To add a key (as ``pair.path_watch_s`` was), add a row to the table and the
+field to the dataclass it fills.
 
-Relative paths (data_dir, control, volumes[].path) are resolved against the directory holding the
-config file, not the daemon's working directory, so a config means the same wherever the daemon
-is started from.
+Relative paths (data_dir, control, volumes[].path, and a pair.hook executable given with a
+slash) are resolved against the directory holding the config file, not the daemon's working
+directory, so a config means the same wherever the daemon is started from.
+
+Optional sections (``pair``) take their dataclass's defaults when absent, so Config.pair is
+always there.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
+import shlex
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -39,6 +44,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "JournalConfig",
+    "PairConfig",
     "Role",
     "VolumeConfig",
     "check_volume_files",
@@ -93,6 +99,23 @@ class JournalConfig:
     capacity: int
 
 
+PATH_WATCH_DEFAULT_S = 30.0
+HOOK_TIMEOUT_DEFAULT_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class PairConfig:
+    """The optional ``pair:`` section: link-loss handling and the transition hook."""
+
+    # How long the primary tolerates no READ_JOURNAL before it suspends the pair (PSUE).
+    path_watch_s: float = PATH_WATCH_DEFAULT_S
+    # Resync by itself when the link is back after a PSUE caused by a link failure.
+    auto_resync: bool = False
+    # argv of the command run on every pair state transition; () when there is none.
+    hook: tuple[str, ...] = ()
+    hook_timeout_s: float = HOOK_TIMEOUT_DEFAULT_S
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     source: Path
@@ -105,6 +128,7 @@ class Config:
     control: Path
     journal: JournalConfig
     volumes: tuple[VolumeConfig, ...]
+    pair: PairConfig = PairConfig()
 
 
 # --- value parsers --------------------------------------------------------------------------
@@ -202,6 +226,21 @@ def _parse_volume_size(value: object, key: str) -> int:
     return size
 
 
+def _parse_seconds(value: object, key: str) -> float:
+    """A duration in seconds: a positive, finite int or float (a bool is not a number)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}: expected a number of seconds, got {_type_name(value)}")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{key}: must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _parse_bool(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {_type_name(value)} {value!r}")
+    return value
+
+
 def _parse_journal_capacity(value: object, key: str) -> int:
     capacity = parse_size(value, key)
     if capacity < JOURNAL_CAPACITY_MIN_BYTES:
@@ -258,6 +297,27 @@ def _parse_control(value: object, key: str, ctx: _Context) -> Path:
             f"{key}: socket path {str(path)!r} is too long (max {CONTROL_PATH_MAX_BYTES} bytes)"
         )
     return path
+
+
+def _parse_hook(value: object, key: str, ctx: _Context) -> tuple[str, ...]:
+    """A command line split like a shell would (no shell runs it); null means no hook."""
+    if value is None:
+        return ()
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a command string or null, got {_type_name(value)}")
+    if "\0" in value:
+        raise ConfigError(f"{key}: bad command {value!r} (contains a NUL byte)")
+    try:
+        argv = shlex.split(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: cannot parse command {value!r}: {exc}") from None
+    if not argv:
+        raise ConfigError(f"{key}: empty command {value!r} (use null for no hook)")
+    # Like PATH lookup in a shell: a bare name is searched in PATH, a path is a path.
+    program = Path(argv[0])
+    if "/" in argv[0] and not program.is_absolute():
+        argv[0] = str(ctx.base_dir / program)
+    return tuple(argv)
 
 
 def _section(keys: Mapping[str, _Key], build: Callable[..., object] | None = None) -> _Parser:
@@ -343,6 +403,17 @@ _LISTEN_KEYS: dict[str, _Key] = {
     "replication": _Key(_plain(parse_address), "replication_listen", roles=frozenset({"primary"})),
 }
 
+_PAIR_KEYS: dict[str, _Key] = {
+    "path_watch_s": _Key(
+        _plain(_parse_seconds), "path_watch_s", required=False, default=PATH_WATCH_DEFAULT_S
+    ),
+    "auto_resync": _Key(_plain(_parse_bool), "auto_resync", required=False, default=False),
+    "hook": _Key(_parse_hook, "hook", required=False, default=()),
+    "hook_timeout_s": _Key(
+        _plain(_parse_seconds), "hook_timeout_s", required=False, default=HOOK_TIMEOUT_DEFAULT_S
+    ),
+}
+
 _TOP_KEYS: dict[str, _Key] = {
     "role": _Key(_plain(_parse_role), "role"),
     "group": _Key(_plain(_parse_name), "group"),
@@ -352,6 +423,7 @@ _TOP_KEYS: dict[str, _Key] = {
     "control": _Key(_parse_control, "control"),
     "journal": _Key(_section(_JOURNAL_KEYS, JournalConfig), "journal"),
     "volumes": _Key(_parse_volumes, "volumes"),
+    "pair": _Key(_section(_PAIR_KEYS, PairConfig), "pair", required=False, default=PairConfig()),
 }
 
 

@@ -13,6 +13,7 @@ from common.config import (
     Config,
     ConfigError,
     JournalConfig,
+    PairConfig,
     VolumeConfig,
     check_volume_files,
     load_config,
@@ -99,6 +100,7 @@ def test_primary_config_parses_to_values_with_relative_paths_under_config_dir(
             VolumeConfig("vol0", tmp_path / "data" / "vol0.img", GiB),
             VolumeConfig("vol1", Path("/abs/vol1.img"), 256 * MiB),
         ),
+        pair=PairConfig(path_watch_s=30.0, auto_resync=False, hook=(), hook_timeout_s=30.0),
     )
 
 
@@ -142,6 +144,7 @@ def test_shipped_configs_load(name: str) -> None:
     assert config.journal.capacity == GiB
     assert [(v.name, v.size) for v in config.volumes] == [("vol0", GiB), ("vol1", 256 * MiB)]
     assert all(v.path.parent == config.data_dir for v in config.volumes)
+    assert config.pair == PairConfig()  # the example pair section is commented out
 
 
 def test_shipped_configs_fit_together() -> None:
@@ -386,6 +389,112 @@ def test_port_zero_listeners_may_share_an_address(tmp_path: Path) -> None:
 def test_control_socket_path_too_long(tmp_path: Path) -> None:
     text = edit(PRIMARY, "/run/journalpair/primary.sock", "/run/" + "s" * 120 + ".sock")
     assert error_of(tmp_path, text).startswith("control: socket path")
+
+
+# --- the optional pair section ------------------------------------------------------------
+
+
+def with_pair(text: str, pair: str) -> str:
+    return text + "pair:\n" + textwrap.indent(textwrap.dedent(pair), "  ")
+
+
+@pytest.mark.parametrize("base", [PRIMARY, SECONDARY])
+def test_pair_section_is_optional_with_defaults(tmp_path: Path, base: str) -> None:
+    pair = load_text(tmp_path, base).pair
+    assert pair == PairConfig()
+    assert (pair.path_watch_s, pair.auto_resync, pair.hook, pair.hook_timeout_s) == (
+        30.0,
+        False,
+        (),
+        30.0,
+    )
+    assert load_text(tmp_path, base + "pair: {}\n").pair == PairConfig()
+
+
+@pytest.mark.parametrize("base", [PRIMARY, SECONDARY])
+def test_pair_section_parses_for_both_roles(tmp_path: Path, base: str) -> None:
+    pair = """\
+        path_watch_s: 2.5
+        auto_resync: true
+        hook: "hooks/notify.sh --to 'ops team' -v"
+        hook_timeout_s: 5
+    """
+    config = load_text(tmp_path, with_pair(base, pair))
+    assert config.pair == PairConfig(
+        path_watch_s=2.5,
+        auto_resync=True,
+        hook=(str(tmp_path / "hooks" / "notify.sh"), "--to", "ops team", "-v"),
+        hook_timeout_s=5.0,
+    )
+    assert isinstance(config.pair.hook_timeout_s, float)
+
+
+@pytest.mark.parametrize(
+    ("hook", "argv"),
+    [
+        ("logger -t journalpair", ("logger", "-t", "journalpair")),  # a bare name: PATH lookup
+        ("/usr/local/bin/jp-hook x", ("/usr/local/bin/jp-hook", "x")),
+        ("./jp-hook", ("{dir}/jp-hook",)),
+        ("../bin/jp-hook", ("{dir}/../bin/jp-hook",)),
+        ("bin/jp-hook ./arg", ("{dir}/bin/jp-hook", "./arg")),  # only the program is resolved
+        ("\"sh -c 'echo $JP_NEW_STATE'\"", ("sh", "-c", "echo $JP_NEW_STATE")),  # no expansion
+        ("null", ()),
+        ("~", ()),
+    ],
+)
+def test_pair_hook_is_split_and_relative_paths_resolved(
+    tmp_path: Path, hook: str, argv: tuple[str, ...]
+) -> None:
+    config = load_text(tmp_path, with_pair(PRIMARY, f"hook: {hook}\n"))
+    assert config.pair.hook == tuple(arg.replace("{dir}", str(tmp_path)) for arg in argv)
+
+
+@pytest.mark.parametrize(
+    ("pair", "expected"),
+    [
+        ("colour: red", "pair.colour: unknown key"),
+        ("path_watch: 30", "pair.path_watch: unknown key"),
+        # numbers of seconds
+        ("path_watch_s: '30'", "pair.path_watch_s: expected a number of seconds, got string"),
+        ("path_watch_s: 30s", "pair.path_watch_s: expected a number of seconds, got string"),
+        ("path_watch_s: true", "pair.path_watch_s: expected a number of seconds, got boolean"),
+        ("path_watch_s:", "pair.path_watch_s: expected a number of seconds, got null"),
+        ("path_watch_s: [30]", "pair.path_watch_s: expected a number of seconds, got list"),
+        ("path_watch_s: 0", "pair.path_watch_s: must be a positive number of seconds, got 0"),
+        ("path_watch_s: -5", "pair.path_watch_s: must be a positive number of seconds, got -5"),
+        ("path_watch_s: -0.5", "pair.path_watch_s: must be a positive number"),
+        ("path_watch_s: .inf", "pair.path_watch_s: must be a positive number"),
+        ("path_watch_s: .nan", "pair.path_watch_s: must be a positive number"),
+        ("hook_timeout_s: -1", "pair.hook_timeout_s: must be a positive number of seconds"),
+        ("hook_timeout_s: 0.0", "pair.hook_timeout_s: must be a positive number of seconds"),
+        ("hook_timeout_s: 'ten'", "pair.hook_timeout_s: expected a number of seconds"),
+        # booleans, also when given as strings
+        ("auto_resync: 'true'", "pair.auto_resync: expected true or false, got string 'true'"),
+        ("auto_resync: 'yes'", "pair.auto_resync: expected true or false, got string 'yes'"),
+        ("auto_resync: 'false'", "pair.auto_resync: expected true or false, got string"),
+        ("auto_resync: 1", "pair.auto_resync: expected true or false, got integer 1"),
+        ("auto_resync:", "pair.auto_resync: expected true or false, got null"),
+        # the hook command
+        ("hook: ''", "pair.hook: empty command ''"),
+        ("hook: '   '", "pair.hook: empty command"),
+        ('hook: "notify \'unclosed"', "pair.hook: cannot parse command"),
+        ("hook: 5", "pair.hook: expected a command string or null, got integer"),
+        ("hook: [notify, x]", "pair.hook: expected a command string or null, got list"),
+        ("hook: true", "pair.hook: expected a command string or null, got boolean"),
+        ('hook: "a\\0b"', "pair.hook: bad command"),
+    ],
+)
+def test_pair_errors_name_the_key(tmp_path: Path, pair: str, expected: str) -> None:
+    message = error_of(tmp_path, with_pair(SECONDARY, pair + "\n"))
+    assert message.startswith(expected), message
+
+
+@pytest.mark.parametrize(
+    ("value", "got"), [("5", "integer"), ("[a]", "list"), ("", "null"), ("on", "boolean")]
+)
+def test_pair_section_must_be_a_mapping(tmp_path: Path, value: str, got: str) -> None:
+    message = error_of(tmp_path, PRIMARY + f"pair: {value}\n")
+    assert message.startswith(f"pair: expected a mapping, got {got}"), message
 
 
 # --- file-level errors ------------------------------------------------------------------------
