@@ -4,7 +4,8 @@
         │ {"time", "group", "role", "old", "new", "reason", **extra}
         ├─► events.log: one appended JSON line (rotated to events.log.1 past max_bytes)
         ├─► log INFO  "group=jg0 role=primary PAIR -> PSUS: split by operator"
-        └─► every follower's bounded queue (full: the oldest is dropped and counted)
+        ├─► every follower's bounded queue (full: the oldest is dropped and counted)
+        └─► every listener (add_listener), e.g. the pair.hook runner's submit()
 
     history(limit)  ◄── last lines of events.log.1 + events.log (corrupt lines skipped)
     follow()        ──► async iterator of new events ("dropped": n after a gap)
@@ -15,7 +16,8 @@ so a full disk cannot stop a transition that was already persisted.
 
 A follower that does not keep up (a stalled `pairctl events --follow`) loses the oldest events
 rather than holding memory or the emitter: its queue is bounded, and the next event it gets
-says how many it missed.
+says how many it missed. A listener is called synchronously on the loop thread and must return
+at once; one that raises is logged and skipped, never turned into a failed transition.
 """
 
 from __future__ import annotations
@@ -83,11 +85,16 @@ class EventLog:
         self._max_bytes = max_bytes
         self._queue_max = queue_max
         self._followers: set[_Follower] = set()
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
 
     @property
     def followers(self) -> int:
         """How many iterators from follow() are open."""
         return len(self._followers)
+
+    def add_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``listener(event)`` after each event is written, in emit order."""
+        self._listeners.append(listener)
 
     def emit(self, old: str, new: str, reason: str, **extra: Any) -> dict[str, Any]:
         """Record the transition old -> new; returns the event as written and delivered."""
@@ -108,6 +115,11 @@ class EventLog:
         log.info("group=%s role=%s %s -> %s: %s", self.group, role, old, new, reason)
         for follower in self._followers:
             follower.offer(event)
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:  # the transition is persisted already; it must not fail here
+                log.exception("event listener %r failed on %s -> %s", listener, old, new)
         return event
 
     def _append(self, line: str) -> None:

@@ -166,3 +166,36 @@ async def test_slow_follower_loses_the_oldest_and_is_told_how_many(tmp_path: Pat
     assert events.followers == 0
     # The file has every event, whatever the followers lost.
     assert len(events.history()) == 9
+
+
+def test_listeners_get_each_event_after_it_is_written(tmp_path: Path) -> None:
+    events = make_log(tmp_path)
+    seen: list[tuple[str, int]] = []
+
+    def listener(event: dict[str, Any]) -> None:
+        written = len((tmp_path / "events.log").read_text().splitlines())
+        seen.append((event["reason"], written))
+
+    events.add_listener(listener)
+    for reason in ("a", "b", "c"):
+        events.emit("PAIR", "PAIR", reason)
+    assert seen == [("a", 1), ("b", 2), ("c", 3)]
+
+
+def test_a_failing_listener_is_logged_and_does_not_fail_the_transition(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    events = make_log(tmp_path)
+    after: list[str] = []
+
+    def broken(event: dict[str, Any]) -> None:
+        raise RuntimeError("listener bug")
+
+    events.add_listener(broken)
+    events.add_listener(lambda event: after.append(event["new"]))
+    with caplog.at_level(logging.ERROR, logger="journalpair.events"):
+        event = events.emit("PAIR", "PSUE", "link lost")
+    assert event["new"] == "PSUE"
+    assert after == ["PSUE"]  # the next listener still ran
+    assert "failed on PAIR -> PSUE" in caplog.text and "listener bug" in caplog.text
+    assert [e["new"] for e in events.history()] == ["PSUE"]
