@@ -11,6 +11,7 @@ from common.config import Config
 from common.control import ControlRefused, ControlServer, Handler
 from common.daemon import StartupError
 from common.events import EventLog
+from common.hooks import HookRunner
 from common.journal.store import JournalCorrupt, JournalStore
 from common.pairrecord import PairRecord, PairRecordError
 from common.pairstate import Role
@@ -58,6 +59,20 @@ def open_journal(directory: Path, capacity_bytes: int) -> JournalStore:
 
 def event_log(config: Config, role: Role) -> EventLog:
     return EventLog(config.data_dir / "events.jsonl", config.group, lambda: role.value)
+
+
+def hook_runner(config: Config, events: EventLog, role: Role) -> HookRunner | None:
+    """The pair.hook runner, fed every event of ``events``; None when no hook is configured.
+
+    Made before the group so that transitions emitted while it recovers (before the TaskGroup
+    runs the worker) are queued, not lost."""
+    if not config.pair.hook:
+        return None
+    runner = HookRunner(
+        config.pair.hook, config.pair.hook_timeout_s, group=config.group, role=role.value
+    )
+    events.add_listener(runner.submit)
+    return runner
 
 
 OPERATIONS = ("create", "split", "resync", "delete", "takeover")

@@ -13,6 +13,7 @@ from common.service import (
     close_volumes,
     control_server,
     event_log,
+    hook_runner,
     load_record,
     open_journal,
     open_volumes,
@@ -27,6 +28,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     record = load_record(config, Role.PRIMARY)
     store = open_journal(config.data_dir / "journal", config.journal.capacity)
     events = event_log(config, Role.PRIMARY)
+    hooks = hook_runner(config, events, Role.PRIMARY)
     group = PrimaryGroup(config, volumes, store, record, events)
     group.last_stop = mark_running(config.data_dir)
     if group.last_stop is not LastStop.CLEAN:
@@ -41,6 +43,8 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     }
     control = control_server(config, events, group.display, operations)
     async with asyncio.TaskGroup() as tasks:
+        if hooks is not None:
+            hooks.start(tasks)
         await group.start(tasks)
         host, port = await nbd.start(config.nbd_listen.host, config.nbd_listen.port)
         log.info(
@@ -52,6 +56,8 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         await nbd.stop()
         await control.stop()
         await group.stop()
+        if hooks is not None:
+            await hooks.stop()  # after the group's last transition
     group.journal.flush_records()
     store.prepare_sync().run()
     store.close()

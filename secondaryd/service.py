@@ -13,6 +13,7 @@ from common.service import (
     close_volumes,
     control_server,
     event_log,
+    hook_runner,
     load_record,
     open_journal,
     open_volumes,
@@ -27,6 +28,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     record = load_record(config, Role.SECONDARY)
     store = open_journal(config.data_dir / "restore", config.journal.capacity)
     events = event_log(config, Role.SECONDARY)
+    hooks = hook_runner(config, events, Role.SECONDARY)
     group = SecondaryGroup(config, volumes, store, record, events)
     group.recover()  # before anything is served: the S-VOLs are an exact prefix again
     nbd = NbdServer(volumes, read_only=True)
@@ -36,6 +38,8 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
 
     control = control_server(config, events, group.display, {"takeover": group.takeover})
     async with asyncio.TaskGroup() as tasks:
+        if hooks is not None:
+            hooks.start(tasks)
         running = await group.run(tasks)
         host, port = await nbd.start(config.nbd_listen.host, config.nbd_listen.port)
         log.info(
@@ -57,5 +61,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         await nbd.stop()
         await control.stop()
         await group.stop()
+        if hooks is not None:
+            await hooks.stop()  # after the group's last transition
     store.close()
     close_volumes(volumes)

@@ -26,7 +26,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -305,8 +305,11 @@ def config_text(
     control: Path,
     volumes: Iterable[Volume],
     journal_capacity: str = "64MiB",
+    pair: Mapping[str, Any] | None = None,
 ) -> str:
-    """A config in the ARCHITECTURE.md contract; ``peer_port`` is replication or primary."""
+    """A config in the ARCHITECTURE.md contract; ``peer_port`` is replication or primary.
+
+    ``pair`` becomes the optional ``pair:`` section, written as a JSON mapping (JSON is YAML)."""
     lines = [
         f"role: {role}",
         "group: jg0",
@@ -320,6 +323,8 @@ def config_text(
         lines.append(f"primary: {HOST}:{peer_port}")
     lines += [f"control: {control}", "journal:", f"  capacity: {journal_capacity}", "volumes:"]
     lines += [f"  - {{name: {v.name}, path: {v.path}, size: {v.size}}}" for v in volumes]
+    if pair is not None:
+        lines.append(f"pair: {json.dumps(dict(pair))}")
     return "\n".join(lines) + "\n"
 
 
@@ -336,6 +341,7 @@ class Daemons:
         volumes: Sequence[tuple[str, int]] = (("vol0", 64 * MiB),),
         name: str | None = None,
         primary_port: int | None = None,
+        pair: Mapping[str, Any] | None = None,
     ) -> Daemon:
         """Write the config (fresh ports, paths under tmp_path) without starting anything."""
         name = name or f"{role}{sum(d.role == role for d in self.started) or ''}"
@@ -353,6 +359,7 @@ class Daemons:
                 peer_port=peer_port,
                 control=site / f"{role}.sock",
                 volumes=vols.values(),
+                pair=pair,
             )
         )
         daemon = Daemon(name, role, config_path, site / f"{name}.log", nbd_port, vols, peer_port)
