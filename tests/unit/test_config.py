@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import textwrap
 from pathlib import Path
 
@@ -145,6 +146,17 @@ def test_shipped_configs_load(name: str) -> None:
     assert [(v.name, v.size) for v in config.volumes] == [("vol0", GiB), ("vol1", 256 * MiB)]
     assert all(v.path.parent == config.data_dir for v in config.volumes)
     assert config.pair == PairConfig()  # the example pair section is commented out
+
+
+@pytest.mark.parametrize("name", ["primary.yaml", "secondary.yaml"])
+def test_shipped_pair_example_loads_when_uncommented(name: str, tmp_path: Path) -> None:
+    text = (REPO / "configs" / name).read_text()
+    assert "\n#pair:\n" in text
+    text = text.replace("\n#pair:\n", "\npair:\n")
+    text = re.sub(r"^#  ([a-z_]+:)", r"  \1", text, flags=re.MULTILINE)
+    pair = load_text(tmp_path, text).pair
+    site = "a" if name == "primary.yaml" else "b"
+    assert pair == PairConfig(30.0, False, ("/usr/local/sbin/jp-notify", "--site", site), 30.0)
 
 
 def test_shipped_configs_fit_together() -> None:
