@@ -183,6 +183,7 @@ async def _operate(control: Path, args: argparse.Namespace) -> int:
         verb_args["rw"] = args.rw
     elif args.verb == "resync":
         verb_args["swap"] = args.swap
+        verb_args["discard_secondary"] = args.discard_secondary
     result = await call(control, args.verb, verb_args, timeout_s=OPERATION_TIMEOUT_S)
     _print_message(result)
     return EXIT_OK
@@ -351,6 +352,12 @@ def _parser() -> argparse.ArgumentParser:
     split.add_argument("--rw", action="store_true", help="make the S-VOL writable (SSWS)")
     resync = verb("resync", "resume a suspended pair, copying only what changed")
     resync.add_argument("--swap", action="store_true", help="reverse the copy direction")
+    resync.add_argument(
+        "--discard-secondary",
+        action="store_true",
+        help="after a split brain (both sites written while split): the primary wins, the "
+        "secondary's writes are overwritten",
+    )
     verb("delete", "dissolve the pair: SMPL on both sides")
     verb(
         "takeover",

@@ -39,6 +39,11 @@ class PairRecord:
     # to destage_intent_seq may be partly applied (recovery re-applies them before serving).
     applied_seq: int = 0
     destage_intent_seq: int = 0
+    # Primary: the last split was `split --rw` (the secondary shows SSWS, hosts write there).
+    svol_writable: bool = False
+    # Hosts wrote this site's volumes while the pair was split (primary: suspended; secondary:
+    # SSWS). Both sites written is a split brain: resync then needs to be told who wins.
+    written_while_split: bool = False
 
     @classmethod
     def load(cls, data_dir: Path, role: Role) -> PairRecord:

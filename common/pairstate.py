@@ -47,6 +47,7 @@ __all__ = [
     "journals_writes",
     "next_state",
     "render_markdown",
+    "secondary_view",
     "verb",
 ]
 
@@ -246,6 +247,21 @@ def journals_writes(state: PairState) -> bool:
 def host_writable(role: Role, state: PairState) -> bool:
     """Whether hosts may write this site's volumes: a P-VOL always, an S-VOL in SMPL or SSWS."""
     return role is Role.PRIMARY or state in (PairState.SMPL, PairState.SSWS)
+
+
+# The secondary's name for the primary's state (RAID Manager: a split shows PSUS on the primary,
+# SSUS on the secondary).
+_SECONDARY_VIEW: Mapping[PairState, PairState] = MappingProxyType(
+    {PairState.PSUS: PairState.SSUS, PairState.SSUS: PairState.SSUS, PairState.SSWS: PairState.SSWS}
+)
+
+
+def secondary_view(primary_state: PairState, *, svol_writable: bool = False) -> PairState:
+    """The state the secondary shows for the primary's state: SSUS for PSUS, or SSWS when the
+    split was `split --rw`; the other states have the same name on both sides."""
+    if primary_state is PairState.PSUS and svol_writable:
+        return PairState.SSWS
+    return _SECONDARY_VIEW.get(primary_state, primary_state)
 
 
 def render_markdown() -> str:

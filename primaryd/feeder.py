@@ -1,8 +1,9 @@
 """Serves read-journal requests: a thin asyncio adapter over the replication core.
 
-    secondary ── Hello ──────────► group.welcome()      ──► Welcome | Refuse
-              ── ReadJournal ────► group.read_journal() ──► JournalBatch (now, or after a
-                                                            bounded long poll) | Refuse
+    secondary ── Hello ──────────► group.welcome()       ──► Welcome | Refuse
+              ── ReadJournal ────► group.read_journal()  ──► JournalBatch (now, or after a
+                                                             bounded long poll) | Refuse
+              ── ReportBitmap ───► group.report_bitmap() ──► BitmapTaken | Refuse
 One request is outstanding at a time (the core enforces it), so one task per connection
 answers it. A peer that breaks the protocol is logged and dropped; others carry on.
 """
@@ -14,10 +15,12 @@ import logging
 from typing import Protocol, cast
 
 from common.replication.messages import (
+    BitmapTaken,
     Hello,
     JournalBatch,
     ReadJournal,
     Refuse,
+    ReportBitmap,
     Welcome,
 )
 from common.replication.protocol import (
@@ -35,6 +38,7 @@ log = logging.getLogger("journalpair.feeder")
 class JournalSource(Protocol):
     def welcome(self, hello: Hello, peer: str) -> Welcome | Refuse: ...
     async def read_journal(self, request: ReadJournal) -> JournalBatch | Refuse: ...
+    def report_bitmap(self, report: ReportBitmap) -> BitmapTaken | Refuse: ...
     def link_closed(self, peer: str) -> None: ...
 
 
@@ -94,6 +98,12 @@ class FeederConnection(asyncio.Protocol):
                     self.close()
             elif isinstance(event, ReadJournal):
                 self._answering = asyncio.get_running_loop().create_task(self._answer(event))
+            elif isinstance(event, ReportBitmap):
+                taken = self._server.source.report_bitmap(event)
+                self._send(taken)
+                if isinstance(taken, Refuse):
+                    log.warning("refused secondary %s: %s", self.peer, taken.reason)
+                    self.close()
 
     async def _answer(self, request: ReadJournal) -> None:
         answer = await self._server.source.read_journal(request)
@@ -104,7 +114,7 @@ class FeederConnection(asyncio.Protocol):
             log.warning("refused secondary %s: %s", self.peer, answer.reason)
             self.close()
 
-    def _send(self, message: Welcome | Refuse | JournalBatch) -> None:
+    def _send(self, message: Welcome | Refuse | JournalBatch | BitmapTaken) -> None:
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(self._core.send(message))
 

@@ -1,8 +1,11 @@
 """The primary side of one journal group: pair state, master journal, copy, read-journal.
 
-    pairctl create ─► check secondary + volume sizes ─► persist COPY (new generation)
-                   ─► drop the link (the secondary says Hello again and resets)
-                   ─► copier: base journal ─► last base seq = copy end
+    pairctl create ─► check secondary + volume sizes ─► mark every region ─► persist COPY
+                   (new generation) ─► drop the link (the secondary says Hello again, resets)
+    pairctl resync ─► persist COPY (new generation) ─► drop the link
+    Hello ─► Welcome ◄─ ReportBitmap per volume: merged into ours, persisted, BitmapTaken
+                   ─► every volume reported in this generation: the copier journals the
+                      marked regions (the union of both sides' bitmaps) ─► copy end
     READ_JOURNAL(from, restored, applied) ─► release ≤ restored ─► batch (or long poll)
                    applied ≥ copy end ─► persist PAIR
     journal full ─► PFUS: host writes go to the bitmap (never fail)
@@ -20,7 +23,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from common.bitmap import load_bitmaps, save_bitmaps
+from common.bitmap import BitmapError, DifferenceBitmap, load_bitmaps, save_bitmaps
 from common.config import Config
 from common.control import ControlRefused
 from common.events import EventLog
@@ -35,14 +38,17 @@ from common.pairstate import (
     is_suspended,
     journals_writes,
     next_state,
+    secondary_view,
 )
 from common.replication.messages import (
     PROTOCOL_VERSION,
+    BitmapTaken,
     Hello,
     JournalBatch,
     ReadJournal,
     Refuse,
     RefuseCode,
+    ReportBitmap,
     VolumeDesc,
     Welcome,
 )
@@ -92,6 +98,10 @@ class PrimaryGroup:
         self.link_since = time.time()
         self.restored_seq = 0
         self.applied_seq = 0
+        self.peer_state = ""  # the secondary's state, as its last Hello said
+        self.peer_written = False  # hosts wrote the S-VOLs while SSWS (its last Hello)
+        self._reported: set[str] = set()  # volumes whose bitmap came in this generation
+        self._all_reported = asyncio.Event()
         self.journal.mode = _mode_for(record.state)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -117,12 +127,13 @@ class PrimaryGroup:
         elif not self.journal.check_tail():
             log.warning("the last stop was unclean: writes of its last batch were re-sent")
         if self.record.state is PairState.COPY and self.record.copy_end_seq == 0:
-            # A resync leaves its regions marked until journaled; an initial copy has none.
-            dirty = any(b.dirty_regions for b in self.bitmaps.values())
+            # The regions still to copy are still marked: they are cleared once journaled.
             log.info(
-                "restarting the %s interrupted by the last stop", "resync" if dirty else "copy"
+                "the copy was interrupted by the last stop: %d bytes left to copy once the "
+                "secondary has reported its bitmaps",
+                self._dirty_bytes(),
             )
-            self._start_copy(self._bitmap_ranges() if dirty else None)
+            self._start_copy()
 
     async def stop(self) -> None:
         for task in (self._bitmap_task, self._watch_task):
@@ -141,51 +152,60 @@ class PrimaryGroup:
         state = self._next(PairInput.CREATE)
         self._check_secondary_volumes("create")
         for bitmap in self.bitmaps.values():
-            bitmap.clear_all()
-        self._new_generation(sum(v.size for v in self.volumes.values()))
+            bitmap.mark_all()  # the initial copy is a resync of everything
+        self._new_generation(self._dirty_bytes())
         self._transition(state, "create by operator")
         self.feeder.drop_all("new pair generation")
-        self._start_copy(None)
+        self._start_copy()
         return {"message": f"pair {self.config.group}: COPY started"}
 
     async def split(self, args: Mapping[str, Any]) -> Mapping[str, Any]:
         """PAIR -> PSUS: from now on writes go to the bitmap; the journal up to here is
         flushed to the secondary first, so the S-VOL is consistent at the split point."""
-        if args.get("rw"):
-            raise ControlRefused("cannot split --rw: not supported by this version yet")
-        state = self._next(PairInput.SPLIT)
+        rw = bool(args.get("rw"))
+        state = self._next(PairInput.SPLIT_RW if rw else PairInput.SPLIT)
         if self._copy_task is not None:
             self._copy_task.cancel()
         split_seq = self.store.last_seq
         self.journal.mode = Mode.BITMAP  # the split point: later writes are marked
         flushed = await self._wait_applied(split_seq, SPLIT_FLUSH_S)
-        reason = "split by operator"
+        reason = "split --rw by operator" if rw else "split by operator"
         if not flushed:
             reason += f" (journal not flushed past seq {self.applied_seq}: link down or slow)"
+        self.record.svol_writable = rw
         self._suspend(state, reason)
-        return {
-            "message": f"pair {self.config.group}: PSUS at seq {split_seq}"
-            + (
-                ""
-                if flushed
-                else f"; the secondary applied only up to {self.applied_seq}, "
-                "the rest is in the bitmap"
+        message = f"pair {self.config.group}: PSUS at seq {split_seq}"
+        if not flushed:
+            message += (
+                f"; the secondary applied only up to {self.applied_seq}, the rest is in the bitmap"
             )
-        }
+        if rw:
+            message += "; the secondary turns SSWS (writable) when it hears of it"
+        return {"message": message}
 
     async def resync(self, args: Mapping[str, Any]) -> Mapping[str, Any]:
         """PSUS/PSUE/PFUS -> COPY -> PAIR, copying only the regions the bitmaps mark."""
         if args.get("swap"):
-            raise ControlRefused("cannot resync --swap: not supported by this version yet")
+            raise ControlRefused(
+                "cannot resync --swap on the primary: run it on the secondary (SSWS), "
+                "which becomes the primary"
+            )
         state = self._next(PairInput.RESYNC)
         self._check_secondary_volumes("resync")
-        ranges = self._bitmap_ranges()
-        total = sum(length for runs in ranges.values() for _, length in runs)
-        self._new_generation(total)
-        self._transition(state, f"resync by operator: {total} bytes marked")
+        discard = bool(args.get("discard_secondary"))
+        self._check_split_brain(discard)
+        marked = self._dirty_bytes()
+        self._new_generation(marked)
+        reason = f"resync by operator: {marked} bytes marked here"
+        if self.peer_written:
+            reason += "; the secondary's writes while SSWS are overwritten"
+        self._transition(state, reason)
         self.feeder.drop_all("resync: new journal generation")
-        self._start_copy(ranges)
-        return {"message": f"pair {self.config.group}: COPY started, {total} bytes to copy"}
+        self._start_copy()
+        return {
+            "message": f"pair {self.config.group}: COPY started, {marked} bytes marked here, "
+            "plus what the secondary reports"
+        }
 
     async def delete(self, args: Mapping[str, Any]) -> Mapping[str, Any]:
         state = self._next(PairInput.DELETE)
@@ -196,6 +216,7 @@ class PrimaryGroup:
             bitmap.clear_all()
         self.record.generation = ""
         self.record.svol_consistent = False
+        self.record.svol_writable = self.record.written_while_split = False
         self._transition(state, "delete by operator")
         self.feeder.drop_all("pair deleted")
         return {"message": f"pair {self.config.group}: deleted (SMPL)"}
@@ -231,7 +252,10 @@ class PrimaryGroup:
                 "peer": self.link_peer,
                 "since": _iso(self.link_since),
             },
-            "bitmap": {"dirty_bytes": sum(b.dirty_bytes for b in self.bitmaps.values())},
+            "bitmap": {"dirty_bytes": self._dirty_bytes()},
+            "peer": {"state": self.peer_state, "written_while_split": self.peer_written},
+            "written_while_split": self.record.written_while_split,
+            "split_brain": self._split_brain(),
         }
         if self.record.state is PairState.COPY:
             result["copy"] = {
@@ -253,6 +277,22 @@ class PrimaryGroup:
         self.secondary = hello
         self.link_peer, self.link_since = peer, time.time()
         self.restored_seq, self.applied_seq = hello.restored_seq, hello.applied_seq
+        self.peer_state, self.peer_written = hello.state, hello.svol_written
+        if (
+            hello.state == PairState.SSWS.value
+            and hello.generation == self.record.generation
+            and journals_writes(self.record.state)
+        ):
+            # It took over while this site was cut off: our journal no longer reaches it.
+            self._suspend(
+                next_state(Role.PRIMARY, self.record.state, PairInput.LINK_LOST),
+                "the secondary took over (it is SSWS)",
+            )
+        if self._split_brain():
+            log.error(
+                "split brain: hosts wrote both the P-VOLs (while suspended) and the S-VOLs "
+                "(SSWS); resync needs --discard-secondary here, or resync --swap there"
+            )
         return Welcome(
             version=PROTOCOL_VERSION,
             group=self.config.group,
@@ -260,9 +300,35 @@ class PrimaryGroup:
             start_seq=min(self.record.start_seq, self.store.next_seq),
             first_seq=self.store.first_seq,
             last_seq=self.store.last_seq,
-            state=self.record.state.value,
+            state=self._secondary_state().value,
             volumes=self._volume_descs(),
         )
+
+    def report_bitmap(self, report: ReportBitmap) -> BitmapTaken | Refuse:
+        """The secondary's difference bitmap joins ours: persisted before it is acknowledged
+        (the secondary then clears its own), copied at the next resync or by the copy that
+        waits for it."""
+        volume = self.volumes.get(report.volume)
+        mine = self.bitmaps.get(report.volume)
+        if volume is None or mine is None:
+            return Refuse(RefuseCode.BAD_REQUEST, f"no volume {report.volume!r} here")
+        try:
+            theirs = DifferenceBitmap.from_bytes(report.bitmap, volume.size, mine.region_bytes)
+        except BitmapError as exc:
+            return Refuse(RefuseCode.BAD_REQUEST, f"bitmap of {report.volume}: {exc}")
+        if theirs.dirty_regions:
+            mine.merge(theirs)
+            self._save_bitmaps()
+            log.info(
+                "volume %s: the secondary reported %d changed bytes; they are copied from here",
+                report.volume,
+                theirs.dirty_bytes,
+            )
+        if report.generation == self.record.generation:
+            self._reported.add(report.volume)
+            if self._reported >= set(self.volumes):
+                self._all_reported.set()
+        return BitmapTaken(report.volume)
 
     def link_closed(self, peer: str) -> None:
         if peer == self.link_peer:
@@ -299,7 +365,7 @@ class PrimaryGroup:
             count=count,
             records=records,
             last_seq=store.last_seq,
-            state=self.record.state.value,
+            state=self._secondary_state().value,
             copy_done_bytes=min(self.copy.done_bytes, self.copy.total_bytes),
             copy_total_bytes=self.copy.total_bytes,
             primary_time_ns=time.time_ns(),
@@ -320,7 +386,9 @@ class PrimaryGroup:
         ):
             record.svol_consistent = True
             self._transition(
-                next_state(Role.PRIMARY, record.state, PairInput.COPY_DONE), "copy done"
+                next_state(Role.PRIMARY, record.state, PairInput.COPY_DONE),
+                f"copy done: {record.copy_total_bytes} bytes copied",
+                copied_bytes=record.copy_total_bytes,
             )
 
     async def _watch_journal_use(self) -> None:
@@ -344,6 +412,10 @@ class PrimaryGroup:
             # in an executor, a transition's on the loop) raced on the same .tmp file. A
             # bitmap is 2 KiB per GiB; its fsyncs cost a few ms, once a second at most.
             self._save_bitmaps()
+            if self.journal.host_marks and not self.record.written_while_split:
+                self.record.written_while_split = True
+                log.info("hosts write the P-VOLs while the pair is split")
+                await self._saver.save(self.record)
 
     def _new_generation(self, copy_total_bytes: int) -> None:
         """A journal discontinuity the secondary must follow: it drops what it has not
@@ -354,6 +426,11 @@ class PrimaryGroup:
         self.record.copy_end_seq = 0
         self.record.svol_consistent = False
         self.record.copy_total_bytes = copy_total_bytes
+        self.record.svol_writable = self.record.written_while_split = False
+        self.journal.host_marks = 0
+        self.peer_written = False
+        self._reported.clear()
+        self._all_reported.clear()
 
     async def _wait_applied(self, seq: int, timeout_s: float) -> bool:
         deadline = asyncio.get_running_loop().time() + timeout_s
@@ -364,39 +441,81 @@ class PrimaryGroup:
         return True
 
     def _bitmap_ranges(self) -> Ranges:
-        return {name: list(b.runs(max_run_bytes=64 << 20)) for name, b in self.bitmaps.items()}
+        """Marked runs per volume; empty when nothing is marked."""
+        return {
+            name: runs
+            for name, b in self.bitmaps.items()
+            if (runs := list(b.runs(max_run_bytes=64 << 20)))
+        }
+
+    def _dirty_bytes(self) -> int:
+        return sum(b.dirty_bytes for b in self.bitmaps.values())
+
+    def _secondary_state(self) -> PairState:
+        return secondary_view(self.record.state, svol_writable=self.record.svol_writable)
+
+    def _split_brain(self) -> bool:
+        return self.peer_written and self.record.written_while_split
+
+    def _check_split_brain(self, discard_secondary: bool) -> None:
+        if not self.peer_written or discard_secondary:
+            return
+        if self._split_brain():
+            raise ControlRefused(
+                "cannot resync: split brain: hosts wrote both sites while the pair was split; "
+                "`resync --discard-secondary` here keeps the primary's data, `resync --swap` "
+                "on the secondary keeps the secondary's"
+            )
+        if not self.record.svol_writable:
+            raise ControlRefused(
+                "cannot resync: the secondary took over and hosts wrote it (SSWS); "
+                "`resync --swap` on the secondary keeps its data, `resync --discard-secondary` "
+                "here overwrites it"
+            )
 
     def _suspend(self, state: PairState, reason: str) -> None:
         """Into a suspended state: what the secondary has not restored goes to the bitmaps,
         the journal is emptied, later writes are marked (invariant 2)."""
+        if self._copy_task is not None and self._copy_task is not asyncio.current_task():
+            self._copy_task.cancel()
         self.journal.mode = Mode.BITMAP
         self._mark_unrestored()
         self.store.reset(self.store.next_seq)
         self._transition(state, reason)
 
-    def _start_copy(self, ranges: Ranges | None) -> None:
+    def _start_copy(self) -> None:
         assert self._tasks is not None
-        self._copy_task = self._tasks.create_task(self._run_copy(ranges))
+        self._copy_task = self._tasks.create_task(self._run_copy())
 
-    async def _run_copy(self, ranges: Ranges | None) -> None:
+    async def _run_copy(self) -> None:
+        """Journal every marked region: ours and, once it has reported, the secondary's."""
+        await self._all_reported.wait()
         started = time.monotonic()
+        copied = 0
         try:
-            end_seq = await copy_volumes(
-                list(self.volumes.values()),
-                self.journal,
-                self.copy,
-                self._wait_for_space,
-                ranges,
-                copied=self._copied,
-            )
+            # Again while regions are marked: a report that came in during a pass.
+            while self.journal.mode is Mode.JOURNAL and (ranges := self._bitmap_ranges()):
+                await copy_volumes(
+                    list(self.volumes.values()),
+                    self.journal,
+                    self.copy,
+                    self._wait_for_space,
+                    ranges,
+                    copied=self._copied,
+                )
+                copied += self.copy.total_bytes
         except CopyAborted as exc:
             log.warning("copy stopped: %s", exc)
             return
+        if self.journal.mode is not Mode.JOURNAL:
+            return  # suspended meanwhile: the bitmaps keep what is left
+        end_seq = self.store.last_seq
         self.record.copy_end_seq = end_seq
+        self.record.copy_total_bytes = copied
         self._save_record()
         log.info(
             "copy: %d bytes journaled in %.1f s, copy ends at seq %d",
-            self.copy.total_bytes,
+            copied,
             time.monotonic() - started,
             end_seq,
         )
@@ -450,12 +569,12 @@ class PrimaryGroup:
         except Refused as exc:
             raise ControlRefused(str(exc)) from None
 
-    def _transition(self, state: PairState, reason: str) -> None:
+    def _transition(self, state: PairState, reason: str, **extra: Any) -> None:
         old = self.record.state
         self.record.state, self.record.reason = state, reason
         self._save_record()
         self.journal.mode = _mode_for(state)
-        self.events.emit(old.value, state.value, reason)
+        self.events.emit(old.value, state.value, reason, **extra)
 
     def _save_record(self) -> None:
         self._save_bitmaps()

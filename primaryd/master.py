@@ -62,6 +62,7 @@ class MasterJournal:
         self._syncer = GroupSyncer(prepare=self._prepare_sync)
         self._appended: asyncio.Future[None] | None = None
         self.records_appended = 0
+        self.host_marks = 0  # host writes marked in the bitmaps (the pair is split)
 
     # -- the NBD WriteJournal hooks ----------------------------------------------------
 
@@ -132,6 +133,7 @@ class MasterJournal:
             return
         if self.mode is not Mode.OFF:
             self.bitmaps[volume].mark(offset, length)
+            self.host_marks += 1
 
     def _append(
         self, volume: str, op: Op, offset: int, length: int, payload: bytes | memoryview, flags: int

@@ -1,10 +1,16 @@
 """The secondary side of one journal group: restore journal, destager, the pair as seen here.
 
-puller ── welcomed(generation, start_seq) ──► new generation: reset the restore journal
-                                              and persist it (the copy starts over)
+puller ── welcomed(generation, start_seq) ──► new generation: leave SSWS (read-only again),
+                                              mark what is restored but not applied in the
+                                              bitmaps, reset the restore journal, persist
+       ── bitmap_reports() ──► the bitmaps go to the primary; cleared here once it has them
        ── received(batch) ──► append to the restore journal ─► fdatasync ─► restored
                               ─► destager.kick()      state ◄── batch.state (COPY, PAIR...)
+                              SSWS (split --rw): destage everything, then hosts may write
 display ◄── restored / applied / the primary's last seq and clock
+
+While SSWS (split --rw, takeover) the link stays up for status only: no record is applied,
+and Hello tells the primary this site is SSWS (a primary that missed the takeover suspends).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from common.events import EventLog
 from common.journal.store import JournalStore
 from common.pairrecord import PairRecord, RecordSaver
 from common.pairstate import PairInput, PairState, Refused, Role, next_state
-from common.replication.messages import JournalBatch, VolumeDesc, Welcome
+from common.replication.messages import JournalBatch, ReportBitmap, VolumeDesc, Welcome
 from common.volume import Volume
 from secondaryd.destager import Destager
 from secondaryd.puller import pull_forever
@@ -31,18 +37,6 @@ from secondaryd.writable import BitmapMarker
 log = logging.getLogger("journalpair.secondary")
 
 BITMAP_SAVE_S = 1.0
-
-# The secondary's name for the state the primary reports (RAID Manager: a split shows PSUS on
-# the primary, SSUS on the secondary).
-_MIRRORED = {
-    PairState.SMPL: PairState.SMPL,
-    PairState.COPY: PairState.COPY,
-    PairState.PAIR: PairState.PAIR,
-    PairState.PFUL: PairState.PFUL,
-    PairState.PSUS: PairState.SSUS,
-    PairState.PFUS: PairState.PFUS,
-    PairState.PSUE: PairState.PSUE,
-}
 
 
 class SecondaryGroup:
@@ -72,9 +66,12 @@ class SecondaryGroup:
         self.bitmaps = load_bitmaps(config.data_dir, {n: v.size for n, v in volumes.items()})
         self.marker = BitmapMarker(self.bitmaps)
         self.on_writable: list[Callable[[BitmapMarker], None]] = []
+        self.on_read_only: list[Callable[[], None]] = []
+        self._task_group: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pulling: asyncio.Task[None] | None = None
         self._destaging: asyncio.Task[None] | None = None
+        self._ignored_records = 0
         self.link_up = False
         self.link_why = "not connected yet"
         self.link_since = time.time()
@@ -88,21 +85,29 @@ class SecondaryGroup:
         return self.record.state is PairState.SSWS
 
     async def run(self, tasks: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
-        """Start destaging and pulling (not in SSWS); returns the tasks, for the service to
+        """Start pulling, and destaging unless SSWS; returns the tasks, for the service to
         cancel."""
-        assert self.config.primary is not None
+        self._task_group = tasks
         self._tasks = [tasks.create_task(self._save_bitmaps_forever())]
         if not self.writable:
-            self.destager.kick()
-            self._destaging = tasks.create_task(self.destager.run())
-            self._pulling = tasks.create_task(pull_forever(self.config.primary, self))
-            self._tasks += [self._destaging, self._pulling]
+            self._start_destaging()
+        self._start_pulling()
         return self._tasks
 
+    def _start_pulling(self) -> None:
+        assert self._task_group is not None and self.config.primary is not None
+        self._pulling = self._task_group.create_task(pull_forever(self.config.primary, self))
+        self._tasks.append(self._pulling)
+
+    def _start_destaging(self) -> None:
+        assert self._task_group is not None
+        self.destager.kick()
+        self._destaging = self._task_group.create_task(self.destager.run())
+        self._tasks.append(self._destaging)
+
     async def takeover(self, args: Mapping[str, Any]) -> Mapping[str, Any]:
-        """The primary site is lost: stop pulling, destage everything restored, and let
-        hosts write the S-VOLs (SSWS). Exit code 2, as HUR's horctakeover for an S-VOL
-        takeover."""
+        """The primary site is lost: destage everything restored, and let hosts write the
+        S-VOLs (SSWS). Exit code 2, as HUR's horctakeover for an S-VOL takeover."""
         if self.link_up:
             raise ControlRefused(
                 "cannot takeover: the primary answers (a swap takeover is not supported yet); "
@@ -117,30 +122,53 @@ class SecondaryGroup:
             )
         except Refused as exc:
             raise ControlRefused(str(exc)) from None
+        # No new record may come in while the last ones are destaged: pulling restarts in
+        # SSWS, where it only keeps the link (and tells a returning primary).
         if self._pulling is not None:
             self._pulling.cancel()
+        applied = await self._become_writable(state, "takeover: the primary does not answer")
+        self._start_pulling()
+        return {
+            "message": f"takeover: the S-VOLs are read-write (SSWS), consistent at seq {applied}",
+            "exit_code": 2,
+        }
+
+    async def _become_writable(self, state: PairState, reason: str) -> int:
+        """Everything restored goes onto the S-VOLs, then SSWS is persisted and hosts may
+        write (each write marked in the bitmaps). Returns the seq the S-VOLs hold."""
         while self.destager.applied_seq < self.store.durable_seq and not self.destager.error:
             self.destager.kick()
             await asyncio.sleep(0.01)
         await self.destager.checkpoint()
         if self._destaging is not None:
             self._destaging.cancel()
+            self._destaging = None
         applied = self.destager.applied_seq
         old = self.record.state
-        self.record.state, self.record.reason = state, "takeover: the primary does not answer"
+        self.record.state, self.record.reason = state, reason
         self.saver.save_now(self.record)
-        self.events.emit(old.value, state.value, self.record.reason, applied_seq=applied)
+        self.events.emit(old.value, state.value, reason, applied_seq=applied)
         for hook in self.on_writable:
             hook(self.marker)
-        return {
-            "message": f"takeover: the S-VOLs are read-write (SSWS), consistent at seq {applied}",
-            "exit_code": 2,
-        }
+        log.info("the S-VOLs are writable (SSWS), consistent at seq %d: %s", applied, reason)
+        return applied
+
+    def _leave_writable(self, why: str) -> None:
+        """SSWS ends (a resync from the primary): hosts lose write access first, then what
+        they wrote (marked in the bitmaps) is saved and handed over to the primary."""
+        for hook in self.on_read_only:
+            hook()
+        self.save_bitmaps()
+        log.info("the S-VOLs are read-only again: %s", why)
 
     async def _save_bitmaps_forever(self) -> None:
         while True:
             await asyncio.sleep(BITMAP_SAVE_S)
             self.save_bitmaps()
+            if self.writable and self.marker.marks and not self.record.written_while_split:
+                self.record.written_while_split = True
+                log.info("hosts write the S-VOLs (SSWS)")
+                await self.saver.save(self.record)
 
     def save_bitmaps(self) -> None:
         save_bitmaps(self.config.data_dir, self.bitmaps)
@@ -158,15 +186,49 @@ class SecondaryGroup:
         applied = min(self.destager.applied_seq, self.restored_seq)
         return self.record.generation, self.restored_seq, applied
 
+    def hello_state(self) -> tuple[str, bool]:
+        return self.record.state.value, self.record.written_while_split
+
     async def welcomed(self, welcome: Welcome) -> int:
         state = _state_named(welcome.state)
-        if welcome.generation != self.record.generation and state is not PairState.SMPL:
+        new_generation = welcome.generation != self.record.generation
+        if self.writable and not (new_generation and state is PairState.COPY):
+            return self.restored_seq + 1  # SSWS: the link carries status only
+        if new_generation and state is not PairState.SMPL:
+            if self.writable:
+                self._leave_writable(f"the primary resyncs (generation {welcome.generation})")
             await self._new_generation(welcome)
-        if state is not None and state in _MIRRORED:
-            self._mirror(_MIRRORED[state], f"primary is {state.value}")
+        if state is not None:
+            await self._follow(state)
         return self.restored_seq + 1
 
+    def bitmap_reports(self, welcome: Welcome) -> list[ReportBitmap]:
+        if self.writable or welcome.state == PairState.SMPL.value:
+            return []  # SSWS: the S-VOLs still change; they are handed over when SSWS ends
+        sizes = {v.name: v.size for v in welcome.volumes}
+        return [
+            ReportBitmap(self.record.generation, name, bitmap.to_bytes())
+            for name, bitmap in self.bitmaps.items()
+            if sizes.get(name) == bitmap.volume_size  # else the primary refuses to pair
+        ]
+
+    def bitmap_taken(self, report: ReportBitmap) -> None:
+        bitmap = self.bitmaps[report.volume]
+        if bitmap.dirty_regions and not self.writable:
+            log.info(
+                "volume %s: %d changed bytes handed over to the primary",
+                report.volume,
+                bitmap.dirty_bytes,
+            )
+            bitmap.clear_all()
+            self.save_bitmaps()
+
     async def received(self, batch: JournalBatch) -> None:
+        if self.writable:
+            if batch.count and not self._ignored_records:
+                log.warning("SSWS: ignoring %d records the primary sent", batch.count)
+            self._ignored_records += batch.count
+            return
         if batch.count:
             # One batch is synced while the next is fetched: `restored` (which lets the
             # primary free space) moves only once its records are durable here.
@@ -178,8 +240,8 @@ class SecondaryGroup:
         self.primary_clock_offset_ns = batch.primary_time_ns - time.time_ns()
         self.copy_done_bytes, self.copy_total_bytes = batch.copy_done_bytes, batch.copy_total_bytes
         state = _state_named(batch.state)
-        if state is not None and state in _MIRRORED:
-            self._mirror(_MIRRORED[state], f"primary is {state.value}")
+        if state is not None:
+            await self._follow(state)
 
     def link(self, up: bool, why: str) -> None:
         # One line per change of state or of reason: a dead primary retried every few
@@ -248,6 +310,7 @@ class SecondaryGroup:
             self.record.generation or "none",
             welcome.start_seq,
         )
+        self._mark_unapplied()
         self.store.reset(welcome.start_seq)
         self.restored_seq = welcome.start_seq - 1
         self.destager.reset(welcome.start_seq - 1)
@@ -256,7 +319,28 @@ class SecondaryGroup:
         record.start_seq = welcome.start_seq
         record.applied_seq = record.destage_intent_seq = welcome.start_seq - 1
         record.svol_consistent = False
+        record.written_while_split = False
+        self.marker.marks = 0
         await self.saver.save(record)
+        if self._destaging is None and self._task_group is not None:
+            self._start_destaging()
+
+    def _mark_unapplied(self) -> None:
+        """Records restored here but not on the S-VOLs yet are dropped with the old journal:
+        the primary released them, so only this bitmap keeps their regions for the copy."""
+        seq = max(self.destager.applied_seq + 1, self.store.first_seq)
+        marked = 0
+        while seq <= self.store.last_seq:
+            entries = self.store.entries(seq, 4096, 16 << 20)
+            for entry in entries:
+                self.bitmaps[entry.volume].mark(entry.offset, entry.length)
+            marked += len(entries)
+            seq = entries[-1].seq + 1
+        if marked:
+            log.info(
+                "%d restored records not applied yet are dropped, their regions marked", marked
+            )
+            self.save_bitmaps()
 
     async def _sync_restore_journal(self) -> None:
         upto = self.store.last_seq
@@ -265,6 +349,15 @@ class SecondaryGroup:
         self.restored_seq = upto
         self.destager.kick()
 
+    async def _follow(self, state: PairState) -> None:
+        """Take the state the primary gives this site."""
+        if state is not PairState.SSWS:
+            self._mirror(state, f"primary is {_primary_name(state)}")
+        elif not self.writable:
+            if self._syncing is not None:
+                await self._syncing
+            await self._become_writable(state, "split --rw on the primary")
+
     def _mirror(self, state: PairState, reason: str) -> None:
         old = self.record.state
         if old is state:
@@ -272,6 +365,11 @@ class SecondaryGroup:
         self.record.state, self.record.reason = state, reason
         if state is PairState.PAIR:
             self.record.svol_consistent = True
+        if state is PairState.SMPL:  # deleted: nothing to resync any more
+            for bitmap in self.bitmaps.values():
+                bitmap.clear_all()
+            self.save_bitmaps()
+            self.record.written_while_split = False
         self.saver.save_now(self.record)
         self.events.emit(old.value, state.value, reason)
 
@@ -288,6 +386,10 @@ class SecondaryGroup:
             return 0.0
         primary_now = time.time_ns() + self.primary_clock_offset_ns
         return max(0.0, (primary_now - stamp) / 1e9)
+
+
+def _primary_name(state: PairState) -> str:
+    return "PSUS" if state is PairState.SSUS else state.value
 
 
 def _state_named(name: str) -> PairState | None:

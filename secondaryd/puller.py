@@ -1,9 +1,10 @@
 """The pull loop: connect to the primary, say Hello, then READ_JOURNAL until the link drops.
 
-    connect ─► Hello(group, generation, restored, applied, volumes)
+    connect ─► Hello(group, generation, restored, applied, volumes, state, svol_written)
             ◄─ Welcome(generation, start_seq, state) ─► sink.welcomed(): same generation
                goes on from restored+1; another one resets the restore journal to start_seq
             ◄─ Refuse(code, reason) ─► logged, shown in display, retried with backoff
+            ─► ReportBitmap per volume ◄─ BitmapTaken ─► sink.bitmap_taken(): cleared here
     loop:   ─► ReadJournal(from, limits, restored, applied)
             ◄─ JournalBatch ─► sink.received(): restore journal append + fdatasync,
                                 then `restored` moves on (and rides on the next request)
@@ -19,11 +20,13 @@ from typing import Protocol
 from common.config import Address
 from common.replication.messages import (
     PROTOCOL_VERSION,
+    BitmapTaken,
     Hello,
     JournalBatch,
     Message,
     ReadJournal,
     Refuse,
+    ReportBitmap,
     VolumeDesc,
     Welcome,
 )
@@ -55,8 +58,16 @@ class PullSink(Protocol):
     def position(self) -> tuple[str, int, int]:
         """(generation, restored_seq, applied_seq)"""
 
+    def hello_state(self) -> tuple[str, bool]:
+        """(this site's pair state, hosts wrote the S-VOLs while SSWS)"""
+
     async def welcomed(self, welcome: Welcome) -> int:
         """Returns the seq to pull from."""
+
+    def bitmap_reports(self, welcome: Welcome) -> list[ReportBitmap]:
+        """What to hand over to the primary after Welcome (nothing while writable)."""
+
+    def bitmap_taken(self, report: ReportBitmap) -> None: ...
 
     async def received(self, batch: JournalBatch) -> None: ...
     def link(self, up: bool, why: str) -> None: ...
@@ -91,7 +102,17 @@ async def _pull_once(primary: Address, sink: PullSink, welcomed: list[bool]) -> 
     core = ReplicationConnection(Side.SECONDARY)
     try:
         generation, restored, applied = sink.position()
-        hello = Hello(PROTOCOL_VERSION, sink.group, generation, restored, applied, sink.volumes)
+        state, written = sink.hello_state()
+        hello = Hello(
+            PROTOCOL_VERSION,
+            sink.group,
+            generation,
+            restored,
+            applied,
+            sink.volumes,
+            state,
+            written,
+        )
         writer.write(core.send(hello))
         answer = await _next_message(core, reader)
         if isinstance(answer, Refuse):
@@ -99,6 +120,13 @@ async def _pull_once(primary: Address, sink: PullSink, welcomed: list[bool]) -> 
         assert isinstance(answer, Welcome)
         from_seq = await sink.welcomed(answer)
         welcomed.append(True)
+        for report in sink.bitmap_reports(answer):
+            writer.write(core.send(report))
+            answer = await _next_message(core, reader)
+            if isinstance(answer, Refuse):
+                raise LinkDown(f"primary refused ({answer.code}): {answer.reason}")
+            assert isinstance(answer, BitmapTaken)
+            sink.bitmap_taken(report)
         sink.link(True, f"connected to {primary.host}:{primary.port}")
         while True:
             _generation, restored, applied = sink.position()

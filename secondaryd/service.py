@@ -33,6 +33,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     group.recover()  # before anything is served: the S-VOLs are an exact prefix again
     nbd = NbdServer(volumes, read_only=True)
     group.on_writable.append(nbd.set_writable)
+    group.on_read_only.append(nbd.set_read_only)
     if group.writable:
         nbd.set_writable(group.marker)
 

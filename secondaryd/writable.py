@@ -11,18 +11,23 @@ from common.bitmap import DifferenceBitmap
 class BitmapMarker:
     def __init__(self, bitmaps: Mapping[str, DifferenceBitmap]) -> None:
         self.bitmaps = bitmaps
+        self.marks = 0  # host writes marked (the group persists "written while SSWS")
 
     def wrote(self, volume: str, offset: int, payload: bytes | memoryview) -> None:
-        self.bitmaps[volume].mark(offset, len(payload))
+        self._mark(volume, offset, len(payload))
 
     def trimmed(self, volume: str, offset: int, length: int) -> None:
-        self.bitmaps[volume].mark(offset, length)
+        self._mark(volume, offset, length)
 
     def zeroed(self, volume: str, offset: int, length: int) -> None:
-        self.bitmaps[volume].mark(offset, length)
+        self._mark(volume, offset, length)
 
     def failed(self, volume: str, offset: int, length: int) -> None:
+        self._mark(volume, offset, length)
+
+    def _mark(self, volume: str, offset: int, length: int) -> None:
         self.bitmaps[volume].mark(offset, length)
+        self.marks += 1
 
     def flush_records(self) -> None:
         """Marks live in memory and are saved every second (SecondaryGroup)."""

@@ -148,6 +148,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         return self._core.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._closing:
+            return  # closed by the server (e.g. set_read_only): no request runs any more
         core = self._core
         core.buffer_updated(nbytes)
         batch: list[Request] = []
@@ -340,6 +342,17 @@ class NbdServer:
         for export in self.exports.values():
             export.journal = journal
             export.info = dataclasses.replace(export.info, read_only=export.volume.read_only)
+
+    def set_read_only(self) -> None:
+        """Hosts may no longer write (an S-VOL leaving SSWS). A connection keeps the flags it
+        negotiated, so every connection is closed (after answering what it has in flight);
+        clients reconnect to a read-only export. Writes run on the loop inside a request
+        batch, so none reaches a volume after this returns."""
+        for export in self.exports.values():
+            export.journal = None
+            export.info = dataclasses.replace(export.info, read_only=True)
+        for conn in list(self.connections):
+            conn.close()
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         loop = asyncio.get_running_loop()

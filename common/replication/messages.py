@@ -7,8 +7,10 @@ the peer is theirs (RemoteProtocolError). Either error names the message and the
 
     secondary ── Hello ───────► primary        (first message, exactly once)
               ◄── Welcome | Refuse
-              ── ReadJournal ─►                 (one outstanding at a time)
+              ── ReadJournal ─►                 (one request outstanding at a time)
               ◄── JournalBatch | Refuse
+              ── ReportBitmap ►                 (after Welcome: one per volume)
+              ◄── BitmapTaken | Refuse
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any, Final
 
 import msgpack
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 
 U32_MAX: Final = (1 << 32) - 1
 U64_MAX: Final = (1 << 64) - 1
@@ -137,7 +139,12 @@ class _Message:
 
 @dataclass(frozen=True, slots=True)
 class Hello(_Message):
-    """Secondary -> primary, first and once. generation "" = never paired."""
+    """Secondary -> primary, first and once. generation "" = never paired.
+
+    state is the secondary's pair state: a primary that still journals learns from "SSWS" that
+    the secondary took over. svol_written says hosts wrote the S-VOLs while SSWS (with the
+    primary's own writes while suspended, that is a split brain).
+    """
 
     version: int
     group: str
@@ -145,6 +152,8 @@ class Hello(_Message):
     restored_seq: int
     applied_seq: int
     volumes: tuple[VolumeDesc, ...]
+    state: str = "SMPL"
+    svol_written: bool = False
 
     def _validate(self) -> None:
         _version(self.version)
@@ -152,6 +161,8 @@ class Hello(_Message):
         _text("generation", self.generation, empty=True)
         _positions(self.restored_seq, self.applied_seq)
         _volumes("volumes", self.volumes)
+        _text("state", self.state, empty=False)
+        _bool("svol_written", self.svol_written)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,12 +189,41 @@ class ReadJournal(_Message):
 
 
 @dataclass(frozen=True, slots=True)
+class ReportBitmap(_Message):
+    """Secondary -> primary, after Welcome, one per volume: the secondary's difference bitmap
+    (common.bitmap's serialized form), which the primary merges into its own: a resync copies
+    the union. The secondary clears it once BitmapTaken says the primary persisted it."""
+
+    generation: str
+    volume: str
+    bitmap: bytes
+
+    def _validate(self) -> None:
+        _text("generation", self.generation, empty=True)
+        _text("volume", self.volume, empty=False)
+        if type(self.bitmap) is not bytes:
+            raise LocalProtocolError(f"bitmap must be bytes, not {type(self.bitmap).__name__}")
+
+
+@dataclass(frozen=True, slots=True)
+class BitmapTaken(_Message):
+    """Primary -> secondary, answers ReportBitmap: merged and persisted on the primary."""
+
+    volume: str
+
+    def _validate(self) -> None:
+        _text("volume", self.volume, empty=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Welcome(_Message):
     """Primary -> secondary, answers Hello.
 
     start_seq is the first seq of this generation (where a secondary of another generation
     starts, after a copy); first_seq..last_seq is what the master journal holds (empty when
-    first_seq == last_seq + 1).
+    first_seq == last_seq + 1). state (here and in JournalBatch) is the pair state the
+    secondary is to show: the primary's, as the secondary names it (PSUS is SSUS there; SSWS
+    after split --rw), see common.pairstate.secondary_view.
     """
 
     version: int
@@ -277,6 +317,11 @@ def _version(value: object) -> None:
         raise LocalProtocolError(f"version {value} is not {PROTOCOL_VERSION}")
 
 
+def _bool(field: str, value: object) -> None:
+    if type(value) is not bool:
+        raise LocalProtocolError(f"{field} must be a boolean, not {type(value).__name__}")
+
+
 def _positions(restored_seq: object, applied_seq: object) -> None:
     restored = _uint("restored_seq", restored_seq)
     applied = _uint("applied_seq", applied_seq)
@@ -285,8 +330,16 @@ def _positions(restored_seq: object, applied_seq: object) -> None:
         raise LocalProtocolError(f"applied_seq {applied_seq} > restored_seq {restored_seq}")
 
 
-Message = Hello | ReadJournal | Welcome | Refuse | JournalBatch
-MESSAGE_TYPES: Final = (Hello, ReadJournal, Welcome, Refuse, JournalBatch)
+Message = Hello | ReadJournal | Welcome | Refuse | JournalBatch | ReportBitmap | BitmapTaken
+MESSAGE_TYPES: Final = (
+    Hello,
+    ReadJournal,
+    Welcome,
+    Refuse,
+    JournalBatch,
+    ReportBitmap,
+    BitmapTaken,
+)
 _BY_NAME: Final[dict[str, type[Message]]] = {cls.__name__: cls for cls in MESSAGE_TYPES}
 _FIELDS: Final[dict[type[Message], tuple[str, ...]]] = {
     cls: tuple(f.name for f in fields(cls)) for cls in MESSAGE_TYPES

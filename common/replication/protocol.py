@@ -6,6 +6,8 @@
     IDLE     ── ReadJournal(from_seq, restored_seq) ──► IDLE ─► WAITING
     WAITING  ◄──────────────────── JournalBatch | Refuse  WAITING ─► IDLE | CLOSED
              (count 0 = the long poll timed out)
+    IDLE     ── ReportBitmap(volume, bitmap) ─────────► IDLE ─► WAITING
+    WAITING  ◄───────────────────── BitmapTaken | Refuse  WAITING ─► IDLE | CLOSED
 
 Both ends run the same class; `side` says which one we are. Frame = 4-byte big-endian length
 + one msgpack map (see messages). Request/response only: at most one frame is ever in flight
@@ -24,6 +26,7 @@ from common.replication.messages import (
     MAX_BATCH_ENVELOPE_BYTES,
     MESSAGE_TYPES,
     U32_MAX,
+    BitmapTaken,
     Hello,
     JournalBatch,
     LocalProtocolError,
@@ -31,6 +34,7 @@ from common.replication.messages import (
     ReadJournal,
     Refuse,
     RemoteProtocolError,
+    ReportBitmap,
     Welcome,
     decode,
     encode_chunks,
@@ -126,6 +130,8 @@ _TRANSITIONS: Final[dict[tuple[State, type[Message]], State]] = {
     (State.WELCOME, Refuse): State.CLOSED,
     (State.IDLE, ReadJournal): State.WAITING,
     (State.WAITING, JournalBatch): State.IDLE,
+    (State.IDLE, ReportBitmap): State.WAITING,
+    (State.WAITING, BitmapTaken): State.IDLE,
     (State.WAITING, Refuse): State.CLOSED,
     (State.ERROR, Refuse): State.CLOSED,
 }
@@ -135,6 +141,8 @@ _SENDER: Final[dict[type[Message], Side]] = {
     Welcome: Side.PRIMARY,
     Refuse: Side.PRIMARY,
     JournalBatch: Side.PRIMARY,
+    ReportBitmap: Side.SECONDARY,
+    BitmapTaken: Side.PRIMARY,
 }
 _ProtocolError = type[LocalProtocolError] | type[RemoteProtocolError]
 
@@ -161,7 +169,7 @@ class ReplicationConnection:
         self._eof = False
         self._error: RemoteProtocolError | None = None
         self._hello: Hello | None = None
-        self._request: ReadJournal | None = None
+        self._request: ReadJournal | ReportBitmap | None = None
 
     def _frame_limit(self, side: Side) -> int:
         if side is Side.SECONDARY:
@@ -178,8 +186,8 @@ class ReplicationConnection:
         return self._hello
 
     @property
-    def request(self) -> ReadJournal | None:
-        """The outstanding ReadJournal while WAITING (what the primary must answer)."""
+    def request(self) -> ReadJournal | ReportBitmap | None:
+        """The outstanding request while WAITING (what the primary must answer)."""
         return self._request
 
     @property
@@ -307,14 +315,20 @@ class ReplicationConnection:
         if isinstance(message, ReadJournal):
             return _request_problem(message, self.limits)
         if isinstance(message, JournalBatch):
-            assert self._request is not None  # WAITING is reached through ReadJournal only
+            if not isinstance(self._request, ReadJournal):
+                return "answers no ReadJournal"
             return _batch_problem(message, self._request, self.limits)
+        if isinstance(message, BitmapTaken):
+            if not isinstance(self._request, ReportBitmap):
+                return "answers no ReportBitmap"
+            if message.volume != self._request.volume:
+                return f"volume {message.volume!r} does not answer {self._request.volume!r}"
         return None
 
     def _commit(self, message: Message, next_state: State) -> None:
         if isinstance(message, Hello):
             self._hello = message
-        elif isinstance(message, ReadJournal):
+        elif isinstance(message, ReadJournal | ReportBitmap):
             self._request = message
         else:
             self._request = None

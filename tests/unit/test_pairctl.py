@@ -224,14 +224,18 @@ def test_operations_send_their_args_and_print_the_message(
     assert pairctl(config, "split", "--rw") == 0
     assert pairctl(config, "split") == 0
     assert pairctl(config, "resync", "--swap") == 0
+    assert pairctl(config, "resync", "--discard-secondary") == 0
     out, err = capsys.readouterr()
-    started = ["create started", "split started", "split started", "resync started"]
+    started = ["create started", "split started", "split started"] + ["resync started"] * 2
     assert out.splitlines() == started
     assert err == ""
     assert calls == {
         "create": [{}],
         "split": [{"rw": True}, {"rw": False}],
-        "resync": [{"swap": True}],
+        "resync": [
+            {"swap": True, "discard_secondary": False},
+            {"swap": False, "discard_secondary": True},
+        ],
     }
 
 

@@ -20,6 +20,7 @@ from common.pairstate import (
     journals_writes,
     next_state,
     render_markdown,
+    secondary_view,
     verb,
 )
 
@@ -324,3 +325,21 @@ def test_render_markdown_has_every_row() -> None:
         assert f"| {role.value} | {state.value} | {inp.name} | {to.value}{mark} |" in rows
     assert "¹ only when the S-VOL is consistent" in text
     assert rows.index("| primary | SMPL | CREATE | COPY |") == 0
+
+
+@pytest.mark.parametrize(
+    ("primary", "writable", "shown"),
+    [
+        (PairState.PSUS, False, PairState.SSUS),
+        (PairState.PSUS, True, PairState.SSWS),
+        (PairState.PAIR, True, PairState.PAIR),  # only a split makes the S-VOL writable
+        (PairState.PSUE, False, PairState.PSUE),
+        (PairState.PFUS, False, PairState.PFUS),
+        (PairState.COPY, False, PairState.COPY),
+        (PairState.SMPL, False, PairState.SMPL),
+    ],
+)
+def test_the_secondary_names_the_primarys_state_its_way(
+    primary: PairState, writable: bool, shown: PairState
+) -> None:
+    assert secondary_view(primary, svol_writable=writable) is shown

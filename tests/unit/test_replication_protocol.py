@@ -20,12 +20,14 @@ from common.replication.messages import (
     PROTOCOL_VERSION,
     U32_MAX,
     U64_MAX,
+    BitmapTaken,
     Hello,
     JournalBatch,
     Message,
     ReadJournal,
     Refuse,
     RefuseCode,
+    ReportBitmap,
     VolumeDesc,
     Welcome,
     decode,
@@ -154,6 +156,43 @@ def test_session_hello_welcome_batch_empty_batch_then_refuse(chunk: int) -> None
     assert secondary.next_event() == ConnectionClosed(State.CLOSED)
 
 
+def test_bitmap_reports_are_requests_answered_by_bitmap_taken() -> None:
+    secondary, primary = paired()
+    hello = Hello(PROTOCOL_VERSION, GROUP, "gen-1", 5, 5, VOLUMES, "SSWS", True)
+    assert decode(encode(hello)) == hello
+    report = ReportBitmap("gen-1", "vol0", b"\x01" * 3000)
+    relay(secondary, primary, report)
+    assert primary.state is State.WAITING and primary.request == report
+    relay(primary, secondary, BitmapTaken("vol0"))
+    assert primary.state is secondary.state is State.IDLE
+    relay(secondary, primary, READ)  # the usual requests follow
+    relay(primary, secondary, BATCH)
+
+
+@pytest.mark.parametrize(
+    ("request_", "answer", "match"),
+    [
+        (ReportBitmap("g", "vol0", b""), BitmapTaken("vol1"), "'vol1' does not answer 'vol0'"),
+        (ReportBitmap("g", "vol0", b""), EMPTY_BATCH, "answers no ReadJournal"),
+        (READ, BitmapTaken("vol0"), "answers no ReportBitmap"),
+    ],
+)
+def test_an_answer_must_match_its_request(request_: Message, answer: Message, match: str) -> None:
+    secondary, primary = paired()
+    relay(secondary, primary, request_)
+    with pytest.raises(LocalProtocolError, match=match):
+        primary.send(answer)
+    with pytest.raises(RemoteProtocolError, match=match):
+        secondary.receive_data(frame(encode(answer)))
+        secondary.next_event()
+
+
+def test_the_primary_never_reports_a_bitmap() -> None:
+    _secondary, primary = paired()
+    with pytest.raises(LocalProtocolError, match="sent by the secondary only"):
+        primary.send(ReportBitmap("g", "vol0", b""))
+
+
 def test_refuse_answers_hello_and_closes_both_ends() -> None:
     secondary, primary = ends()
     relay(secondary, primary, HELLO)
@@ -218,16 +257,25 @@ def test_refuse_code_given_as_plain_string_is_normalised() -> None:
         (lambda: ReadJournal(0, 1, 1, 0, 0, 0), "from_seq 0"),
         (lambda: ReadJournal(1, 1, 1, 0, 0, 1), "applied_seq 1 > restored_seq 0"),
         (lambda: ReadJournal(1, True, 1, 0, 0, 0), "max_entries must be an integer, not bool"),
-        (lambda: Hello(2, GROUP, "", 0, 0, ()), "version 2"),
-        (lambda: Hello(1, "", "", 0, 0, ()), "group must not be empty"),
-        (lambda: Hello(1, GROUP, "\ud800", 0, 0, ()), "generation is not valid"),
+        (lambda: Hello(3, GROUP, "", 0, 0, ()), "version 3"),
+        (lambda: Hello(PROTOCOL_VERSION, "", "", 0, 0, ()), "group must not be empty"),
+        (lambda: Hello(PROTOCOL_VERSION, GROUP, "\ud800", 0, 0, ()), "generation is not valid"),
         (
-            lambda: Hello(1, GROUP, "", 0, 0, [VolumeDesc("a", 1)]),  # type: ignore[arg-type]
+            lambda: Hello(PROTOCOL_VERSION, GROUP, "", 0, 0, [VolumeDesc("a", 1)]),  # type: ignore[arg-type]
             "volumes must be a tuple",
         ),
-        (lambda: Hello(1, GROUP, "", 0, 0, (VolumeDesc("a", 1),) * 2), r"volumes\[1\].name"),
-        (lambda: Welcome(1, GROUP, "", 1, 1, 0, "PAIR", ()), "generation must not be empty"),
-        (lambda: Welcome(1, GROUP, "g", 1, 3, 1, "PAIR", ()), "first_seq 3 > last_seq 1"),
+        (
+            lambda: Hello(PROTOCOL_VERSION, GROUP, "", 0, 0, (VolumeDesc("a", 1),) * 2),
+            r"volumes\[1\].name",
+        ),
+        (
+            lambda: Welcome(PROTOCOL_VERSION, GROUP, "", 1, 1, 0, "PAIR", ()),
+            "generation must not be empty",
+        ),
+        (
+            lambda: Welcome(PROTOCOL_VERSION, GROUP, "g", 1, 3, 1, "PAIR", ()),
+            "first_seq 3 > last_seq 1",
+        ),
         (lambda: Refuse("nope", ""), "code 'nope'"),  # type: ignore[arg-type]
         (lambda: Refuse(RefuseCode.BUSY, "x" * 1025), "reason has 1025 characters"),
         (lambda: VolumeDesc("v" * 256, 1), "name has 256 characters"),
@@ -300,8 +348,8 @@ def test_bytes_that_are_not_a_message_map_are_refused(body: bytes, match: str) -
 def test_another_protocol_version_is_answered_with_refuse_version() -> None:
     primary = ReplicationConnection(Side.PRIMARY)
     # A future Hello may carry fields we do not know: the version decides, not the fields.
-    primary.receive_data(frame(packed(wire(HELLO, version=2, features=["x"]))))
-    with pytest.raises(RemoteProtocolError, match="version 2") as info:
+    primary.receive_data(frame(packed(wire(HELLO, version=3, features=["x"]))))
+    with pytest.raises(RemoteProtocolError, match="version 3") as info:
         primary.next_event()
     assert info.value.refuse_code is RefuseCode.VERSION
     assert primary.state is State.ERROR
