@@ -63,7 +63,8 @@ log = logging.getLogger("journalpair.primary")
 LONG_POLL_MAX_S = 5.0
 BITMAP_SAVE_S = 1.0
 SPLIT_FLUSH_S = 30.0
-JOURNAL_WATCH_S = 0.1  # how long split waits for the secondary to apply the journal
+WATCH_S = 0.1  # how often journal use (PFUL) and the path watch (PSUE) are looked at
+LINK_LOST = "link lost"  # the reason of a path-watch suspension starts so (auto-resync)
 COPY_WINDOW_FRACTION = 0.5  # the copy waits while the journal is fuller than this
 NO_GENERATION = "none"  # Welcome needs a non-empty generation; SMPL has none
 
@@ -100,6 +101,7 @@ class PrimaryGroup:
         self.applied_seq = 0
         self.peer_state = ""  # the secondary's state, as its last Hello said
         self.peer_written = False  # hosts wrote the S-VOLs while SSWS (its last Hello)
+        self.last_contact = time.monotonic()  # the secondary's last request (path watch)
         self._reported: set[str] = set()  # volumes whose bitmap came in this generation
         self._all_reported = asyncio.Event()
         self.journal.mode = _mode_for(record.state)
@@ -109,7 +111,7 @@ class PrimaryGroup:
     async def start(self, tasks: asyncio.TaskGroup) -> None:
         self._tasks = tasks
         self._bitmap_task = tasks.create_task(self._save_bitmaps_forever())
-        self._watch_task = tasks.create_task(self._watch_journal_use())
+        self._watch_task = tasks.create_task(self._watch())
         listen = self.config.replication_listen
         assert listen is not None, "the config loader requires listen.replication on a primary"
         host, port = await self.feeder.start(listen.host, listen.port)
@@ -190,13 +192,15 @@ class PrimaryGroup:
                 "cannot resync --swap on the primary: run it on the secondary (SSWS), "
                 "which becomes the primary"
             )
+        return self._resync(bool(args.get("discard_secondary")), "by operator")
+
+    def _resync(self, discard_secondary: bool, by: str) -> Mapping[str, Any]:
         state = self._next(PairInput.RESYNC)
         self._check_secondary_volumes("resync")
-        discard = bool(args.get("discard_secondary"))
-        self._check_split_brain(discard)
+        self._check_split_brain(discard_secondary)
         marked = self._dirty_bytes()
         self._new_generation(marked)
-        reason = f"resync by operator: {marked} bytes marked here"
+        reason = f"resync {by}: {marked} bytes marked here"
         if self.peer_written:
             reason += "; the secondary's writes while SSWS are overwritten"
         self._transition(state, reason)
@@ -275,6 +279,7 @@ class PrimaryGroup:
         if self.secondary is not None:
             return Refuse(RefuseCode.BUSY, f"another secondary is connected ({self.link_peer})")
         self.secondary = hello
+        self.last_contact = time.monotonic()
         self.link_peer, self.link_since = peer, time.time()
         self.restored_seq, self.applied_seq = hello.restored_seq, hello.applied_seq
         self.peer_state, self.peer_written = hello.state, hello.svol_written
@@ -293,6 +298,13 @@ class PrimaryGroup:
                 "split brain: hosts wrote both the P-VOLs (while suspended) and the S-VOLs "
                 "(SSWS); resync needs --discard-secondary here, or resync --swap there"
             )
+        elif (
+            self.config.pair.auto_resync
+            and self.record.state is PairState.PSUE
+            and self.record.reason.startswith(LINK_LOST)
+            and self._tasks is not None
+        ):
+            self._tasks.create_task(self._auto_resync())
         return Welcome(
             version=PROTOCOL_VERSION,
             group=self.config.group,
@@ -305,6 +317,10 @@ class PrimaryGroup:
         )
 
     def report_bitmap(self, report: ReportBitmap) -> BitmapTaken | Refuse:
+        self.last_contact = time.monotonic()
+        return self._take_bitmap(report)
+
+    def _take_bitmap(self, report: ReportBitmap) -> BitmapTaken | Refuse:
         """The secondary's difference bitmap joins ours: persisted before it is acknowledged
         (the secondary then clears its own), copied at the next resync or by the copy that
         waits for it."""
@@ -336,6 +352,13 @@ class PrimaryGroup:
             self.link_since = time.time()
 
     async def read_journal(self, request: ReadJournal) -> JournalBatch | Refuse:
+        self.last_contact = time.monotonic()
+        try:
+            return await self._read_journal(request)
+        finally:
+            self.last_contact = time.monotonic()  # a long poll is contact too
+
+    async def _read_journal(self, request: ReadJournal) -> JournalBatch | Refuse:
         self._secondary_position(request.restored_seq, request.applied_seq)
         store = self.store
         if not store.first_seq <= request.from_seq <= store.next_seq and is_suspended(
@@ -391,11 +414,22 @@ class PrimaryGroup:
                 copied_bytes=record.copy_total_bytes,
             )
 
-    async def _watch_journal_use(self) -> None:
+    async def _watch(self) -> None:
         """PAIR <-> PFUL around the high-water mark: the operator sees the journal filling up
-        before it is full (PFUS)."""
+        before it is full (PFUS). No request from the secondary for path_watch_s while the
+        journal flows: PSUE, the journal goes to the bitmaps (it would only fill up)."""
         while True:
-            await asyncio.sleep(JOURNAL_WATCH_S)
+            await asyncio.sleep(WATCH_S)
+            silent_s = time.monotonic() - self.last_contact
+            if journals_writes(self.record.state) and silent_s > self.config.pair.path_watch_s:
+                link = "is down" if self.secondary is None else "is up but silent"
+                self._suspend(
+                    self._next(PairInput.LINK_LOST),
+                    f"{LINK_LOST}: no read-journal from the secondary for {silent_s:.1f} s "
+                    f"(path_watch_s {self.config.pair.path_watch_s:g}); the link {link}",
+                )
+                self.feeder.drop_all("path watch expired")
+                continue
             use = self.store.used_bytes / self.store.capacity_bytes
             state = self.record.state
             if state is PairState.PAIR and use >= HIGH_WATER_DEFAULT:
@@ -416,6 +450,16 @@ class PrimaryGroup:
                 self.record.written_while_split = True
                 log.info("hosts write the P-VOLs while the pair is split")
                 await self._saver.save(self.record)
+
+    async def _auto_resync(self) -> None:
+        """pair.auto_resync: the link is back after a path-watch suspension."""
+        await asyncio.sleep(0)  # after the Welcome went out
+        try:
+            result = self._resync(False, "by auto-resync (pair.auto_resync: the link is back)")
+        except ControlRefused as exc:
+            log.warning("auto-resync not done: %s", exc)
+        else:
+            log.info("auto-resync: %s", result["message"])
 
     def _new_generation(self, copy_total_bytes: int) -> None:
         """A journal discontinuity the secondary must follow: it drops what it has not

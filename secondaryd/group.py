@@ -37,6 +37,8 @@ from secondaryd.writable import BitmapMarker
 log = logging.getLogger("journalpair.secondary")
 
 BITMAP_SAVE_S = 1.0
+WATCH_S = 0.1  # how often the path watch looks at the primary's silence
+LINK_LOST = "link lost"
 
 
 class SecondaryGroup:
@@ -75,6 +77,7 @@ class SecondaryGroup:
         self.link_up = False
         self.link_why = "not connected yet"
         self.link_since = time.time()
+        self.last_answer = time.monotonic()  # the primary's last message (path watch)
 
     def recover(self) -> None:
         self.destager.recover()
@@ -88,7 +91,10 @@ class SecondaryGroup:
         """Start pulling, and destaging unless SSWS; returns the tasks, for the service to
         cancel."""
         self._task_group = tasks
-        self._tasks = [tasks.create_task(self._save_bitmaps_forever())]
+        self._tasks = [
+            tasks.create_task(self._save_bitmaps_forever()),
+            tasks.create_task(self._watch_path()),
+        ]
         if not self.writable:
             self._start_destaging()
         self._start_pulling()
@@ -161,6 +167,22 @@ class SecondaryGroup:
         self.save_bitmaps()
         log.info("the S-VOLs are read-only again: %s", why)
 
+    async def _watch_path(self) -> None:
+        """No answer from the primary for path_watch_s while paired: PSUE here too (the
+        primary suspends likewise). A primary that did not suspend is followed again once
+        it answers."""
+        while True:
+            await asyncio.sleep(WATCH_S)
+            silent_s = time.monotonic() - self.last_answer
+            watch_s = self.config.pair.path_watch_s
+            if self.record.state in _WATCHED and silent_s > watch_s:
+                self._mirror(
+                    PairState.PSUE,
+                    f"{LINK_LOST}: no answer from the primary for {silent_s:.1f} s "
+                    f"(path_watch_s {watch_s:g}): "
+                    + ("the connection is open but silent" if self.link_up else self.link_why),
+                )
+
     async def _save_bitmaps_forever(self) -> None:
         while True:
             await asyncio.sleep(BITMAP_SAVE_S)
@@ -190,6 +212,7 @@ class SecondaryGroup:
         return self.record.state.value, self.record.written_while_split
 
     async def welcomed(self, welcome: Welcome) -> int:
+        self.last_answer = time.monotonic()
         state = _state_named(welcome.state)
         new_generation = welcome.generation != self.record.generation
         if self.writable and not (new_generation and state is PairState.COPY):
@@ -224,6 +247,7 @@ class SecondaryGroup:
             self.save_bitmaps()
 
     async def received(self, batch: JournalBatch) -> None:
+        self.last_answer = time.monotonic()
         if self.writable:
             if batch.count and not self._ignored_records:
                 log.warning("SSWS: ignoring %d records the primary sent", batch.count)
@@ -386,6 +410,9 @@ class SecondaryGroup:
             return 0.0
         primary_now = time.time_ns() + self.primary_clock_offset_ns
         return max(0.0, (primary_now - stamp) / 1e9)
+
+
+_WATCHED = (PairState.COPY, PairState.PAIR, PairState.PFUL)
 
 
 def _primary_name(state: PairState) -> str:
