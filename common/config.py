@@ -267,8 +267,9 @@ class _Key:
     """One row of a section table: how to parse a YAML key and which dataclass field it fills.
 
     ``field`` None means the value is a mapping of fields merged into the enclosing section
-    (``listen.nbd`` fills Config.nbd_listen). A key outside ``roles`` is refused; an absent key
-    that is not required (or not allowed for this role) takes ``default``.
+    (``listen.nbd`` fills Config.nbd_listen). A key is required for ``roles`` and optional for
+    ``optional_for``, refused for any other role; an absent key that is not required takes
+    ``default``.
     """
 
     parse: _Parser
@@ -276,6 +277,7 @@ class _Key:
     required: bool = True
     default: object = None
     roles: frozenset[Role] = frozenset(ROLES)
+    optional_for: frozenset[Role] = frozenset()
 
 
 def _plain(parse: Callable[[object, str], object]) -> _Parser:
@@ -343,7 +345,7 @@ def _parse_fields(
         key = _join(prefix, name)
         allowed = ctx.role in row.roles
         if name in value:
-            if not allowed:
+            if not allowed and ctx.role not in row.optional_for:
                 only = "/".join(sorted(row.roles))
                 raise ConfigError(f"{key}: not allowed for role {ctx.role} ({only} only)")
             parsed = row.parse(value[name], key, ctx)
@@ -400,7 +402,13 @@ _JOURNAL_KEYS: dict[str, _Key] = {
 
 _LISTEN_KEYS: dict[str, _Key] = {
     "nbd": _Key(_plain(parse_address), "nbd_listen"),
-    "replication": _Key(_plain(parse_address), "replication_listen", roles=frozenset({"primary"})),
+    # A secondary may have it too: where it serves read-journal once a swap makes it primary.
+    "replication": _Key(
+        _plain(parse_address),
+        "replication_listen",
+        roles=frozenset({"primary"}),
+        optional_for=frozenset({"secondary"}),
+    ),
 }
 
 _PAIR_KEYS: dict[str, _Key] = {
@@ -419,7 +427,14 @@ _TOP_KEYS: dict[str, _Key] = {
     "group": _Key(_plain(_parse_name), "group"),
     "data_dir": _Key(_parse_path, "data_dir"),
     "listen": _Key(_section(_LISTEN_KEYS), None),
-    "primary": _Key(_plain(parse_address), "primary", roles=frozenset({"secondary"})),
+    # A primary may have it too: the other site's listen.replication, where this site pulls
+    # from once a swap makes it the secondary.
+    "primary": _Key(
+        _plain(parse_address),
+        "primary",
+        roles=frozenset({"secondary"}),
+        optional_for=frozenset({"primary"}),
+    ),
     "control": _Key(_parse_control, "control"),
     "journal": _Key(_section(_JOURNAL_KEYS, JournalConfig), "journal"),
     "volumes": _Key(_parse_volumes, "volumes"),

@@ -1,4 +1,11 @@
-"""What both daemons do to start and stop: config, volumes, NBD, signals."""
+"""What both daemons do to start and stop: config, volumes, NBD, signals, role switches.
+
+A site hosts one role at a time and persists which (pair.json); the config's `role` is only
+the role a fresh site starts in. Each program runs its own role: `primaryd` on a site that a
+swap made the secondary starts `secondaryd` in its place (exec: same pid, same arguments),
+and a service that swaps roles while running returns the new role, so the daemon stops
+cleanly and execs the other program. The role packages never import each other.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +13,17 @@ import argparse
 import asyncio
 import ctypes
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
 
 import uvloop
 
+from common import pairrecord
 from common.config import Config, ConfigError, check_volume_files, load_config
+from common.pairrecord import PairRecord, PairRecordError
+from common.pairstate import Role
 from common.volume import VolumeError
 
 log = logging.getLogger("journalpair")
@@ -42,7 +53,9 @@ class StartupError(Exception):
     """The daemon cannot start (corrupt journal, unreadable state...): one line, exit 1."""
 
 
-RoleService = Callable[[Config, asyncio.Event], Awaitable[None]]
+# Returns the role to switch to (a swap happened), or None once stopped by a signal.
+RoleService = Callable[[Config, asyncio.Event], Awaitable[Role | None]]
+PROGRAMS = {Role.PRIMARY: "primaryd", Role.SECONDARY: "secondaryd"}  # module = program name
 
 
 def run(prog: str, role: str, serve_role: RoleService, argv: list[str] | None = None) -> int:
@@ -56,30 +69,56 @@ def run(prog: str, role: str, serve_role: RoleService, argv: list[str] | None = 
     )
     try:
         config = load_config(args.config)
-        if config.role != role:
+        site_role = _site_role(config)
+        if site_role is None and config.role != role:
             raise ConfigError(f"role: config says {config.role}, this is {prog}")
         check_volume_files(config)
     except ConfigError as exc:
         print(f"{prog}: config error: {exc}", file=sys.stderr)
         return 2
+    if site_role is not None and site_role.value != role:
+        log.info("this site is the %s (persisted in pair.json)", site_role.value)
+        _become(site_role, args.config)
     _keep_big_buffers_in_the_heap()
     try:
-        return uvloop.run(_serve(config, serve_role))
+        switch_to = uvloop.run(_serve(config, serve_role))
     except VolumeError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     except StartupError as exc:
         print(f"{prog}: cannot start: {exc}", file=sys.stderr)
         return 1
+    if switch_to is not None:
+        _become(switch_to, args.config)
+    return 0
 
 
-async def _serve(config: Config, serve_role: RoleService) -> int:
-    """Run the role's service until SIGTERM/SIGINT."""
+def _site_role(config: Config) -> Role | None:
+    """The role persisted in pair.json, None for a fresh site (or an unreadable file: the
+    service reports that)."""
+    if not (config.data_dir / pairrecord.FILE_NAME).exists():
+        return None
+    try:
+        return PairRecord.load(config.data_dir, Role(config.role)).role
+    except PairRecordError:
+        return None
+
+
+def _become(role: Role, config_path: str) -> None:
+    """Replace this process with the daemon of `role` (same pid: supervisors keep it)."""
+    program = PROGRAMS[role]
+    log.info("starting %s in this process", program)
+    logging.shutdown()
+    os.execv(sys.executable, [sys.executable, "-m", program, "--config", config_path])
+
+
+async def _serve(config: Config, serve_role: RoleService) -> Role | None:
+    """Run the role's service until SIGTERM/SIGINT, or until it switched roles."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    await serve_role(config, stop)
-    log.info("stopped")
-    return 0
+    switch_to = await serve_role(config, stop)
+    log.info("stopped" if switch_to is None else f"stopped: this site is now the {switch_to}")
+    return switch_to

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -103,6 +104,16 @@ def _not_here(verb: str) -> Handler:
         raise ControlRefused(f"cannot {verb}: not supported by this version yet")
 
     return refuse
+
+
+async def until_either(stop: asyncio.Event, switching: asyncio.Event) -> None:
+    """Until a signal asks the daemon to stop, or a swap asks it to switch roles."""
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(switching.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 def close_volumes(volumes: Mapping[str, Volume]) -> None:

@@ -4,6 +4,7 @@
               ── ReadJournal ────► group.read_journal()  ──► JournalBatch (now, or after a
                                                              bounded long poll) | Refuse
               ── ReportBitmap ───► group.report_bitmap() ──► BitmapTaken | Refuse
+              ── SwapRequest ────► group.swap()          ──► SwapAnswer | Refuse
 One request is outstanding at a time (the core enforces it), so one task per connection
 answers it. A peer that breaks the protocol is logged and dropped; others carry on.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from typing import Protocol, cast
 
 from common.replication.messages import (
@@ -21,6 +23,8 @@ from common.replication.messages import (
     ReadJournal,
     Refuse,
     ReportBitmap,
+    SwapAnswer,
+    SwapRequest,
     Welcome,
 )
 from common.replication.protocol import (
@@ -39,6 +43,7 @@ class JournalSource(Protocol):
     def welcome(self, hello: Hello, peer: str) -> Welcome | Refuse: ...
     async def read_journal(self, request: ReadJournal) -> JournalBatch | Refuse: ...
     def report_bitmap(self, report: ReportBitmap) -> BitmapTaken | Refuse: ...
+    async def swap(self, request: SwapRequest) -> SwapAnswer | Refuse: ...
     def link_closed(self, peer: str) -> None: ...
 
 
@@ -97,7 +102,9 @@ class FeederConnection(asyncio.Protocol):
                     log.warning("refused secondary %s: %s", self.peer, answer.reason)
                     self.close()
             elif isinstance(event, ReadJournal):
-                self._answering = asyncio.get_running_loop().create_task(self._answer(event))
+                self._answer_later(self._server.source.read_journal(event))
+            elif isinstance(event, SwapRequest):
+                self._answer_later(self._server.source.swap(event))
             elif isinstance(event, ReportBitmap):
                 taken = self._server.source.report_bitmap(event)
                 self._send(taken)
@@ -105,8 +112,11 @@ class FeederConnection(asyncio.Protocol):
                     log.warning("refused secondary %s: %s", self.peer, taken.reason)
                     self.close()
 
-    async def _answer(self, request: ReadJournal) -> None:
-        answer = await self._server.source.read_journal(request)
+    def _answer_later(self, answering: Awaitable[JournalBatch | SwapAnswer | Refuse]) -> None:
+        self._answering = asyncio.get_running_loop().create_task(self._answer(answering))
+
+    async def _answer(self, answering: Awaitable[JournalBatch | SwapAnswer | Refuse]) -> None:
+        answer = await answering
         if self._core.state is not State.WAITING:
             return  # the secondary went away meanwhile
         self._send(answer)
@@ -114,7 +124,7 @@ class FeederConnection(asyncio.Protocol):
             log.warning("refused secondary %s: %s", self.peer, answer.reason)
             self.close()
 
-    def _send(self, message: Welcome | Refuse | JournalBatch | BitmapTaken) -> None:
+    def _send(self, message: Welcome | Refuse | JournalBatch | BitmapTaken | SwapAnswer) -> None:
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(self._core.send(message))
 

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from common.bitmap import BitmapError, DifferenceBitmap, load_bitmaps, save_bitmaps
@@ -49,6 +49,9 @@ from common.replication.messages import (
     Refuse,
     RefuseCode,
     ReportBitmap,
+    SwapAnswer,
+    SwapKind,
+    SwapRequest,
     VolumeDesc,
     Welcome,
 )
@@ -67,6 +70,8 @@ WATCH_S = 0.1  # how often journal use (PFUL) and the path watch (PSUE) are look
 LINK_LOST = "link lost"  # the reason of a path-watch suspension starts so (auto-resync)
 COPY_WINDOW_FRACTION = 0.5  # the copy waits while the journal is fuller than this
 NO_GENERATION = "none"  # Welcome needs a non-empty generation; SMPL has none
+SWAP_COMMIT_S = 120.0  # a takeover swap not committed by then: hosts may write here again
+SWITCH_DELAY_S = 0.2  # lets the answer that decided a role switch reach its asker first
 
 
 class PrimaryGroup:
@@ -103,6 +108,11 @@ class PrimaryGroup:
         self.peer_written = False  # hosts wrote the S-VOLs while SSWS (its last Hello)
         self.last_contact = time.monotonic()  # the secondary's last request (path watch)
         self._reported: set[str] = set()  # volumes whose bitmap came in this generation
+        # Hosts may write the P-VOLs (True) or not (a swap is under way); set by the service.
+        self.host_access: Callable[[bool], None] = lambda allowed: None
+        self._swap_timer: asyncio.TimerHandle | None = None
+        self.switch_to: Role | None = None  # a swap made this site the secondary
+        self.switching = asyncio.Event()
         self._all_reported = asyncio.Event()
         self.journal.mode = _mode_for(record.state)
 
@@ -114,6 +124,8 @@ class PrimaryGroup:
         self._watch_task = tasks.create_task(self._watch())
         listen = self.config.replication_listen
         assert listen is not None, "the config loader requires listen.replication on a primary"
+        if not self.record.generation and self.record.state is not PairState.SMPL:
+            self._after_swap()
         host, port = await self.feeder.start(listen.host, listen.port)
         log.info(
             "group %s: %s, journal seq %d..%d, read-journal on %s:%d",
@@ -450,6 +462,93 @@ class PrimaryGroup:
                 self.record.written_while_split = True
                 log.info("hosts write the P-VOLs while the pair is split")
                 await self._saver.save(self.record)
+
+    # -- role swaps (asked by the secondary: resync --swap, takeover) -------------------------
+
+    async def swap(self, request: SwapRequest) -> SwapAnswer | Refuse:
+        try:
+            return self._swap_step(request.kind)
+        except Refused as exc:
+            return Refuse(RefuseCode.BAD_REQUEST, str(exc))
+        except ControlRefused as exc:
+            return Refuse(RefuseCode.BAD_REQUEST, exc.reason)
+
+    def _swap_step(self, kind: SwapKind) -> SwapAnswer:
+        record = self.record
+        if kind is SwapKind.COMMIT:
+            if self._swap_timer is None:
+                raise ControlRefused("cannot commit a swap: no takeover is under way here")
+            self._swap_timer.cancel()
+            self._swap_timer = None
+            self._become_secondary(PairState.PAIR, "takeover (swap) by the secondary")
+            return SwapAnswer(kind, self.store.last_seq)
+        inp = PairInput.RESYNC_SWAP if kind is SwapKind.RESYNC else PairInput.TAKEOVER_SWAP
+        state = next_state(Role.PRIMARY, record.state, inp)
+        if self.config.primary is None:
+            raise ControlRefused(
+                f"cannot {kind.value}: this site cannot become the secondary: its config has "
+                "no primary: address (the other site's listen.replication)"
+            )
+        if kind is SwapKind.RESYNC:
+            if self.peer_state != PairState.SSWS.value:
+                raise ControlRefused("cannot resync --swap: the secondary is not SSWS")
+            self.host_access(False)  # the P-VOLs become S-VOLs
+            self._save_bitmaps()  # what hosts wrote here while split: reported to the new primary
+            self._become_secondary(state, "resync --swap by the secondary")
+            return SwapAnswer(kind, self.store.last_seq)
+        # TAKEOVER: no host write after this point, so the secondary can apply all of them.
+        self.host_access(False)
+        self.journal.flush_records()
+        loop = asyncio.get_running_loop()
+        self._swap_timer = loop.call_later(SWAP_COMMIT_S, self._swap_abandoned)
+        log.warning(
+            "takeover (swap) asked by the secondary: host writes stopped at seq %d until it "
+            "has applied them (at most %.0f s)",
+            self.store.last_seq,
+            SWAP_COMMIT_S,
+        )
+        return SwapAnswer(kind, self.store.last_seq)
+
+    def _swap_abandoned(self) -> None:
+        self._swap_timer = None
+        log.error(
+            "the takeover (swap) was not committed in %.0f s: hosts write here again", SWAP_COMMIT_S
+        )
+        self.host_access(True)
+
+    def _become_secondary(self, state: PairState, reason: str) -> None:
+        """Persist the secondary role (invariant 6), then stop and restart as secondaryd. The
+        new primary starts a new generation: generation "" takes whatever it sends."""
+        if self._copy_task is not None:
+            self._copy_task.cancel()
+        record, old = self.record, self.record.state
+        record.role, record.state, record.reason = Role.SECONDARY, state, reason
+        record.generation = ""
+        record.start_seq, record.copy_end_seq, record.copy_total_bytes = 1, 0, 0
+        record.applied_seq = record.destage_intent_seq = 0
+        record.svol_consistent = state is PairState.PAIR  # a takeover swap: volumes are equal
+        record.svol_writable = record.written_while_split = False
+        self._save_record()
+        self.events.emit(
+            old.value,
+            state.value,
+            f"{reason}: this site is the secondary now",
+            new_role="secondary",
+        )
+        log.warning("%s: this site becomes the secondary", reason)
+        self.switch_to = Role.SECONDARY
+        asyncio.get_running_loop().call_later(SWITCH_DELAY_S, self.switching.set)
+
+    def _after_swap(self) -> None:
+        """First start as the primary after a swap (generation ""): a new generation; the
+        master journal of an earlier stint here is dropped. From COPY the regions this site
+        wrote as SSWS, and those the old primary reports, are copied."""
+        state = self.record.state
+        log.info("first start as the primary after a swap: new journal generation")
+        self._new_generation(self._dirty_bytes())
+        self.record.svol_consistent = state is PairState.PAIR
+        self.journal.mode = _mode_for(state)
+        self._save_record()
 
     async def _auto_resync(self) -> None:
         """pair.auto_resync: the link is back after a path-watch suspension."""

@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 from common.config import Config
+from common.daemon import StartupError
 from common.nbd.server import NbdServer
 from common.pairstate import Role
 from common.runmarker import LastStop, mark_running, mark_stopped
@@ -17,13 +18,19 @@ from common.service import (
     load_record,
     open_journal,
     open_volumes,
+    until_either,
 )
 from primaryd.group import PrimaryGroup
 
 log = logging.getLogger("journalpair")
 
 
-async def serve(config: Config, stop: asyncio.Event) -> None:
+async def serve(config: Config, stop: asyncio.Event) -> Role | None:
+    if config.replication_listen is None:
+        raise StartupError(
+            "this site is the primary (a swap made it so) but its config has no "
+            "listen.replication address to serve the secondary on"
+        )
     volumes = open_volumes(config, read_only=False)
     record = load_record(config, Role.PRIMARY)
     store = open_journal(config.data_dir / "journal", config.journal.capacity)
@@ -34,6 +41,9 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     if group.last_stop is not LastStop.CLEAN:
         log.warning("the last stop was not clean (%s)", group.last_stop.value)
     nbd = NbdServer(volumes, journal=group.journal)
+    group.host_access = lambda allowed: (
+        nbd.set_writable(group.journal) if allowed else nbd.set_read_only()
+    )
 
     operations = {
         "create": group.create,
@@ -51,7 +61,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             "group %s: serving %s over NBD on %s:%d", config.group, ", ".join(volumes), host, port
         )
         await control.start()
-        await stop.wait()
+        await until_either(stop, group.switching)
         log.info("stopping: answering in-flight requests")
         await nbd.stop()
         await control.stop()
@@ -63,3 +73,4 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     store.close()
     close_volumes(volumes)
     mark_stopped(config.data_dir)
+    return group.switch_to

@@ -28,15 +28,26 @@ from common.events import EventLog
 from common.journal.store import JournalStore
 from common.pairrecord import PairRecord, RecordSaver
 from common.pairstate import PairInput, PairState, Refused, Role, next_state
-from common.replication.messages import JournalBatch, ReportBitmap, VolumeDesc, Welcome
+from common.replication.messages import (
+    JournalBatch,
+    ReportBitmap,
+    SwapAnswer,
+    SwapKind,
+    SwapRequest,
+    VolumeDesc,
+    Welcome,
+)
 from common.volume import Volume
 from secondaryd.destager import Destager
-from secondaryd.puller import pull_forever
+from secondaryd.puller import SwapRefused, pull_forever
 from secondaryd.writable import BitmapMarker
 
 log = logging.getLogger("journalpair.secondary")
 
 BITMAP_SAVE_S = 1.0
+SWAP_ANSWER_S = 30.0  # the primary answers a swap step within this, or the swap is off
+SWAP_DRAIN_S = 60.0  # a takeover swap applies the primary's last writes within this
+SWITCH_DELAY_S = 0.2  # lets pairctl's answer out before the daemon restarts in its new role
 WATCH_S = 0.1  # how often the path watch looks at the primary's silence
 LINK_LOST = "link lost"
 
@@ -74,12 +85,24 @@ class SecondaryGroup:
         self._pulling: asyncio.Task[None] | None = None
         self._destaging: asyncio.Task[None] | None = None
         self._ignored_records = 0
+        self._asking: tuple[SwapRequest, asyncio.Future[SwapAnswer]] | None = None
+        self.switch_to: Role | None = None  # a swap made this site the primary
+        self.switching = asyncio.Event()
         self.link_up = False
         self.link_why = "not connected yet"
         self.link_since = time.time()
         self.last_answer = time.monotonic()  # the primary's last message (path watch)
 
     def recover(self) -> None:
+        if not self.record.generation and self.store.last_seq >= self.store.first_seq:
+            # A swap made this site the secondary: a restore journal from an earlier stint
+            # here must not reach the volumes; the new primary's generation starts afresh.
+            log.info("dropping the restore journal of an earlier generation")
+            self.store.reset(self.store.next_seq)
+            self.record.applied_seq = self.record.destage_intent_seq = self.store.last_seq
+            self.saver.save_now(self.record)
+            self.restored_seq = self.primary_last_seq = self.store.last_seq
+            self.destager.reset(self.store.last_seq)
         self.destager.recover()
 
     @property
@@ -112,13 +135,11 @@ class SecondaryGroup:
         self._tasks.append(self._destaging)
 
     async def takeover(self, args: Mapping[str, Any]) -> Mapping[str, Any]:
-        """The primary site is lost: destage everything restored, and let hosts write the
-        S-VOLs (SSWS). Exit code 2, as HUR's horctakeover for an S-VOL takeover."""
+        """horctakeover: a swap when the primary answers (exit code 1), else the primary site
+        is lost: destage everything restored, and let hosts write the S-VOLs (SSWS, exit
+        code 2)."""
         if self.link_up:
-            raise ControlRefused(
-                "cannot takeover: the primary answers (a swap takeover is not supported yet); "
-                "split on the primary, or stop it, first"
-            )
+            return await self._takeover_swap()
         try:
             state = next_state(
                 Role.SECONDARY,
@@ -138,6 +159,102 @@ class SecondaryGroup:
             "message": f"takeover: the S-VOLs are read-write (SSWS), consistent at seq {applied}",
             "exit_code": 2,
         }
+
+    async def resync(self, args: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Only `resync --swap` runs here (SSWS): this site becomes the primary and copies
+        what either site changed to the old primary, which becomes its secondary."""
+        if not args.get("swap"):
+            raise ControlRefused("cannot resync here: run resync on the primary, or resync --swap")
+        state = self._next(PairInput.RESYNC_SWAP)
+        self._check_can_be_primary("resync --swap")
+        await self._ask(SwapKind.RESYNC)
+        self._become_primary(state, "resync --swap by operator")
+        return {
+            "message": f"pair {self.group}: this site is the primary now (COPY): it copies what "
+            "either site changed to the old primary, its secondary"
+        }
+
+    async def _takeover_swap(self) -> Mapping[str, Any]:
+        """The primary answers: it stops host writes, this site applies all of them, then
+        the roles swap. No acknowledged write is lost."""
+        state = self._next(PairInput.TAKEOVER_SWAP)
+        self._check_can_be_primary("takeover")
+        last = await self._ask(SwapKind.TAKEOVER)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SWAP_DRAIN_S
+        while self.destager.applied_seq < last.last_seq:
+            if loop.time() > deadline or self.destager.error or not self.link_up:
+                raise ControlRefused(
+                    f"cannot takeover: applied only up to seq {self.destager.applied_seq} of "
+                    f"{last.last_seq}; the primary lets hosts write again after a while"
+                )
+            self.destager.kick()
+            await asyncio.sleep(0.01)
+        await self.destager.checkpoint()
+        await self._ask(SwapKind.COMMIT)
+        self._become_primary(state, f"takeover (swap) by operator at seq {last.last_seq}")
+        return {
+            "message": f"takeover (swap): this site is the primary now, with every write up to "
+            f"seq {last.last_seq}; the old primary is its secondary",
+            "exit_code": 1,
+        }
+
+    def _next(self, inp: PairInput) -> PairState:
+        try:
+            return next_state(
+                Role.SECONDARY, self.record.state, inp, svol_consistent=self.record.svol_consistent
+            )
+        except Refused as exc:
+            raise ControlRefused(str(exc)) from None
+
+    def _check_can_be_primary(self, verb: str) -> None:
+        if self.config.replication_listen is None:
+            raise ControlRefused(
+                f"cannot {verb}: this site cannot become the primary: its config has no "
+                "listen.replication address"
+            )
+        if not self.link_up:
+            raise ControlRefused(f"cannot {verb}: the primary does not answer ({self.link_why})")
+
+    async def _ask(self, kind: SwapKind) -> SwapAnswer:
+        """One swap step, sent by the pull loop before its next request."""
+        if self._asking is not None:
+            raise ControlRefused(f"cannot {kind.value}: another swap step is under way")
+        answered: asyncio.Future[SwapAnswer] = asyncio.get_running_loop().create_future()
+        self._asking = (SwapRequest(kind), answered)
+        try:
+            async with asyncio.timeout(SWAP_ANSWER_S):
+                return await answered
+        except SwapRefused as exc:
+            raise ControlRefused(f"the primary refused the swap: {exc}") from None
+        except TimeoutError:
+            raise ControlRefused(
+                f"the primary did not answer the swap in {SWAP_ANSWER_S:.0f} s"
+            ) from None
+        finally:
+            self._asking = None
+
+    def next_request(self) -> tuple[SwapRequest, asyncio.Future[SwapAnswer]] | None:
+        asking = self._asking
+        return asking if asking is not None and not asking[1].done() else None
+
+    def _become_primary(self, state: PairState, reason: str) -> None:
+        """Persist the primary role (invariant 6), then stop and restart as primaryd, which
+        starts a new generation (generation "")."""
+        record, old = self.record, self.record.state
+        record.role, record.state, record.reason = Role.PRIMARY, state, reason
+        record.generation = ""
+        record.start_seq, record.copy_end_seq, record.copy_total_bytes = 1, 0, 0
+        record.svol_consistent = state is PairState.PAIR
+        record.svol_writable = record.written_while_split = False
+        self.save_bitmaps()  # what hosts wrote here (SSWS): the new primary copies it
+        self.saver.save_now(record)
+        self.events.emit(
+            old.value, state.value, f"{reason}: this site is the primary now", new_role="primary"
+        )
+        log.warning("%s: this site becomes the primary", reason)
+        self.switch_to = Role.PRIMARY
+        asyncio.get_running_loop().call_later(SWITCH_DELAY_S, self.switching.set)
 
     async def _become_writable(self, state: PairState, reason: str) -> int:
         """Everything restored goes onto the S-VOLs, then SSWS is persisted and hosts may
@@ -385,6 +502,9 @@ class SecondaryGroup:
     def _mirror(self, state: PairState, reason: str) -> None:
         old = self.record.state
         if old is state:
+            if state is PairState.PAIR and not self.record.svol_consistent:
+                self.record.svol_consistent = True  # a takeover swap's new generation
+                self.saver.save_now(self.record)
             return
         self.record.state, self.record.reason = state, reason
         if state is PairState.PAIR:

@@ -5,6 +5,7 @@
                goes on from restored+1; another one resets the restore journal to start_seq
             ◄─ Refuse(code, reason) ─► logged, shown in display, retried with backoff
             ─► ReportBitmap per volume ◄─ BitmapTaken ─► sink.bitmap_taken(): cleared here
+    loop:   ─► SwapRequest, when the group asked for one ◄─ SwapAnswer | Refuse ─► its future
     loop:   ─► ReadJournal(from, limits, restored, applied)
             ◄─ JournalBatch ─► sink.received(): restore journal append + fdatasync,
                                 then `restored` moves on (and rides on the next request)
@@ -27,6 +28,8 @@ from common.replication.messages import (
     ReadJournal,
     Refuse,
     ReportBitmap,
+    SwapAnswer,
+    SwapRequest,
     VolumeDesc,
     Welcome,
 )
@@ -68,6 +71,10 @@ class PullSink(Protocol):
         """What to hand over to the primary after Welcome (nothing while writable)."""
 
     def bitmap_taken(self, report: ReportBitmap) -> None: ...
+
+    def next_request(self) -> tuple[SwapRequest, asyncio.Future[SwapAnswer]] | None:
+        """A swap step to ask the primary before the next ReadJournal, and where its answer
+        goes (a Refuse, or a dropped link, becomes the future's exception)."""
 
     async def received(self, batch: JournalBatch) -> None: ...
     def link(self, up: bool, why: str) -> None: ...
@@ -129,6 +136,9 @@ async def _pull_once(primary: Address, sink: PullSink, welcomed: list[bool]) -> 
             sink.bitmap_taken(report)
         sink.link(True, f"connected to {primary.host}:{primary.port}")
         while True:
+            asked = sink.next_request()
+            if asked is not None:
+                await _ask(core, reader, writer, *asked)
             _generation, restored, applied = sink.position()
             # While the destager works, ask again soon: the primary learns `applied` only from
             # requests (lag, COPY -> PAIR); when caught up, a long poll costs nothing.
@@ -145,6 +155,31 @@ async def _pull_once(primary: Address, sink: PullSink, welcomed: list[bool]) -> 
             from_seq += answer.count
     finally:
         writer.close()
+
+
+class SwapRefused(Exception):
+    """The primary refused a swap step: str() is its reason."""
+
+
+async def _ask(
+    core: ReplicationConnection,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    request: SwapRequest,
+    answered: asyncio.Future[SwapAnswer],
+) -> None:
+    try:
+        writer.write(core.send(request))
+        answer = await _next_message(core, reader)
+    except BaseException as exc:
+        if not answered.done():
+            answered.set_exception(SwapRefused(f"the link dropped: {_why(exc)}"))
+        raise
+    if isinstance(answer, Refuse):
+        answered.set_exception(SwapRefused(answer.reason))
+        raise LinkDown(f"primary refused ({answer.code}): {answer.reason}")
+    assert isinstance(answer, SwapAnswer)
+    answered.set_result(answer)
 
 
 async def _next_message(core: ReplicationConnection, reader: asyncio.StreamReader) -> Message:

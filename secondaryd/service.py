@@ -7,6 +7,7 @@ import contextlib
 import logging
 
 from common.config import Config
+from common.daemon import StartupError
 from common.nbd.server import NbdServer
 from common.pairstate import Role
 from common.service import (
@@ -17,13 +18,19 @@ from common.service import (
     load_record,
     open_journal,
     open_volumes,
+    until_either,
 )
 from secondaryd.group import SecondaryGroup
 
 log = logging.getLogger("journalpair")
 
 
-async def serve(config: Config, stop: asyncio.Event) -> None:
+async def serve(config: Config, stop: asyncio.Event) -> Role | None:
+    if config.primary is None:
+        raise StartupError(
+            "this site is the secondary (a swap made it so) but its config has no primary: "
+            "address (the other site's listen.replication) to pull from"
+        )
     volumes = open_volumes(config, read_only=False)
     record = load_record(config, Role.SECONDARY)
     store = open_journal(config.data_dir / "restore", config.journal.capacity)
@@ -37,7 +44,9 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     if group.writable:
         nbd.set_writable(group.marker)
 
-    control = control_server(config, events, group.display, {"takeover": group.takeover})
+    control = control_server(
+        config, events, group.display, {"takeover": group.takeover, "resync": group.resync}
+    )
     async with asyncio.TaskGroup() as tasks:
         if hooks is not None:
             hooks.start(tasks)
@@ -52,7 +61,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             port,
         )
         await control.start()
-        await stop.wait()
+        await until_either(stop, group.switching)
         log.info("stopping")
         for task in running:
             task.cancel()
@@ -66,3 +75,4 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             await hooks.stop()  # after the group's last transition
     store.close()
     close_volumes(volumes)
+    return group.switch_to

@@ -11,6 +11,8 @@ the peer is theirs (RemoteProtocolError). Either error names the message and the
               ◄── JournalBatch | Refuse
               ── ReportBitmap ►                 (after Welcome: one per volume)
               ◄── BitmapTaken | Refuse
+              ── SwapRequest ─►                 (resync --swap, takeover: the roles change)
+              ◄── SwapAnswer | Refuse
 """
 
 from __future__ import annotations
@@ -215,6 +217,51 @@ class BitmapTaken(_Message):
         _text("volume", self.volume, empty=False)
 
 
+class SwapKind(enum.StrEnum):
+    """The steps of a role swap the secondary asks for (see primaryd.group / secondaryd.group).
+
+    RESYNC: the secondary is SSWS and becomes the primary; the primary becomes its secondary.
+    TAKEOVER: the pair is PAIR; the primary stops host writes and answers its last seq, which
+    the secondary then applies before it asks COMMIT, when the primary becomes the secondary.
+    """
+
+    RESYNC = "resync"
+    TAKEOVER = "takeover"
+    COMMIT = "commit"
+
+
+_SWAP_KINDS: Final = frozenset(kind.value for kind in SwapKind)
+
+
+@dataclass(frozen=True, slots=True)
+class SwapRequest(_Message):
+    """Secondary -> primary: one step of a role swap."""
+
+    kind: SwapKind
+
+    def _validate(self) -> None:
+        _swap_kind(self)
+
+
+@dataclass(frozen=True, slots=True)
+class SwapAnswer(_Message):
+    """Primary -> secondary, answers SwapRequest: done; last_seq is the primary's last journal
+    seq (for TAKEOVER: no host write comes after it)."""
+
+    kind: SwapKind
+    last_seq: int
+
+    def _validate(self) -> None:
+        _swap_kind(self)
+        _uint("last_seq", self.last_seq)
+
+
+def _swap_kind(message: SwapRequest | SwapAnswer) -> None:
+    if not isinstance(message.kind, str) or message.kind not in _SWAP_KINDS:
+        raise LocalProtocolError(f"kind {message.kind!r} is not one of {[*SwapKind]}")
+    object.__setattr__(message, "kind", SwapKind(message.kind))
+
+
 @dataclass(frozen=True, slots=True)
 class Welcome(_Message):
     """Primary -> secondary, answers Hello.
@@ -330,7 +377,17 @@ def _positions(restored_seq: object, applied_seq: object) -> None:
         raise LocalProtocolError(f"applied_seq {applied_seq} > restored_seq {restored_seq}")
 
 
-Message = Hello | ReadJournal | Welcome | Refuse | JournalBatch | ReportBitmap | BitmapTaken
+Message = (
+    Hello
+    | ReadJournal
+    | Welcome
+    | Refuse
+    | JournalBatch
+    | ReportBitmap
+    | BitmapTaken
+    | SwapRequest
+    | SwapAnswer
+)
 MESSAGE_TYPES: Final = (
     Hello,
     ReadJournal,
@@ -339,6 +396,8 @@ MESSAGE_TYPES: Final = (
     JournalBatch,
     ReportBitmap,
     BitmapTaken,
+    SwapRequest,
+    SwapAnswer,
 )
 _BY_NAME: Final[dict[str, type[Message]]] = {cls.__name__: cls for cls in MESSAGE_TYPES}
 _FIELDS: Final[dict[type[Message], tuple[str, ...]]] = {
@@ -379,7 +438,7 @@ def _wire_items(message: Message) -> list[tuple[str, object]]:
         value = getattr(message, name)
         if name == "volumes":
             value = [{"name": v.name, "size": v.size} for v in value]
-        elif isinstance(value, RefuseCode):
+        elif isinstance(value, RefuseCode | SwapKind):
             value = value.value
         items.append((name, value))
     return items

@@ -8,6 +8,8 @@
              (count 0 = the long poll timed out)
     IDLE     ── ReportBitmap(volume, bitmap) ─────────► IDLE ─► WAITING
     WAITING  ◄───────────────────── BitmapTaken | Refuse  WAITING ─► IDLE | CLOSED
+    IDLE     ── SwapRequest(kind) ────────────────────► IDLE ─► WAITING
+    WAITING  ◄──────────────────────── SwapAnswer | Refuse  WAITING ─► IDLE | CLOSED
 
 Both ends run the same class; `side` says which one we are. Frame = 4-byte big-endian length
 + one msgpack map (see messages). Request/response only: at most one frame is ever in flight
@@ -35,6 +37,8 @@ from common.replication.messages import (
     Refuse,
     RemoteProtocolError,
     ReportBitmap,
+    SwapAnswer,
+    SwapRequest,
     Welcome,
     decode,
     encode_chunks,
@@ -132,6 +136,8 @@ _TRANSITIONS: Final[dict[tuple[State, type[Message]], State]] = {
     (State.WAITING, JournalBatch): State.IDLE,
     (State.IDLE, ReportBitmap): State.WAITING,
     (State.WAITING, BitmapTaken): State.IDLE,
+    (State.IDLE, SwapRequest): State.WAITING,
+    (State.WAITING, SwapAnswer): State.IDLE,
     (State.WAITING, Refuse): State.CLOSED,
     (State.ERROR, Refuse): State.CLOSED,
 }
@@ -143,6 +149,8 @@ _SENDER: Final[dict[type[Message], Side]] = {
     JournalBatch: Side.PRIMARY,
     ReportBitmap: Side.SECONDARY,
     BitmapTaken: Side.PRIMARY,
+    SwapRequest: Side.SECONDARY,
+    SwapAnswer: Side.PRIMARY,
 }
 _ProtocolError = type[LocalProtocolError] | type[RemoteProtocolError]
 
@@ -169,7 +177,7 @@ class ReplicationConnection:
         self._eof = False
         self._error: RemoteProtocolError | None = None
         self._hello: Hello | None = None
-        self._request: ReadJournal | ReportBitmap | None = None
+        self._request: ReadJournal | ReportBitmap | SwapRequest | None = None
 
     def _frame_limit(self, side: Side) -> int:
         if side is Side.SECONDARY:
@@ -186,7 +194,7 @@ class ReplicationConnection:
         return self._hello
 
     @property
-    def request(self) -> ReadJournal | ReportBitmap | None:
+    def request(self) -> ReadJournal | ReportBitmap | SwapRequest | None:
         """The outstanding request while WAITING (what the primary must answer)."""
         return self._request
 
@@ -323,12 +331,17 @@ class ReplicationConnection:
                 return "answers no ReportBitmap"
             if message.volume != self._request.volume:
                 return f"volume {message.volume!r} does not answer {self._request.volume!r}"
+        if isinstance(message, SwapAnswer):
+            if not isinstance(self._request, SwapRequest):
+                return "answers no SwapRequest"
+            if message.kind != self._request.kind:
+                return f"kind {message.kind} does not answer {self._request.kind}"
         return None
 
     def _commit(self, message: Message, next_state: State) -> None:
         if isinstance(message, Hello):
             self._hello = message
-        elif isinstance(message, ReadJournal | ReportBitmap):
+        elif isinstance(message, ReadJournal | ReportBitmap | SwapRequest):
             self._request = message
         else:
             self._request = None

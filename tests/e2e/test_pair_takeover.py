@@ -51,12 +51,16 @@ def test_takeover_after_the_primary_is_killed_mid_load_serves_a_prefix_read_writ
     qemu_io(secondary.uri("vol1"), "write -P 0x7f 0 4k")
 
 
-def test_takeover_is_refused_while_the_primary_answers(daemons: Daemons) -> None:
+def test_a_swap_takeover_is_refused_when_this_site_cannot_serve_as_primary(
+    daemons: Daemons,
+) -> None:
+    """The primary answers, so takeover swaps roles; without listen.replication in this
+    site's config it cannot, and nothing changes (test_pair_swap has the swap itself)."""
     primary, secondary = daemons.start_pair(VOLUMES)
     create_pair(primary, secondary)
     proc = pairctl(secondary, "takeover", check=False)
     assert proc.returncode == 1
-    assert "the primary answers" in proc.stderr
+    assert "cannot become the primary: its config has no listen.replication" in proc.stderr
     assert display(secondary)["state"] == "PAIR"
     proc = qemu_io(secondary.uri("vol0"), "write -P 0x1 0 4k", check=False)
     assert proc.returncode != 0, "the S-VOL must stay read-only"

@@ -312,8 +312,6 @@ LISTEN = "listen:\n  nbd: 127.0.0.1:10809\n  replication: 127.0.0.1:7410\n"
         ("role: primary", "role: master", "role: must be primary or secondary"),
         ("role: primary", "role: [primary]", "role: must be primary or secondary"),
         ("role: primary\n", "", "role: missing"),
-        # a key of the other role
-        ("group: jg0\n", "group: jg0\nprimary: 127.0.0.1:7410\n", "primary: not allowed"),
         # wrong types
         ("group: jg0", "group: 7", "group: expected a string, got integer"),
         ("data_dir: data", "data_dir: [a, b]", "data_dir: expected a string, got list"),
@@ -376,10 +374,12 @@ def test_volume_list_errors(tmp_path: Path, volumes: str, expected: str) -> None
     assert message.startswith(expected), message
 
 
-def test_secondary_refuses_replication_listen(tmp_path: Path) -> None:
+def test_each_role_may_name_the_address_it_needs_after_a_swap(tmp_path: Path) -> None:
+    """listen.replication on a secondary, primary: on a primary: optional, for a swap."""
     text = edit(SECONDARY, '  nbd: "[::1]:10810"\n', '  nbd: "[::1]:10810"\n  replication: h:1\n')
-    message = error_of(tmp_path, text)
-    assert message.startswith("listen.replication: not allowed for role secondary"), message
+    assert load_text(tmp_path, text).replication_listen == Address("h", 1)
+    text = edit(PRIMARY, "group: jg0\n", "group: jg0\nprimary: 127.0.0.2:7410\n")
+    assert load_text(tmp_path, text).primary == Address("127.0.0.2", 7410)
 
 
 def test_secondary_requires_primary(tmp_path: Path) -> None:
