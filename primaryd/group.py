@@ -295,7 +295,21 @@ class PrimaryGroup:
         self.link_peer, self.link_since = peer, time.time()
         self.restored_seq, self.applied_seq = hello.restored_seq, hello.applied_seq
         self.peer_state, self.peer_written = hello.state, hello.svol_written
-        if (
+        if hello.state == PairState.SMPL.value and self.record.state in (
+            PairState.PAIR,
+            PairState.PFUL,
+        ):
+            # Not paired there (a new or wiped secondary site): nothing of its volumes is known.
+            log.error(
+                "the secondary at %s is SMPL while this pair is %s: suspending, every region "
+                "marked; resync copies the whole volumes",
+                peer,
+                self.record.state.value,
+            )
+            for bitmap in self.bitmaps.values():
+                bitmap.mark_all()
+            self._suspend(self._next(PairInput.LINK_LOST), "the secondary is not paired (SMPL)")
+        elif (
             hello.state == PairState.SSWS.value
             and hello.generation == self.record.generation
             and journals_writes(self.record.state)
@@ -371,6 +385,7 @@ class PrimaryGroup:
             self.last_contact = time.monotonic()  # a long poll is contact too
 
     async def _read_journal(self, request: ReadJournal) -> JournalBatch | Refuse:
+        self.peer_written = self.peer_written or request.svol_written
         self._secondary_position(request.restored_seq, request.applied_seq)
         store = self.store
         if not store.first_seq <= request.from_seq <= store.next_seq and is_suspended(

@@ -85,6 +85,8 @@ class SecondaryGroup:
         self._pulling: asyncio.Task[None] | None = None
         self._destaging: asyncio.Task[None] | None = None
         self._ignored_records = 0
+        self._following = True  # this site is in the primary's generation (else status only)
+        self._standby_why = ""
         self._asking: tuple[SwapRequest, asyncio.Future[SwapAnswer]] | None = None
         self.switch_to: Role | None = None  # a swap made this site the primary
         self.switching = asyncio.Event()
@@ -326,21 +328,39 @@ class SecondaryGroup:
         return self.record.generation, self.restored_seq, applied
 
     def hello_state(self) -> tuple[str, bool]:
-        return self.record.state.value, self.record.written_while_split
+        written = self.record.written_while_split or (self.writable and self.marker.marks > 0)
+        return self.record.state.value, written
 
     async def welcomed(self, welcome: Welcome) -> int:
         self.last_answer = time.monotonic()
+        self._following = True
         state = _state_named(welcome.state)
         new_generation = welcome.generation != self.record.generation
         if self.writable and not (new_generation and state is PairState.COPY):
             return self.restored_seq + 1  # SSWS: the link carries status only
         if new_generation and state is not PairState.SMPL:
+            if not self._can_join(welcome, state):
+                self._following = False
+                self._standby_why = (
+                    f"the primary is {welcome.state} in generation {welcome.generation}, which "
+                    "this site never copied: resync (or delete and create) on the primary"
+                )
+                log.warning("%s", self._standby_why)
+                return self.restored_seq + 1  # status only, nothing applied
             if self.writable:
                 self._leave_writable(f"the primary resyncs (generation {welcome.generation})")
             await self._new_generation(welcome)
         if state is not None:
             await self._follow(state)
         return self.restored_seq + 1
+
+    def _can_join(self, welcome: Welcome, state: PairState | None) -> bool:
+        """A new generation is joined from its start: a copy (COPY), or, right after a
+        takeover swap (generation "" and PAIR here), the volumes both sites hold."""
+        if state is PairState.COPY:
+            return True
+        swapped = not self.record.generation and self.record.state is PairState.PAIR
+        return swapped and state in (PairState.PAIR, PairState.PFUL)
 
     def bitmap_reports(self, welcome: Welcome) -> list[ReportBitmap]:
         if self.writable or welcome.state == PairState.SMPL.value:
@@ -365,6 +385,9 @@ class SecondaryGroup:
 
     async def received(self, batch: JournalBatch) -> None:
         self.last_answer = time.monotonic()
+        if not self._following:
+            self.primary_last_seq = batch.last_seq
+            return
         if self.writable:
             if batch.count and not self._ignored_records:
                 log.warning("SSWS: ignoring %d records the primary sent", batch.count)
@@ -385,6 +408,8 @@ class SecondaryGroup:
             await self._follow(state)
 
     def link(self, up: bool, why: str) -> None:
+        if up and not self._following:
+            why = f"{why}; {self._standby_why}"
         # One line per change of state or of reason: a dead primary retried every few
         # seconds does not flood the log, a new kind of failure is always told.
         if up != self.link_up or why != self.link_why:
@@ -509,7 +534,7 @@ class SecondaryGroup:
         self.record.state, self.record.reason = state, reason
         if state is PairState.PAIR:
             self.record.svol_consistent = True
-        if state is PairState.SMPL:  # deleted: nothing to resync any more
+        if state is PairState.SMPL:  # deleted: nothing to resync, nothing more to apply
             for bitmap in self.bitmaps.values():
                 bitmap.clear_all()
             self.save_bitmaps()

@@ -144,7 +144,13 @@ async def _pull_once(primary: Address, sink: PullSink, welcomed: list[bool]) -> 
             # requests (lag, COPY -> PAIR); when caught up, a long poll costs nothing.
             wait_ms = LONG_POLL_MS if applied >= from_seq - 1 else DESTAGING_POLL_MS
             request = ReadJournal(
-                from_seq, BATCH_ENTRIES_MAX, BATCH_BYTES_MAX, wait_ms, restored, applied
+                from_seq,
+                BATCH_ENTRIES_MAX,
+                BATCH_BYTES_MAX,
+                wait_ms,
+                restored,
+                applied,
+                sink.hello_state()[1],
             )
             writer.write(core.send(request))
             answer = await _next_message(core, reader)

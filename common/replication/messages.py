@@ -172,7 +172,8 @@ class ReadJournal(_Message):
     """Secondary -> primary: send me entries from from_seq on (the only request).
 
     restored_seq is the highest seq durable in the restore journal (the primary may release
-    up to it: invariant 3); applied_seq the highest destaged to the S-VOLs (for lag).
+    up to it: invariant 3); applied_seq the highest destaged to the S-VOLs (for lag);
+    svol_written as in Hello, kept current while SSWS (split-brain detection).
     """
 
     from_seq: int
@@ -181,6 +182,7 @@ class ReadJournal(_Message):
     max_wait_ms: int
     restored_seq: int
     applied_seq: int
+    svol_written: bool = False
 
     def _validate(self) -> None:
         _uint("from_seq", self.from_seq, low=1)
@@ -188,6 +190,7 @@ class ReadJournal(_Message):
         _uint("max_bytes", self.max_bytes, low=1, high=U32_MAX)
         _uint("max_wait_ms", self.max_wait_ms, high=U32_MAX)
         _positions(self.restored_seq, self.applied_seq)
+        _bool("svol_written", self.svol_written)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ takeover while the primary is down ─► the primary comes back: told SSWS, it 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -138,6 +139,29 @@ def test_a_primary_back_after_a_takeover_suspends_and_resync_needs_a_decision(
     assert sha256_file(secondary.volume().path) == sha, "a refused resync changed the S-VOL"
 
     pairctl(primary, "resync", "--discard-secondary")
+    wait_state(primary, "PAIR", 60)
+    wait_caught_up(primary)
+    assert volumes_equal(primary, secondary)
+
+
+def test_a_wiped_secondary_site_gets_a_full_copy_not_a_false_pair(daemons: Daemons) -> None:
+    primary, secondary = daemons.start_pair((("vol0", SIZE),))
+    qemu_io(primary.uri(), "write -P 0x77 0 8M")
+    create_pair(primary, secondary)
+    secondary.stop()
+    shutil.rmtree(secondary.config_path.parent / "data")  # a replaced site: state gone
+    with open(secondary.volume().path, "r+b") as image:
+        image.write(b"\xee" * MiB)  # and its volume not what the primary holds
+
+    secondary.start()
+    wait_state(primary, "PSUE", 15)
+    assert "not paired" in display(primary)["reason"]
+    assert display(primary)["bitmap"]["dirty_bytes"] == SIZE
+    shown = display(secondary)
+    assert shown["state"] == "SMPL", "a site that never copied this generation is not PAIR"
+    assert "never copied" in shown["link"]["why"]
+
+    pairctl(primary, "resync")
     wait_state(primary, "PAIR", 60)
     wait_caught_up(primary)
     assert volumes_equal(primary, secondary)
