@@ -99,9 +99,32 @@ def control_server(
     return ControlServer(config.control, handlers, {"events": lambda args: events.follow()})
 
 
+def on_the_primary(verb: str) -> Handler:
+    """A verb the secondary leaves to the primary, which tells the secondary."""
+
+    async def refuse(args: Mapping[str, Any]) -> Mapping[str, Any]:
+        raise ControlRefused(
+            f"cannot {verb} here: this site is the secondary; run {verb} on the primary "
+            "(the secondary follows)"
+        )
+
+    return refuse
+
+
+def on_the_secondary(verb: str) -> Handler:
+    """A verb that only the secondary runs (takeover)."""
+
+    async def refuse(args: Mapping[str, Any]) -> Mapping[str, Any]:
+        raise ControlRefused(
+            f"cannot {verb} here: this site is the primary; {verb} runs on the secondary"
+        )
+
+    return refuse
+
+
 def _not_here(verb: str) -> Handler:
     async def refuse(args: Mapping[str, Any]) -> Mapping[str, Any]:
-        raise ControlRefused(f"cannot {verb}: not supported by this version yet")
+        raise ControlRefused(f"cannot {verb}: not available on this site")
 
     return refuse
 

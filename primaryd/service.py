@@ -16,6 +16,7 @@ from common.service import (
     event_log,
     hook_runner,
     load_record,
+    on_the_secondary,
     open_journal,
     open_volumes,
     until_either,
@@ -50,6 +51,7 @@ async def serve(config: Config, stop: asyncio.Event) -> Role | None:
         "split": group.split,
         "resync": group.resync,
         "delete": group.delete,
+        "takeover": on_the_secondary("takeover"),
     }
     control = control_server(config, events, group.display, operations)
     async with asyncio.TaskGroup() as tasks:

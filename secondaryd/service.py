@@ -16,6 +16,7 @@ from common.service import (
     event_log,
     hook_runner,
     load_record,
+    on_the_primary,
     open_journal,
     open_volumes,
     until_either,
@@ -45,7 +46,14 @@ async def serve(config: Config, stop: asyncio.Event) -> Role | None:
         nbd.set_writable(group.marker)
 
     control = control_server(
-        config, events, group.display, {"takeover": group.takeover, "resync": group.resync}
+        config,
+        events,
+        group.display,
+        {
+            "takeover": group.takeover,
+            "resync": group.resync,
+            **{verb: on_the_primary(verb) for verb in ("create", "split", "delete")},
+        },
     )
     async with asyncio.TaskGroup() as tasks:
         if hooks is not None:
