@@ -100,6 +100,7 @@ class JournalConfig:
 
 
 PATH_WATCH_DEFAULT_S = 30.0
+OVERFLOW_WATCH_DEFAULT_S = 60.0  # HUR's data overflow watch default
 HOOK_TIMEOUT_DEFAULT_S = 30.0
 
 
@@ -109,6 +110,9 @@ class PairConfig:
 
     # How long the primary tolerates no READ_JOURNAL before it suspends the pair (PSUE).
     path_watch_s: float = PATH_WATCH_DEFAULT_S
+    # How long the journal may stay over the high-water mark (PFUL) before the pair suspends
+    # (PFUS), rather than wait to be full.
+    overflow_watch_s: float = OVERFLOW_WATCH_DEFAULT_S
     # Resync by itself when the link is back after a PSUE caused by a link failure.
     auto_resync: bool = False
     # argv of the command run on every pair state transition; () when there is none.
@@ -414,6 +418,12 @@ _LISTEN_KEYS: dict[str, _Key] = {
 _PAIR_KEYS: dict[str, _Key] = {
     "path_watch_s": _Key(
         _plain(_parse_seconds), "path_watch_s", required=False, default=PATH_WATCH_DEFAULT_S
+    ),
+    "overflow_watch_s": _Key(
+        _plain(_parse_seconds),
+        "overflow_watch_s",
+        required=False,
+        default=OVERFLOW_WATCH_DEFAULT_S,
     ),
     "auto_resync": _Key(_plain(_parse_bool), "auto_resync", required=False, default=False),
     "hook": _Key(_parse_hook, "hook", required=False, default=()),

@@ -107,6 +107,7 @@ class PrimaryGroup:
         self.peer_state = ""  # the secondary's state, as its last Hello said
         self.peer_written = False  # hosts wrote the S-VOLs while SSWS (its last Hello)
         self.last_contact = time.monotonic()  # the secondary's last request (path watch)
+        self._pful_since = time.monotonic()  # PFUL since (overflow watch)
         self._reported: set[str] = set()  # volumes whose bitmap came in this generation
         # Hosts may write the P-VOLs (True) or not (a swap is under way); set by the service.
         self.host_access: Callable[[bool], None] = lambda allowed: None
@@ -460,9 +461,19 @@ class PrimaryGroup:
             use = self.store.used_bytes / self.store.capacity_bytes
             state = self.record.state
             if state is PairState.PAIR and use >= HIGH_WATER_DEFAULT:
+                self._pful_since = time.monotonic()
                 self._transition(self._next(PairInput.JOURNAL_HIGH), f"journal {use:.0%} full")
             elif state is PairState.PFUL and use < HIGH_WATER_DEFAULT:
                 self._transition(self._next(PairInput.JOURNAL_LOW), f"journal {use:.0%} full")
+            elif (
+                state is PairState.PFUL
+                and time.monotonic() - self._pful_since > self.config.pair.overflow_watch_s
+            ):
+                self._suspend(
+                    self._next(PairInput.JOURNAL_FULL),
+                    f"journal over the high-water mark ({use:.0%}) for more than "
+                    f"overflow_watch_s {self.config.pair.overflow_watch_s:g}",
+                )
 
     async def _save_bitmaps_forever(self) -> None:
         """While suspended, marks go to the bitmaps in memory; a crash must not lose more

@@ -3,7 +3,7 @@
     content: a volume 25% full of random data (random 1 MiB chunks), made once
     copy   (per rep, interleaved):  journalpair: fresh primary + secondary, create ─► PAIR,
                                                  then split, write 1% in 64 KiB regions,
-                                                 resync ─► PAIR (time, bytes marked)
+                                                 resync ─► PAIR (time, bytes copied)
                                     nbdcopy:     the same image ─► qemu-nbd (fresh target)
     burst  (per rep): paired empty volume; fio 4k randwrite QD32 for --burst-s seconds,
                       display polled every 0.25 s (peak lag); at fio's end: lag entries and
@@ -135,8 +135,8 @@ class Pair:
         self.pairctl("resync")
         self.pairctl("wait", "PAIR", "--timeout", "600")
         events = [json.loads(e) for e in self.pairctl("events").splitlines()]
-        reason = [e["reason"] for e in events if "resync by operator" in e["reason"]][-1]
-        return {"seconds": self.last_copy_s(), "bytes": int(reason.split(": ")[1].split(" b")[0])}
+        done = [e for e in events if e["old"] == "COPY" and e["new"] == "PAIR"][-1]
+        return {"seconds": self.last_copy_s(), "bytes": int(done["copied_bytes"])}
 
     def last_copy_s(self) -> float:
         """From the daemon's own events: the last -> COPY to the next COPY -> PAIR."""

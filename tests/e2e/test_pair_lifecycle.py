@@ -33,9 +33,9 @@ SIZE = 64 * MiB
 REGION = 64 * KiB
 
 
-def paired_with_journal(daemons: Daemons, capacity: str) -> tuple[Daemon, Daemon]:
+def paired_with_journal(daemons: Daemons, capacity: str, **pair: float) -> tuple[Daemon, Daemon]:
     """A PAIR whose primary has a journal of `capacity` (the configs default to 64MiB)."""
-    primary = daemons.prepare("primary", (("vol0", SIZE),))
+    primary = daemons.prepare("primary", (("vol0", SIZE),), pair=pair or None)
     config = primary.config_path.read_text().replace("capacity: 64MiB", f"capacity: {capacity}")
     primary.config_path.write_text(config)
     primary.start()
@@ -140,3 +140,22 @@ def test_journal_over_the_high_water_mark_is_pful_and_back_under_is_pair(
     assert volumes_equal(primary, secondary)
     states = [e for e in pairctl(primary, "events").stdout.splitlines() if "PFUL" in e]
     assert len(states) == 2  # PAIR -> PFUL, PFUL -> PAIR
+
+
+def test_a_journal_over_the_mark_past_overflow_watch_suspends_pfus(daemons: Daemons) -> None:
+    primary, secondary = paired_with_journal(daemons, "16MiB", overflow_watch_s=1)
+    os.kill(secondary.pid, signal.SIGSTOP)
+    try:
+        qemu_io(primary.uri(), "write -P 0x67 0 14M")  # over the mark, never full
+        wait_state(primary, "PFUL", 10)
+        wait_state(primary, "PFUS", 10)  # after overflow_watch_s, not when full
+        assert "overflow_watch_s" in display(primary)["reason"]
+        assert display(primary)["journal"]["used_bytes"] < 4096  # emptied: the bitmap took over
+        qemu_io(primary.uri(), "write -P 0x68 20M 1M")
+    finally:
+        os.kill(secondary.pid, signal.SIGCONT)
+    wait_state(secondary, "PFUS", 30)
+    pairctl(primary, "resync")
+    wait_state(primary, "PAIR", 60)
+    wait_caught_up(primary)
+    assert volumes_equal(primary, secondary)

@@ -156,7 +156,8 @@ def test_shipped_pair_example_loads_when_uncommented(name: str, tmp_path: Path) 
     text = re.sub(r"^#  ([a-z_]+:)", r"  \1", text, flags=re.MULTILINE)
     pair = load_text(tmp_path, text).pair
     site = "a" if name == "primary.yaml" else "b"
-    assert pair == PairConfig(30.0, False, ("/usr/local/sbin/jp-notify", "--site", site), 30.0)
+    hook = ("/usr/local/sbin/jp-notify", "--site", site)
+    assert pair == PairConfig(30.0, 60.0, False, hook, 30.0)
 
 
 def test_shipped_configs_fit_together() -> None:
