@@ -28,6 +28,7 @@ from common.config import Config
 from common.control import ControlRefused
 from common.events import EventLog
 from common.journal.store import JournalStore
+from common.marklog import MarkLog
 from common.pairrecord import PairRecord, RecordSaver
 from common.pairstate import (
     HIGH_WATER_DEFAULT,
@@ -90,7 +91,12 @@ class PrimaryGroup:
         self.events = events
         self._saver = RecordSaver(config.data_dir)
         self.bitmaps = load_bitmaps(config.data_dir, {n: v.size for n, v in volumes.items()})
-        self.journal = MasterJournal(store, volumes, self.bitmaps, on_full=self._journal_full)
+        self.marks = MarkLog(config.data_dir / "bitmaps", self.bitmaps)
+        if self.marks.replay():
+            self._save_bitmaps()
+        self.journal = MasterJournal(
+            store, volumes, self.bitmaps, on_full=self._journal_full, marks=self.marks
+        )
         self.feeder = FeederServer(self)
         self.copy = CopyProgress()
         self._copy_task: asyncio.Task[None] | None = None
@@ -160,6 +166,7 @@ class PrimaryGroup:
                 await self._copy_task
         await self.feeder.stop()
         self._save_bitmaps()
+        self.marks.close()
 
     # -- pairctl verbs -----------------------------------------------------------------------
 
@@ -751,6 +758,7 @@ class PrimaryGroup:
 
     def _save_bitmaps(self) -> None:
         save_bitmaps(self.config.data_dir, self.bitmaps)
+        self.marks.saved()
 
     def _check_secondary_volumes(self, verb: str) -> None:
         if self.secondary is None:

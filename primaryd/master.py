@@ -2,7 +2,7 @@
 
     NBD batch of writes ─► wrote()/trimmed()/zeroed() each ─► flush_records() ─► volume I/O
                               │ mode JOURNAL: encode, append to the tail (memory)
-                              │ mode BITMAP: mark the difference bitmap
+                              │ mode BITMAP: mark the difference bitmap (and the mark log)
                               │ mode OFF (SMPL): nothing
                            flush_records(): the tail into the segment file, one write
                                             (page cache: survives a SIGKILL)
@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from common.bitmap import DifferenceBitmap
 from common.journal.record import FLAG_BASE, Entry, Op, encode_record
 from common.journal.store import JournalFull, JournalStore
+from common.marklog import MarkLog
 from common.syncer import GroupSyncer
 from common.volume import Volume
 
@@ -53,10 +54,12 @@ class MasterJournal:
         volumes: Mapping[str, Volume],
         bitmaps: Mapping[str, DifferenceBitmap],
         on_full: Callable[[], None],
+        marks: MarkLog,
     ) -> None:
         self.store = store
         self.volumes = volumes
         self.bitmaps = bitmaps
+        self.marks = marks
         self.mode = Mode.OFF
         self._on_full = on_full
         self._syncer = GroupSyncer(prepare=self._prepare_sync)
@@ -81,6 +84,7 @@ class MasterJournal:
     def flush_records(self) -> None:
         if self.store.pending_bytes:
             self.store.write_pending()
+        self.marks.flush()
 
     async def sync(self) -> None:
         await self._syncer.sync()
@@ -132,7 +136,7 @@ class MasterJournal:
         if self.mode is Mode.JOURNAL and self._append(volume, op, offset, length, payload, 0):
             return
         if self.mode is not Mode.OFF:
-            self.bitmaps[volume].mark(offset, length)
+            self.marks.mark(volume, offset, length)
             self.host_marks += 1
 
     def _append(
@@ -178,7 +182,8 @@ class MasterJournal:
                 break
             offset += step
         if offset < end:  # not journaled: the bitmap keeps it for the next resync
-            self.bitmaps[volume].mark(offset, end - offset)
+            self.marks.mark(volume, offset, end - offset)
+            self.marks.flush()
 
     def _prepare_sync(self) -> Callable[[], None]:
         ticket = self.store.prepare_sync()

@@ -26,6 +26,7 @@ from common.config import Config
 from common.control import ControlRefused
 from common.events import EventLog
 from common.journal.store import JournalStore
+from common.marklog import MarkLog
 from common.pairrecord import PairRecord, RecordSaver
 from common.pairstate import PairInput, PairState, Refused, Role, next_state
 from common.replication.messages import (
@@ -77,7 +78,10 @@ class SecondaryGroup:
         self.copy_total_bytes = 0
         self._syncing: asyncio.Future[None] | None = None
         self.bitmaps = load_bitmaps(config.data_dir, {n: v.size for n, v in volumes.items()})
-        self.marker = BitmapMarker(self.bitmaps)
+        self.mark_log = MarkLog(config.data_dir / "bitmaps", self.bitmaps)
+        if self.mark_log.replay():
+            self.save_bitmaps()
+        self.marker = BitmapMarker(self.mark_log)
         self.on_writable: list[Callable[[BitmapMarker], None]] = []
         self.on_read_only: list[Callable[[], None]] = []
         self._task_group: asyncio.TaskGroup | None = None
@@ -313,11 +317,13 @@ class SecondaryGroup:
 
     def save_bitmaps(self) -> None:
         save_bitmaps(self.config.data_dir, self.bitmaps)
+        self.mark_log.saved()
 
     async def stop(self) -> None:
         if not self.writable:
             await self.destager.checkpoint()
         self.save_bitmaps()
+        self.mark_log.close()
 
     # -- PullSink -------------------------------------------------------------------------
 

@@ -3,14 +3,12 @@ so a later resync knows what this site changed. The NBD WriteJournal hook for th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-from common.bitmap import DifferenceBitmap
+from common.marklog import MarkLog
 
 
 class BitmapMarker:
-    def __init__(self, bitmaps: Mapping[str, DifferenceBitmap]) -> None:
-        self.bitmaps = bitmaps
+    def __init__(self, log: MarkLog) -> None:
+        self.log = log
         self.marks = 0  # host writes marked (the group persists "written while SSWS")
 
     def wrote(self, volume: str, offset: int, payload: bytes | memoryview) -> None:
@@ -26,11 +24,13 @@ class BitmapMarker:
         self._mark(volume, offset, length)
 
     def _mark(self, volume: str, offset: int, length: int) -> None:
-        self.bitmaps[volume].mark(offset, length)
+        self.log.mark(volume, offset, length)
         self.marks += 1
 
     def flush_records(self) -> None:
-        """Marks live in memory and are saved every second (SecondaryGroup)."""
+        """New marks into the mark log before the batch's writes reach the S-VOLs (the
+        bitmaps themselves are saved every second by SecondaryGroup)."""
+        self.log.flush()
 
     async def sync(self) -> None:
         """FLUSH on an S-VOL: the volume's own fdatasync is the NBD server's part."""

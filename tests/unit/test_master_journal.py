@@ -21,6 +21,7 @@ import pytest
 from common.bitmap import DifferenceBitmap
 from common.journal.record import FLAG_BASE, Entry, Op, iter_records
 from common.journal.store import SEGMENT_HEADER_BYTES, JournalStore, SyncTicket
+from common.marklog import MarkLog
 from common.volume import Volume
 from primaryd.master import MasterJournal, Mode
 
@@ -44,7 +45,8 @@ class Primary:
     full_calls: int = 0
 
     def __post_init__(self) -> None:
-        self.master = MasterJournal(self.store, self.volumes, self.bitmaps, self._on_full)
+        marks = MarkLog(self.data_dir, self.bitmaps)
+        self.master = MasterJournal(self.store, self.volumes, self.bitmaps, self._on_full, marks)
 
     def _on_full(self) -> None:
         self.full_calls += 1
