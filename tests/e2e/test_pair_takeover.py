@@ -7,6 +7,8 @@ the S-VOLs hold exactly writes 1..K of the acknowledged order; writes lost = ack
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.e2e.helpers import (
@@ -28,9 +30,11 @@ def test_takeover_after_the_primary_is_killed_mid_load_serves_a_prefix_read_writ
     primary, secondary = daemons.start_pair(VOLUMES)
     create_pair(primary, secondary)
     writer = Writer(primary, seed=31)
+    started = time.monotonic()
     writer.start()
     wait_until(lambda: len(writer.acked) > 2000, 60, "writes")
     primary.kill()
+    rate = (len(writer.acked) - 1) / (time.monotonic() - started)
     writer.finish_after_kill()
     wait_until(lambda: not display(secondary)["link"]["up"], 30, "the secondary to lose the link")
 
@@ -40,7 +44,10 @@ def test_takeover_after_the_primary_is_killed_mid_load_serves_a_prefix_read_writ
     assert shown["state"] == "SSWS" and "does not answer" in shown["reason"]
     k = assert_prefix_state(read_slots(secondary), writer.acked)
     lost = len(writer.acked) - 1 - k
-    print(f"RPO: {lost} acknowledged writes lost of {len(writer.acked) - 1}")
+    print(
+        f"RPO: {lost} acknowledged writes lost of {len(writer.acked) - 1} "
+        f"(~{lost / rate * 1000:.1f} ms at {rate:.0f} QD1 writes/s)"
+    )
     assert 0 <= lost < len(writer.acked) - 1
 
     qemu_io(secondary.uri("vol0"), "write -P 0x7e 0 64k")  # the S-VOL is writable now
