@@ -92,11 +92,12 @@ class PrimaryGroup:
         self._saver = RecordSaver(config.data_dir)
         self.bitmaps = load_bitmaps(config.data_dir, {n: v.size for n, v in volumes.items()})
         self.marks = MarkLog(config.data_dir / "bitmaps", self.bitmaps)
-        if self.marks.replay():
-            self._save_bitmaps()
         self.journal = MasterJournal(
             store, volumes, self.bitmaps, on_full=self._journal_full, marks=self.marks
         )
+        if self.marks.replay() and is_suspended(record.state):
+            self.journal.host_marks += 1  # host writes marked just before an unclean stop
+        self._save_bitmaps()
         self.feeder = FeederServer(self)
         self.copy = CopyProgress()
         self._copy_task: asyncio.Task[None] | None = None
@@ -491,10 +492,6 @@ class PrimaryGroup:
             # in an executor, a transition's on the loop) raced on the same .tmp file. A
             # bitmap is 2 KiB per GiB; its fsyncs cost a few ms, once a second at most.
             self._save_bitmaps()
-            if self.journal.host_marks and not self.record.written_while_split:
-                self.record.written_while_split = True
-                log.info("hosts write the P-VOLs while the pair is split")
-                await self._saver.save(self.record)
 
     # -- role swaps (asked by the secondary: resync --swap, takeover) -------------------------
 
@@ -757,6 +754,11 @@ class PrimaryGroup:
         self._saver.save_now(self.record)
 
     def _save_bitmaps(self) -> None:
+        # "Written while split" is persisted before the mark log that proves it is emptied.
+        if self.journal.host_marks and not self.record.written_while_split:
+            self.record.written_while_split = True
+            log.info("hosts write the P-VOLs while the pair is split")
+            self._saver.save_now(self.record)
         save_bitmaps(self.config.data_dir, self.bitmaps)
         self.marks.saved()
 

@@ -79,9 +79,10 @@ class SecondaryGroup:
         self._syncing: asyncio.Future[None] | None = None
         self.bitmaps = load_bitmaps(config.data_dir, {n: v.size for n, v in volumes.items()})
         self.mark_log = MarkLog(config.data_dir / "bitmaps", self.bitmaps)
-        if self.mark_log.replay():
-            self.save_bitmaps()
         self.marker = BitmapMarker(self.mark_log)
+        if self.mark_log.replay() and record.state is PairState.SSWS:
+            self.marker.marks += 1  # host writes marked just before an unclean stop
+        self.save_bitmaps()
         self.on_writable: list[Callable[[BitmapMarker], None]] = []
         self.on_read_only: list[Callable[[], None]] = []
         self._task_group: asyncio.TaskGroup | None = None
@@ -310,12 +311,13 @@ class SecondaryGroup:
         while True:
             await asyncio.sleep(BITMAP_SAVE_S)
             self.save_bitmaps()
-            if self.writable and self.marker.marks and not self.record.written_while_split:
-                self.record.written_while_split = True
-                log.info("hosts write the S-VOLs (SSWS)")
-                await self.saver.save(self.record)
 
     def save_bitmaps(self) -> None:
+        # "Written while SSWS" is persisted before the mark log that proves it is emptied.
+        if self.writable and self.marker.marks and not self.record.written_while_split:
+            self.record.written_while_split = True
+            log.info("hosts write the S-VOLs (SSWS)")
+            self.saver.save_now(self.record)
         save_bitmaps(self.config.data_dir, self.bitmaps)
         self.mark_log.saved()
 
