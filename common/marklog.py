@@ -40,6 +40,7 @@ class MarkLog:
         self.path = directory / FILE_NAME
         self.bitmaps = bitmaps
         self._pending = bytearray()
+        self._logged_since_save = False
         self._names = {
             name: len(name.encode()).to_bytes(1, "little") + name.encode() for name in bitmaps
         }
@@ -53,11 +54,16 @@ class MarkLog:
         if length <= 0:
             return
         if (
-            length <= bitmap.region_bytes
+            self._logged_since_save
+            and length <= bitmap.region_bytes
             and bitmap.is_marked(offset)
             and bitmap.is_marked(offset + length - 1)
         ):
-            return  # already marked (and logged or saved): the common case of rewrites
+            # Already marked (and logged or saved): the common case of rewrites. The first
+            # mark after a save is always logged: a replayed entry also tells that hosts
+            # wrote this site since (split-brain detection), even into marked regions.
+            return
+        self._logged_since_save = True
         bitmap.mark(offset, length)
         self._pending += self._names[volume]
         self._pending += _RANGE.pack(offset, length)
@@ -71,6 +77,7 @@ class MarkLog:
     def saved(self) -> None:
         """The bitmaps were just saved with every mark so far: the log is not needed."""
         self._pending.clear()
+        self._logged_since_save = False
         os.ftruncate(self._fd, 0)
 
     def replay(self) -> int:

@@ -38,6 +38,18 @@ def test_saved_empties_the_log(tmp_path: Path) -> None:
     assert MarkLog(tmp_path, bitmaps()).replay() == 0
 
 
+def test_the_first_mark_after_a_save_is_logged_even_into_a_marked_region(
+    tmp_path: Path,
+) -> None:
+    maps = bitmaps()
+    maps["vol0"].mark(0, REGION)  # e.g. marked at suspension, then saved
+    log = MarkLog(tmp_path, maps)
+    log.saved()
+    log.mark("vol0", 4096, 4096)  # a host write into it: proof hosts wrote since the save
+    log.flush()
+    assert MarkLog(tmp_path, bitmaps()).replay() == 1
+
+
 def test_a_mark_already_set_is_not_logged_again(tmp_path: Path) -> None:
     log = MarkLog(tmp_path, bitmaps())
     log.mark("vol0", 0, 4096)
