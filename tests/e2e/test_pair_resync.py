@@ -81,7 +81,7 @@ def test_split_rw_then_resync_copies_the_secondarys_changes_back(daemons: Daemon
     assert volumes_equal(primary, secondary)
     assert copied_bytes(primary) == len(on_secondary) * REGION
     assert display(secondary)["bitmap"]["dirty_bytes"] == 0
-    assert display(secondary)["state"] == "PAIR"
+    wait_state(secondary, "PAIR", 30)  # it hears PAIR with the primary's next batch
     proc = qemu_io(secondary.uri(), "write -P 0x1 0 4k", check=False)
     assert proc.returncode != 0, "the S-VOL must be read-only again after the resync"
 
