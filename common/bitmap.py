@@ -279,6 +279,35 @@ class DifferenceBitmap:
         self.needs_save = False
 
     @classmethod
+    def decode(cls, data: bytes | bytearray | memoryview, volume_size: int) -> DifferenceBitmap:
+        """Decode `to_bytes` output in whatever region size it was made with (the other site's,
+        or this site's before a config change); BitmapError if it is not a bitmap of a volume
+        of this size."""
+        if len(data) < _HEADER.size:
+            raise BitmapError(f"truncated: {len(data)} bytes, header needs {_PREFIX_BYTES}")
+        region_bytes = _HEADER.unpack_from(data)[4]
+        try:
+            return cls.from_bytes(data, volume_size, region_bytes)
+        except ValueError as exc:  # a region size the constructor refuses
+            raise BitmapError(str(exc)) from None
+
+    def regridded(self, region_bytes: int) -> DifferenceBitmap:
+        """The same marks in regions of another size: every region of the new grid that
+        overlaps a marked byte is marked (coarser grids mark more, never less)."""
+        other = DifferenceBitmap(self.volume_size, region_bytes)
+        for offset, length in self.runs():
+            other.mark(offset, length)
+        return other
+
+    def union_into(self, other: DifferenceBitmap) -> None:
+        """Mark in `other` (of any region size) every byte range marked here."""
+        if other.region_bytes == self.region_bytes:
+            other.merge(self)
+        else:
+            for offset, length in self.runs():
+                other.mark(offset, length)
+
+    @classmethod
     def load(
         cls, path: Path, volume_size: int, region_bytes: int = REGION_BYTES_DEFAULT
     ) -> DifferenceBitmap:
@@ -297,18 +326,22 @@ class DifferenceBitmap:
         The caller decides what a missing file means: nothing changed, or (after an unclean
         stop, or for a volume never copied) everything must be marked.
         """
-        want = cls.serialized_size(volume_size, region_bytes)
+        # Saved with the smallest region size, the file is at most this large.
+        most = cls.serialized_size(volume_size, REGION_BYTES_MIN)
         try:
-            data = statefile.read_bytes(path, max_bytes=want)
+            data = statefile.read_bytes(path, max_bytes=most)
         except statefile.StateFileError as exc:
             raise BitmapError(str(exc)) from exc
         if data is None:
             return cls(volume_size, region_bytes), False
         try:
-            bitmap = cls.from_bytes(data, volume_size, region_bytes)
+            bitmap = cls.decode(data, volume_size)
         except BitmapError as exc:
             raise BitmapError(f"bitmap file {path}: {exc}") from exc
-        bitmap.needs_save = False
+        if bitmap.region_bytes != region_bytes:  # the config's region size changed
+            bitmap = bitmap.regridded(region_bytes)  # needs_save: saved in the new size
+        else:
+            bitmap.needs_save = False
         return bitmap, True
 
 
@@ -317,11 +350,14 @@ def bitmap_path(data_dir: Path, volume: str) -> Path:
     return data_dir / "bitmaps" / f"{volume}.bitmap"
 
 
-def load_bitmaps(data_dir: Path, volume_sizes: Mapping[str, int]) -> dict[str, DifferenceBitmap]:
-    """Each volume's bitmap from data_dir (a clean one where none was saved)."""
+def load_bitmaps(
+    data_dir: Path, volume_sizes: Mapping[str, int], region_bytes: int = REGION_BYTES_DEFAULT
+) -> dict[str, DifferenceBitmap]:
+    """Each volume's bitmap from data_dir (a clean one where none was saved), in regions of
+    `region_bytes` (one saved with another size is converted)."""
     (data_dir / "bitmaps").mkdir(exist_ok=True)
     return {
-        name: DifferenceBitmap.load_or_new(bitmap_path(data_dir, name), size)[0]
+        name: DifferenceBitmap.load_or_new(bitmap_path(data_dir, name), size, region_bytes)[0]
         for name, size in volume_sizes.items()
     }
 

@@ -101,6 +101,8 @@ class JournalConfig:
 
 PATH_WATCH_DEFAULT_S = 30.0
 OVERFLOW_WATCH_DEFAULT_S = 60.0  # HUR's data overflow watch default
+BITMAP_REGION_DEFAULT_BYTES = 64 << 10  # common.bitmap.REGION_BYTES_DEFAULT
+BITMAP_REGION_MIN_BYTES = 4 << 10
 HOOK_TIMEOUT_DEFAULT_S = 30.0
 
 
@@ -113,6 +115,8 @@ class PairConfig:
     # How long the journal may stay over the high-water mark (PFUL) before the pair suspends
     # (PFUS), rather than wait to be full.
     overflow_watch_s: float = OVERFLOW_WATCH_DEFAULT_S
+    # Bytes per difference-bitmap bit: smaller copies less after a split, costs more memory.
+    bitmap_region: int = BITMAP_REGION_DEFAULT_BYTES
     # Resync by itself when the link is back after a PSUE caused by a link failure.
     auto_resync: bool = False
     # argv of the command run on every pair state transition; () when there is none.
@@ -243,6 +247,13 @@ def _parse_bool(value: object, key: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {_type_name(value)} {value!r}")
     return value
+
+
+def _parse_bitmap_region(value: object, key: str) -> int:
+    region = parse_size(value, key)
+    if region < BITMAP_REGION_MIN_BYTES or region & (region - 1):
+        raise ConfigError(f"{key}: must be a power of two of at least 4KiB, got {region}")
+    return region
 
 
 def _parse_journal_capacity(value: object, key: str) -> int:
@@ -424,6 +435,12 @@ _PAIR_KEYS: dict[str, _Key] = {
         "overflow_watch_s",
         required=False,
         default=OVERFLOW_WATCH_DEFAULT_S,
+    ),
+    "bitmap_region": _Key(
+        _plain(_parse_bitmap_region),
+        "bitmap_region",
+        required=False,
+        default=BITMAP_REGION_DEFAULT_BYTES,
     ),
     "auto_resync": _Key(_plain(_parse_bool), "auto_resync", required=False, default=False),
     "hook": _Key(_parse_hook, "hook", required=False, default=()),

@@ -90,7 +90,9 @@ class PrimaryGroup:
         self.record = record
         self.events = events
         self._saver = RecordSaver(config.data_dir)
-        self.bitmaps = load_bitmaps(config.data_dir, {n: v.size for n, v in volumes.items()})
+        self.bitmaps = load_bitmaps(
+            config.data_dir, {n: v.size for n, v in volumes.items()}, config.pair.bitmap_region
+        )
         self.marks = MarkLog(config.data_dir / "bitmaps", self.bitmaps)
         self.journal = MasterJournal(
             store, volumes, self.bitmaps, on_full=self._journal_full, marks=self.marks
@@ -363,12 +365,12 @@ class PrimaryGroup:
         mine = self.bitmaps.get(report.volume)
         if volume is None or mine is None:
             return Refuse(RefuseCode.BAD_REQUEST, f"no volume {report.volume!r} here")
-        try:
-            theirs = DifferenceBitmap.from_bytes(report.bitmap, volume.size, mine.region_bytes)
+        try:  # the secondary's regions may differ in size from ours
+            theirs = DifferenceBitmap.decode(report.bitmap, volume.size)
         except BitmapError as exc:
             return Refuse(RefuseCode.BAD_REQUEST, f"bitmap of {report.volume}: {exc}")
         if theirs.dirty_regions:
-            mine.merge(theirs)
+            theirs.union_into(mine)
             self._save_bitmaps()
             log.info(
                 "volume %s: the secondary reported %d changed bytes; they are copied from here",

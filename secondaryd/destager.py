@@ -54,6 +54,7 @@ class Destager:
         self._kick = asyncio.Event()
         self._last_checkpoint = time.monotonic()
         self.error: str | None = None
+        self._epoch = 0  # bumped by reset(): a checkpoint that spans one gives up
 
     def recover(self) -> int:
         """Synchronous, before serving: re-apply what a killed round may have left half done."""
@@ -81,8 +82,10 @@ class Destager:
         self._kick.set()
 
     def reset(self, applied_seq: int) -> None:
-        """A new generation: the S-VOLs are about to be copied over from scratch."""
+        """A new generation (or a dropped journal): the S-VOLs are about to be copied over
+        from scratch. A checkpoint under way meanwhile must not then record its old seq."""
         self.applied_seq = applied_seq
+        self._epoch += 1
 
     async def run(self) -> None:
         while True:
@@ -126,12 +129,16 @@ class Destager:
         if target == record.applied_seq and intent <= record.destage_intent_seq:
             return
         loop = asyncio.get_running_loop()
+        epoch = self._epoch
         if target > record.applied_seq:
             await loop.run_in_executor(None, self._sync_volumes)
+            if epoch != self._epoch:
+                return  # reset meanwhile: `target` is a seq of the journal that was dropped
         record.applied_seq = target
         record.destage_intent_seq = max(intent, record.destage_intent_seq)
         await self._saver.save(record)
-        self.store.release(target)
+        if epoch == self._epoch:  # else releasing `target` could free the new generation's
+            self.store.release(target)
 
     def _window_end(self, applied: int) -> int:
         """The last seq within WINDOW_BYTES after `applied` (at least one record)."""

@@ -77,7 +77,9 @@ class SecondaryGroup:
         self.copy_done_bytes = 0
         self.copy_total_bytes = 0
         self._syncing: asyncio.Future[None] | None = None
-        self.bitmaps = load_bitmaps(config.data_dir, {n: v.size for n, v in volumes.items()})
+        self.bitmaps = load_bitmaps(
+            config.data_dir, {n: v.size for n, v in volumes.items()}, config.pair.bitmap_region
+        )
         self.mark_log = MarkLog(config.data_dir / "bitmaps", self.bitmaps)
         self.marker = BitmapMarker(self.mark_log)
         if self.mark_log.replay() and record.state is PairState.SSWS:
@@ -104,13 +106,20 @@ class SecondaryGroup:
         if not self.record.generation and self.store.last_seq >= self.store.first_seq:
             # A swap made this site the secondary: a restore journal from an earlier stint
             # here must not reach the volumes; the new primary's generation starts afresh.
-            log.info("dropping the restore journal of an earlier generation")
-            self.store.reset(self.store.next_seq)
-            self.record.applied_seq = self.record.destage_intent_seq = self.store.last_seq
-            self.saver.save_now(self.record)
-            self.restored_seq = self.primary_last_seq = self.store.last_seq
-            self.destager.reset(self.store.last_seq)
+            self._drop_restore_journal()
         self.destager.recover()
+
+    def _drop_restore_journal(self) -> None:
+        """Records not applied yet are dropped (delete, or an earlier generation's journal):
+        the S-VOLs stay the exact prefix they hold."""
+        dropped = self.store.last_seq - self.destager.applied_seq
+        if dropped > 0:
+            log.info("dropping %d restore-journal records not applied", dropped)
+        self.store.reset(self.store.next_seq)
+        self.record.applied_seq = self.record.destage_intent_seq = self.store.last_seq
+        self.saver.save_now(self.record)
+        self.restored_seq = self.primary_last_seq = self.store.last_seq
+        self.destager.reset(self.store.last_seq)
 
     @property
     def writable(self) -> bool:
@@ -547,6 +556,7 @@ class SecondaryGroup:
                 bitmap.clear_all()
             self.save_bitmaps()
             self.record.written_while_split = False
+            self._drop_restore_journal()
         self.saver.save_now(self.record)
         self.events.emit(old.value, state.value, reason)
 

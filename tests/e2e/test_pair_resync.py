@@ -185,3 +185,23 @@ def test_marks_made_just_before_a_kill_are_not_lost(daemons: Daemons, killed: st
     wait_caught_up(primary)
     assert volumes_equal(primary, secondary)
     assert copied_bytes(primary) == len(offsets) * REGION
+
+
+def test_sites_with_different_bitmap_regions_resync_the_union(daemons: Daemons) -> None:
+    primary = daemons.prepare("primary", (("vol0", SIZE),))
+    primary.start()
+    secondary = daemons.prepare(
+        "secondary", (("vol0", SIZE),), primary_port=primary.peer_port, pair={"bitmap_region": 4096}
+    )
+    secondary.start()
+    wait_until(lambda: display(primary)["link"]["up"], 15, "the secondary to connect")
+    create_pair(primary, secondary)
+    split_rw(primary, secondary)
+    for offset in (0, 5 * MiB, 9 * MiB + 8192):
+        qemu_io(secondary.uri(), f"write -P 0x31 {offset} 4k")
+    wait_until(lambda: display(secondary)["bitmap"]["dirty_bytes"] == 3 * 4096, 10, "4 KiB marks")
+    pairctl(primary, "resync")
+    wait_state(primary, "PAIR", 60)
+    wait_caught_up(primary)
+    assert volumes_equal(primary, secondary)
+    assert copied_bytes(primary) == 3 * REGION  # the primary's 64 KiB grid

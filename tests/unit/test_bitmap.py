@@ -383,3 +383,40 @@ def test_save_failure_is_a_bitmap_error(tmp_path: Path) -> None:
     path = tmp_path / "missing-dir" / "vol0.bitmap"
     with pytest.raises(BitmapError, match=f"create state file {path}.tmp"):
         DifferenceBitmap(GiB).save(path)
+
+
+def test_decode_reads_the_region_size_from_the_header() -> None:
+    small = DifferenceBitmap(1 << 20, 4096)
+    small.mark(8192, 100)
+    decoded = DifferenceBitmap.decode(small.to_bytes(), 1 << 20)
+    assert decoded.region_bytes == 4096 and list(decoded.runs()) == [(8192, 4096)]
+    with pytest.raises(BitmapError, match="geometry"):
+        DifferenceBitmap.decode(small.to_bytes(), 2 << 20)
+
+
+def test_regridding_never_loses_a_marked_byte() -> None:
+    fine = DifferenceBitmap(1 << 20, 4096)
+    fine.mark(4096 * 17, 1)
+    fine.mark((1 << 20) - 4096, 4096)
+    coarse = fine.regridded(65536)
+    assert list(coarse.runs()) == [(65536, 65536), ((1 << 20) - 65536, 65536)]
+    back = coarse.regridded(4096)  # finer again: the whole coarse regions stay marked
+    assert back.dirty_bytes == 2 * 65536
+
+
+def test_union_into_a_bitmap_of_another_region_size() -> None:
+    theirs = DifferenceBitmap(1 << 20, 4096)
+    theirs.mark(0, 1)
+    mine = DifferenceBitmap(1 << 20, 65536)
+    mine.mark(65536 * 3, 1)
+    theirs.union_into(mine)
+    assert list(mine.runs()) == [(0, 65536), (65536 * 3, 65536)]
+
+
+def test_a_bitmap_saved_in_another_region_size_is_converted(tmp_path: Path) -> None:
+    saved = DifferenceBitmap(1 << 20, 65536)
+    saved.mark(70000, 1)
+    saved.save(tmp_path / "v.bitmap")
+    loaded, existed = DifferenceBitmap.load_or_new(tmp_path / "v.bitmap", 1 << 20, 4096)
+    assert existed and loaded.region_bytes == 4096 and loaded.needs_save
+    assert list(loaded.runs()) == [(65536, 65536)]

@@ -157,7 +157,14 @@ def test_shipped_pair_example_loads_when_uncommented(name: str, tmp_path: Path) 
     pair = load_text(tmp_path, text).pair
     site = "a" if name == "primary.yaml" else "b"
     hook = ("/usr/local/sbin/jp-notify", "--site", site)
-    assert pair == PairConfig(30.0, 60.0, False, hook, 30.0)
+    assert pair == PairConfig(
+        path_watch_s=30.0,
+        overflow_watch_s=60.0,
+        bitmap_region=64 * 1024,
+        auto_resync=False,
+        hook=hook,
+        hook_timeout_s=30.0,
+    )
 
 
 def test_shipped_configs_fit_together() -> None:
@@ -623,3 +630,18 @@ def test_check_volume_files_parent_is_a_file(tmp_path: Path) -> None:
     (tmp_path / "data").write_text("not a dir")
     with pytest.raises(ConfigError, match=r"^volumes\[0\]\.path: cannot check"):
         check_volume_files(config)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("4KiB", 4096), ("1MiB", 1 << 20), (65536, 65536)],
+)
+def test_bitmap_region_is_a_size(tmp_path: Path, value: object, expected: int) -> None:
+    text = PRIMARY + f"pair: {{bitmap_region: {value}}}\n"
+    assert load_text(tmp_path, text).pair.bitmap_region == expected
+
+
+@pytest.mark.parametrize("value", ["2KiB", "96KiB", "0", "true"])
+def test_bitmap_region_must_be_a_power_of_two_of_4kib_or_more(tmp_path: Path, value: str) -> None:
+    message = error_of(tmp_path, PRIMARY + f"pair: {{bitmap_region: {value}}}\n")
+    assert message.startswith("pair.bitmap_region:"), message

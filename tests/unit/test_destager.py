@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -470,3 +471,29 @@ async def test_a_record_that_cannot_be_applied_stops_destaging_before_it(
         assert destager.applied_seq < 4
         assert durable_record(tmp_path).applied_seq < 4
         assert site.store.last_seq == len(changes)  # nothing after it was released either
+
+
+@pytest.mark.asyncio
+async def test_a_checkpoint_spanning_a_reset_records_nothing_of_the_old_journal(
+    tmp_path: Path,
+) -> None:
+    """A new generation resets the destager while a checkpoint waits for fdatasync: the
+    checkpoint must neither persist its old seq nor release the new journal up to it."""
+    changes = random_changes(random.Random(5), 20)
+    with opened_site(tmp_path) as site:
+        journal(site.store, changes)
+        destager = site.destager()
+        await destager.checkpoint()  # the first window, as run() starts
+        await destager._round()
+        assert destager.applied_seq > 0
+        applied_before = durable_record(tmp_path).applied_seq
+        loop = asyncio.get_running_loop()
+
+        def reset_during_sync() -> None:  # what _new_generation does meanwhile, on the loop
+            loop.call_soon_threadsafe(destager.reset, 0)
+            time.sleep(0.05)
+
+        destager._sync_volumes = reset_during_sync  # type: ignore[method-assign]
+        await destager.checkpoint()
+        assert durable_record(tmp_path).applied_seq == applied_before
+        assert site.store.first_seq == 1, "the journal was released past a reset"
