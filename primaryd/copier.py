@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from common.volume import Volume
+from common.volume import Volume, is_zeros
 from primaryd.master import MasterJournal
 
 log = logging.getLogger("journalpair.copy")
@@ -107,7 +107,7 @@ def _copy_step(volume: Volume, journal: MasterJournal, position: int, end: int) 
         return extent.length
     step = min(extent.length, DATA_STEP_BYTES)
     data = volume.read(position, step)
-    if data.count(0) == step:  # allocated zeros: a hole on the S-VOL, nothing to send
+    if is_zeros(data):  # allocated zeros: a hole on the S-VOL, nothing to send
         appended = journal.append_base_hole(volume.name, position, step)
     else:
         appended = journal.append_base(volume.name, position, data)

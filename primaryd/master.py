@@ -31,7 +31,7 @@ from common.journal.record import FLAG_BASE, Entry, Op, encode_record
 from common.journal.store import JournalFull, JournalStore
 from common.marklog import MarkLog
 from common.syncer import GroupSyncer
-from common.volume import Volume
+from common.volume import Volume, is_zeros
 
 log = logging.getLogger("journalpair.journal")
 
@@ -174,7 +174,7 @@ class MasterJournal:
             except OSError as exc:
                 log.error("volume %s: cannot read %d+%d back: %s", volume, offset, step, exc)
                 break
-            if data.count(0) == step:
+            if is_zeros(data):
                 appended = self.append_base_hole(volume, offset, step)
             else:
                 appended = self.append_base(volume, offset, data)
@@ -243,6 +243,6 @@ def _zeros(volume: Volume, offset: int, length: int) -> bool:
     step = 1 << 20
     for position in range(offset, offset + length, step):
         n = min(step, offset + length - position)
-        if volume.read(position, n).count(0) != n:
+        if not is_zeros(volume.read(position, n)):
             return False
     return True

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from common.volume import Volume, VolumeError
+from common.volume import Volume, VolumeError, is_zeros
 
 MiB = 1 << 20
 
@@ -47,3 +47,16 @@ def test_write_read_punch_and_extents(tmp_path: Path) -> None:
         vol.sync()
     finally:
         vol.close()
+
+
+@pytest.mark.parametrize(
+    ("data", "zeros"),
+    [
+        (b"", True),
+        (bytes(1 << 20), True),
+        (bytes(4095) + b"\x01", False),
+        (b"\x01" + bytes(9), False),
+    ],
+)
+def test_is_zeros(data: bytes, zeros: bool) -> None:
+    assert is_zeros(data) is zeros
