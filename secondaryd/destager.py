@@ -155,6 +155,13 @@ class Destager:
                 high = mid - 1
         return low
 
+    def apply(self, entries: list[Entry]) -> None:
+        """Apply records in order (the caller brings them in seq order, after applied_seq)."""
+        self._apply(entries)
+
+    def sync_volumes(self) -> None:
+        self._sync_volumes()
+
     def _sync_volumes(self) -> None:
         for volume in self.volumes.values():
             volume.sync()
