@@ -729,12 +729,8 @@ class PrimaryGroup:
     def _mark_unrestored(self) -> None:
         """Records the secondary has not made durable go to the bitmap before the journal is
         dropped (invariant 2)."""
-        seq = max(self.restored_seq + 1, self.store.first_seq)
-        while seq <= self.store.last_seq:
-            entries = self.store.entries(seq, 4096, 16 << 20)
-            for entry in entries:
-                self.bitmaps[entry.volume].mark(entry.offset, entry.length)
-            seq = entries[-1].seq + 1
+        for entry in self.store.iter_entries(self.restored_seq + 1):
+            self.bitmaps[entry.volume].mark(entry.offset, entry.length)
 
     def _next(self, inp: PairInput) -> PairState:
         try:

@@ -517,14 +517,10 @@ class SecondaryGroup:
     def _mark_unapplied(self) -> None:
         """Records restored here but not on the S-VOLs yet are dropped with the old journal:
         the primary released them, so only this bitmap keeps their regions for the copy."""
-        seq = max(self.destager.applied_seq + 1, self.store.first_seq)
         marked = 0
-        while seq <= self.store.last_seq:
-            entries = self.store.entries(seq, 4096, 16 << 20)
-            for entry in entries:
-                self.bitmaps[entry.volume].mark(entry.offset, entry.length)
-            marked += len(entries)
-            seq = entries[-1].seq + 1
+        for entry in self.store.iter_entries(self.destager.applied_seq + 1):
+            self.bitmaps[entry.volume].mark(entry.offset, entry.length)
+            marked += 1
         if marked:
             log.info(
                 "%d restored records not applied yet are dropped, their regions marked", marked

@@ -31,7 +31,7 @@ import os
 import struct
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -469,6 +469,15 @@ class JournalStore:
             return list(iter_records(blob, check_payload=check_payload))
         except (TruncatedRecord, CorruptRecord) as exc:
             raise JournalCorrupt(f"{self.log_name}: reading from seq {from_seq}: {exc}") from None
+
+    def iter_entries(self, from_seq: int, *, check_payload: bool = True) -> Iterator[Entry]:
+        """Every record from `from_seq` (at least first_seq) to the last, read in bounded
+        chunks (a whole journal never sits in memory)."""
+        seq = max(from_seq, self.first_seq)
+        while seq <= self.last_seq:
+            entries = self.entries(seq, 4096, 16 << 20, check_payload=check_payload)
+            yield from entries
+            seq = entries[-1].seq + 1
 
     def _check_from(self, from_seq: int) -> None:
         if not self.first_seq <= from_seq <= self._next_seq:

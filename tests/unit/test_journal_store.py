@@ -574,3 +574,10 @@ def test_open_fds_stay_bounded_over_many_segments(jdir: Path) -> None:
     finally:
         s.close()
     assert open_fds() == fds_before
+
+
+def test_iter_entries_walks_from_a_seq_to_the_end_in_chunks(store: JournalStore) -> None:
+    fill(store, 5000, size=100)  # more than one 4096-record chunk
+    assert [e.seq for e in store.iter_entries(4000)] == list(range(4000, 5001))
+    assert [e.seq for e in store.iter_entries(0)][:2] == [1, 2]  # from before first_seq
+    assert list(store.iter_entries(5001)) == []
