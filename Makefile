@@ -19,7 +19,8 @@ test: lint
 run: setup
 	@bash scripts/run.sh
 
-# e.g. make bench BENCH_ARGS='--runtime 5 --only randread-4k-qd32'
+# fio against journalpair (paired), qemu-nbd and a QEMU mirror, then scripts/bench_pipeline.py;
+# one table, one JSON under bench-results/. Shorter: BENCH_ARGS='--runtime 2 --reps 1 --no-pipeline'
 bench: setup
 	$(VENV)/bin/python scripts/bench.py $(BENCH_ARGS)
 

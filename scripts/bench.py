@@ -1,21 +1,29 @@
-"""make bench: fio over NBD against primaryd and against qemu-nbd, side by side.
+"""make bench: fio over NBD against journalpair, qemu-nbd and a QEMU mirror, side by side.
 
     random content file (--size), made once
       │
-      for job in JOBS (--only):                     4k randwrite/randread QD32, 1M write/read QD8
-        for rep in 1..--reps:
-          for server in SERVERS (--servers):        interleaved: A B A B A B
-            fresh copy of the content file, fsync   (same data, same file system, clean cache)
-            start the server on a free port ──► wait until the export answers (nbdinfo)
-            fio --ioengine=nbd --output-format=json ──► IOPS, bandwidth, latency
-            SIGTERM, wait
+      for rep in 1..--reps:                          interleaved: A B C A B C A B C
+        for server in SERVERS (--servers):
+          fresh copy of the content file, fsync      (same data, same file system)
+          start:  journalpair  primaryd + secondaryd, pairctl create ─► wait PAIR
+                  qemu-nbd     -t --cache=writeback, no replication (the reference)
+                  qemu-mirror  qemu-storage-daemon NBD export + blockdev-mirror (background)
+                               to a qemu-nbd target ─► wait until the job is ready
+          for job in JOBS (--only) the server runs:  (the mirror: the write jobs)
+            reset peak RSS; fio --ioengine=nbd ──► IOPS, MiB/s, latency
+            drain: until the replica has every write ──► seconds
+            CPU (utime+stime) over fio + drain / requests; peak RSS per process
+            sync (the next job starts with no dirty pages)
+          stop (SIGTERM); replica == volume, byte for byte
       │
-    table: median [min-max] per job and server, ratio of each server to qemu-nbd
+    bench_pipeline.py (initial copy vs nbdcopy, resync, lag under a burst), its JSON folded in
+      │
+    tables: throughput median [min-max] and per-rep ratios jp/qemu-nbd, jp/mirror; CPU per
+            request and peak RSS per process; drain and initial copy times; p99 latency
     raw results: bench-results/bench-YYYYmmdd-HHMMSS.json
 
-To add a job, append to JOBS (a FioJob, or a subclass of Job whose run() measures something
-else: replication lag, initial copy, a QEMU mirror). To add a server, subclass Server and add it
-to SERVERS; start() returns a Running handle whose uri the jobs connect to.
+To add a job, append to JOBS (a FioJob, or a Job subclass whose run() measures something else).
+To add a server, subclass benchlib.servers.Server and add it to SERVERS there.
 """
 
 from __future__ import annotations
@@ -25,30 +33,48 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
-import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from benchlib import report
+from benchlib.jobs import BacklogJob, FioJob, Job, JobError
+from benchlib.procs import ProcError
+from benchlib.qmp import QmpError
+from benchlib.servers import EXPORT, ROOT, SERVERS, Server, ServerError
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench-results"
-EXPORT = "vol0"
-REFERENCE = "qemu-nbd"
-READY_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 30.0
+PIPELINE = ROOT / "scripts" / "bench_pipeline.py"
+PIPELINE_ARGS = "--reps 3 --burst-s 20"
 COPY_CHUNK_BYTES = 1 << 20
-SOCKET_PATH_MAX = 100  # sun_path is 108 bytes on Linux
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+JOBS: list[Job] = [
+    FioJob("randwrite-4k-qd32", "4k random write, QD32", "IOPS", "iops", "randwrite", "4k", 32),
+    FioJob("randread-4k-qd32", "4k random read, QD32", "IOPS", "iops", "randread", "4k", 32),
+    FioJob("write-1m-qd8", "1 MiB seq write, QD8", "MiB/s", "bw_mib_s", "write", "1M", 8),
+    FioJob("read-1m-qd8", "1 MiB seq read, QD8", "MiB/s", "bw_mib_s", "read", "1M", 8),
+    FioJob("randwrite-4k-qd1", "4k random write, QD1", "IOPS", "iops", "randwrite", "4k", 1),
+    FioJob(
+        "randwrite-4k-qd1-flush",
+        "4k random write, QD1, NBD FLUSH after each write",
+        "IOPS",
+        "iops",
+        "randwrite",
+        "4k",
+        1,
+        fsync=1,
+    ),
+    BacklogJob("backlog", "1 GiB written, secondaryd stopped; catch-up", "MiB/s", "bw_mib_s"),
+]
+
+ERRORS = (ServerError, JobError, ProcError, QmpError, OSError, subprocess.SubprocessError)
 
 
 def parse_size(text: str) -> int:
@@ -57,238 +83,6 @@ def parse_size(text: str) -> int:
     if not m:
         raise argparse.ArgumentTypeError(f"bad size {text!r} (examples: 1GiB, 64MiB, 4096)")
     return int(m.group(1)) * _UNITS[m.group(2).lower()]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-# ---------------------------------------------------------------------------------- servers
-
-
-@dataclass
-class Running:
-    """A server process serving EXPORT at uri; stop() sends SIGTERM and waits."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    uri: str
-    log_path: Path
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def stop(self) -> dict[str, Any]:
-        start = time.monotonic()
-        killed = False
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                killed = True
-                self.proc.kill()
-                self.proc.wait()
-        return {
-            "stop_s": round(time.monotonic() - start, 3),
-            "killed": killed,
-            "exit_status": self.proc.returncode,
-        }
-
-
-class ServerError(RuntimeError):
-    pass
-
-
-class Server:
-    """Serves one volume file as export EXPORT on 127.0.0.1."""
-
-    name = "?"
-
-    def command(self, run_dir: Path, volume: Path, size: int, port: int) -> list[str]:
-        raise NotImplementedError
-
-    def start(self, run_dir: Path, volume: Path, size: int) -> Running:
-        port = free_port()
-        cmd = self.command(run_dir, volume, size, port)
-        log_path = run_dir / f"{self.name}.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches us; we stop the server ourselves
-            )
-        running = Running(self.name, proc, f"nbd://127.0.0.1:{port}/{EXPORT}", log_path)
-        try:
-            wait_export(running, size)
-        except BaseException:
-            running.stop()
-            raise
-        return running
-
-
-class QemuNbd(Server):
-    name = "qemu-nbd"
-
-    def command(self, run_dir: Path, volume: Path, size: int, port: int) -> list[str]:
-        return [
-            "qemu-nbd",
-            "-f", "raw", "-t", "-x", EXPORT,
-            "-p", str(port), "-b", "127.0.0.1",
-            "--cache=writeback", "--shared=8",
-            str(volume),
-        ]  # fmt: skip
-
-
-class Primaryd(Server):
-    name = "primaryd"
-
-    def command(self, run_dir: Path, volume: Path, size: int, port: int) -> list[str]:
-        config = {
-            "role": "primary",
-            "group": "bench",
-            "data_dir": str(run_dir / "data"),
-            "listen": {
-                "nbd": f"127.0.0.1:{port}",
-                "replication": f"127.0.0.1:{free_port()}",
-            },
-            "control": str(control_socket_path(run_dir)),
-            "journal": {"capacity": "1GiB"},
-            "volumes": [{"name": EXPORT, "path": str(volume), "size": size}],
-        }
-        (run_dir / "data").mkdir(exist_ok=True)
-        config_path = run_dir / "primary.yaml"
-        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        return [str(venv_bin("primaryd")), "--config", str(config_path)]
-
-
-SERVERS: list[Server] = [Primaryd(), QemuNbd()]
-
-
-def venv_bin(name: str) -> Path:
-    here = Path(sys.executable).parent / name
-    return here if here.exists() else ROOT / ".venv" / "bin" / name
-
-
-def control_socket_path(run_dir: Path) -> Path:
-    path = run_dir / "control.sock"
-    if len(str(path)) <= SOCKET_PATH_MAX:
-        return path
-    short = Path(tempfile.mkdtemp(prefix="jp-bench-"))  # left behind: an empty directory
-    return short / "control.sock"
-
-
-def wait_export(running: Running, size: int) -> None:
-    """Poll with a real NBD client until the export answers with the right size."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    last = ""
-    while time.monotonic() < deadline:
-        if running.proc.poll() is not None:
-            raise ServerError(
-                f"{running.name} exited with status {running.proc.returncode} before serving;"
-                f" its log:\n{tail(running.log_path)}"
-            )
-        probe = subprocess.run(
-            ["nbdinfo", "--size", running.uri], capture_output=True, text=True, check=False
-        )
-        if probe.returncode == 0:
-            if int(probe.stdout.strip()) != size:
-                raise ServerError(f"{running.name}: export size {probe.stdout.strip()} != {size}")
-            return
-        last = probe.stderr.strip()
-        time.sleep(0.1)
-    raise ServerError(
-        f"{running.name}: {running.uri} not ready after {READY_TIMEOUT_S}s ({last});"
-        f" its log:\n{tail(running.log_path)}"
-    )
-
-
-# ------------------------------------------------------------------------------------- jobs
-
-
-@dataclass(frozen=True)
-class Job:
-    name: str
-    title: str
-    unit: str  # how the summary labels the value of key
-    key: str  # the result field the summary reports: "iops", "bw_mib_s", ...
-
-    def run(self, running: Running, run_dir: Path, opts: argparse.Namespace) -> dict[str, Any]:
-        raise NotImplementedError
-
-
-@dataclass(frozen=True)
-class FioJob(Job):
-    rw: str = "randread"
-    bs: str = "4k"
-    iodepth: int = 1
-    numjobs: int = 1
-
-    @property
-    def direction(self) -> str:
-        return "write" if "write" in self.rw else "read"
-
-    def fio_command(self, uri: str, output: Path, opts: argparse.Namespace) -> list[str]:
-        return [
-            "fio",
-            f"--name={self.name}",
-            "--ioengine=nbd",
-            f"--uri={uri}",
-            f"--rw={self.rw}",
-            f"--bs={self.bs}",
-            f"--iodepth={self.iodepth}",
-            f"--numjobs={self.numjobs}",
-            "--group_reporting",
-            "--time_based",
-            f"--runtime={opts.runtime}",
-            f"--ramp_time={opts.ramp_time}",
-            "--output-format=json",
-            f"--output={output}",
-        ]
-
-    def run(self, running: Running, run_dir: Path, opts: argparse.Namespace) -> dict[str, Any]:
-        output = run_dir / "fio.json"
-        cmd = self.fio_command(running.uri, output, opts)
-        timeout_s = opts.runtime + opts.ramp_time + 120
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
-        if proc.returncode != 0 or not output.exists():
-            raise RuntimeError(f"fio failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-        report = json.loads(output.read_text())
-        job = report["jobs"][0]
-        if job.get("error"):
-            raise RuntimeError(f"fio job error {job['error']}: {proc.stderr.strip()[-2000:]}")
-        return self.metrics(job[self.direction]) | {"fio": report}
-
-    def metrics(self, side: dict[str, Any]) -> dict[str, Any]:
-        clat = side.get("clat_ns", {})
-        pct = clat.get("percentile", {})
-        bw_bytes = float(side["bw_bytes"])
-        return {
-            "iops": float(side["iops"]),
-            "bw_bytes": bw_bytes,
-            "bw_mib_s": bw_bytes / (1 << 20),
-            "clat_mean_us": clat.get("mean", 0.0) / 1000,
-            "clat_p50_us": pct.get("50.000000", 0) / 1000,
-            "clat_p99_us": pct.get("99.000000", 0) / 1000,
-        }
-
-
-JOBS: list[Job] = [
-    FioJob("randwrite-4k-qd32", "4k random write, QD32", "IOPS", "iops", "randwrite", "4k", 32),
-    FioJob("randread-4k-qd32", "4k random read, QD32", "IOPS", "iops", "randread", "4k", 32),
-    FioJob("write-1m-qd8", "1 MiB seq write, QD8", "MiB/s", "bw_mib_s", "write", "1M", 8),
-    FioJob("read-1m-qd8", "1 MiB seq read, QD8", "MiB/s", "bw_mib_s", "read", "1M", 8),
-]
 
 
 # ---------------------------------------------------------------------------------- running
@@ -312,84 +106,90 @@ def copy_synced(src: Path, dst: Path) -> None:
         os.fsync(f.fileno())
 
 
-def run_one(
-    job: Job, server: Server, work: Path, content: Path, opts: argparse.Namespace
-) -> dict[str, Any]:
-    run_dir = Path(tempfile.mkdtemp(prefix=f"{server.name}-", dir=work))
+def run_jobs(server: Server, jobs: list[Job], rep: int, opts: argparse.Namespace) -> list[Any]:
+    runs = []
+    for job in jobs:
+        if not job.runs_on(type(server)):
+            continue
+        result = job.run(server, opts)
+        start = time.monotonic()
+        os.sync()  # the next job does not pay for this one's dirty pages
+        result["sync_after_s"] = round(time.monotonic() - start, 3)
+        runs.append({"job": job.name, "server": server.name, "rep": rep} | result)
+        cpu = sum(result["cpu_us_per_req"].values())
+        drain = "" if result["drain_s"] is None else f"  drain {result['drain_s']:.2f} s"
+        rss = "/".join(f"{v:.0f}" for v in result["rss_peak_mib"].values())
+        print(
+            f"  {job.name:<22} rep {rep}/{opts.reps}  {server.name:<11}"
+            f" {result[job.key]:>9.0f} {job.unit:<5}  {cpu:6.1f} us/req  RSS {rss} MiB{drain}",
+            file=sys.stderr,
+        )
+    return runs
+
+
+def run_instance(
+    server_cls: type[Server], jobs: list[Job], rep: int, work: Path, content: Path,
+    opts: argparse.Namespace, runs: list[Any], instances: list[Any],
+) -> None:  # fmt: skip
+    """Start one server, run every job it runs, stop it, compare its replica with the volume."""
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{server_cls.name}-", dir=work))
     volume = run_dir / f"{EXPORT}.img"
+    record: dict[str, Any] = {"server": server_cls.name, "rep": rep}
     try:
         copy_synced(content, volume)
-        running = server.start(run_dir, volume, opts.size)
+        server = server_cls(run_dir, volume, opts)
+        start = time.monotonic()
         try:
-            result = job.run(running, run_dir, opts)
+            server.start()
+            record["start_s"] = round(time.monotonic() - start, 3)
+            record |= server.setup
+            runs += run_jobs(server, jobs, rep, opts)
         except BaseException:
-            running.stop()
-            print(f"    {server.name} log:\n{tail(running.log_path)}", file=sys.stderr)
+            record["stop"] = server.stop()
+            print(f"    {server_cls.name} logs:\n{server.log_tails()}", file=sys.stderr)
             raise
-        result |= running.stop()
-        return result
+        record["stop"] = server.stop()
+        record |= server.verify()
+        if record.get("replica_equal") is False:
+            where = record["first_difference"]
+            print(f"    {server_cls.name}: replica differs at byte {where}", file=sys.stderr)
     finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        instances.append(record)
+        if not opts.keep:
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def run_all(
-    jobs: list[Job],
-    servers: list[Server],
-    work: Path,
-    opts: argparse.Namespace,
-    runs: list[dict[str, Any]],
-) -> None:
-    """Append one record per run to runs (kept by the caller, so an error keeps what ran)."""
+    jobs: list[Job], servers: list[type[Server]], work: Path, opts: argparse.Namespace,
+    runs: list[Any], instances: list[Any],
+) -> None:  # fmt: skip
+    """Append to runs and instances (kept by the caller, so an error keeps what ran)."""
     content = work / "content.img"
     print(f"bench: writing {opts.size} bytes of random content in {work}", file=sys.stderr)
     make_content(content, opts.size)
-    for job in jobs:
-        for rep in range(1, opts.reps + 1):
-            for server in servers:
-                result = run_one(job, server, work, content, opts)
-                value = result[job.key]
-                print(
-                    f"  {job.name:<20} rep {rep}/{opts.reps}  {server.name:<10}"
-                    f" {value:>10.0f} {job.unit}",
-                    file=sys.stderr,
-                )
-                runs.append({"job": job.name, "server": server.name, "rep": rep} | result)
+    for rep in range(1, opts.reps + 1):
+        for server_cls in servers:
+            run_instance(server_cls, jobs, rep, work, content, opts, runs, instances)
 
 
-# ---------------------------------------------------------------------------------- summary
-
-
-def values(runs: list[dict[str, Any]], job: Job, server: str, key: str) -> list[float]:
-    return [r[key] for r in runs if r["job"] == job.name and r["server"] == server]
-
-
-def fmt_stat(xs: list[float]) -> str:
-    if not xs:
-        return "-"
-    return f"{statistics.median(xs):.0f} [{min(xs):.0f}-{max(xs):.0f}]"
-
-
-def summary_lines(runs: list[dict[str, Any]], jobs: list[Job], servers: list[str]) -> list[str]:
-    others = [s for s in servers if s != REFERENCE] if REFERENCE in servers else []
-    ratio_heads = [f"{s}/{REFERENCE}" for s in others]
-    head = f"{'job':<20} {'unit':<6}" + "".join(f" {s:>24}" for s in servers)
-    lines = [head + "".join(f" {h:>18}" for h in ratio_heads)]
-    for job in jobs:
-        row = f"{job.name:<20} {job.unit:<6}"
-        row += "".join(f" {fmt_stat(values(runs, job, s, job.key)):>24}" for s in servers)
-        ref = values(runs, job, REFERENCE, job.key)
-        for s in others:
-            mine = values(runs, job, s, job.key)
-            ratio = statistics.median(mine) / statistics.median(ref) if mine and ref else None
-            row += f" {'-' if ratio is None else f'{ratio:.2f}':>18}"
-        lines.append(row)
-    lines.append("")
-    lines.append(f"{'p99 completion latency, us':<27}" + "".join(f" {s:>24}" for s in servers))
-    for job in jobs:
-        row = f"{job.name:<27}"
-        row += "".join(f" {fmt_stat(values(runs, job, s, 'clat_p99_us')):>24}" for s in servers)
-        lines.append(row)
-    return lines
+def run_pipeline(args: str) -> dict[str, Any]:
+    """bench_pipeline.py through its command line; its results JSON, and where it was."""
+    before = set(RESULTS_DIR.glob("pipeline-*.json"))
+    cmd = [sys.executable, str(PIPELINE), *shlex.split(args)]
+    print(f"bench: {' '.join(cmd[1:])}", file=sys.stderr)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    sys.stderr.write(proc.stdout)
+    if proc.returncode != 0:
+        raise JobError(f"bench_pipeline.py exited with status {proc.returncode}")
+    printed = re.findall(r"^raw results: (\S+)\s*$", proc.stdout, re.MULTILINE)
+    path = Path(printed[-1]) if printed else None
+    if path is None or not path.is_file():
+        new = sorted(set(RESULTS_DIR.glob("pipeline-*.json")) - before)
+        if not new:
+            raise JobError("bench_pipeline.py wrote no bench-results/pipeline-*.json")
+        path = new[-1]
+    doc: dict[str, Any] = json.loads(path.read_text())
+    return {"path": str(path), "results": doc}
 
 
 # ------------------------------------------------------------------------------------- main
@@ -408,24 +208,35 @@ def git_commit() -> str | None:
     try:
         out = subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--verify", "-q", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
+            capture_output=True, text=True, timeout=10, check=False,
+        )  # fmt: skip
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_changed() -> list[str]:
+    """Files changed in the working tree (read only): the daemons run from it, not from HEAD."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line[3:] for line in out.stdout.splitlines()] if out.returncode == 0 else []
 
 
 def environment(work: Path) -> dict[str, Any]:
     return {
         "fio": tool_version(["fio", "--version"]),
         "qemu-nbd": tool_version(["qemu-nbd", "--version"]),
+        "qemu-storage-daemon": tool_version(["qemu-storage-daemon", "--version"]),
         "kernel": os.uname().release,
         "cpus": os.cpu_count(),
         "filesystem": tool_version(["stat", "-f", "-c", "%T", str(work)]),
         "commit": git_commit(),
+        "changed_files": git_changed(),
     }
 
 
@@ -433,10 +244,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     job_names = [j.name for j in JOBS]
     server_names = [s.name for s in SERVERS]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--runtime", type=int, default=10, help="seconds per fio run (default 10)")
-    p.add_argument("--ramp-time", type=int, default=2, help="fio warm-up seconds (default 2)")
-    p.add_argument("--reps", type=int, default=3, help="repetitions per job+server (default 3)")
+    p.add_argument("--runtime", type=int, default=5, help="seconds per fio run (default 5)")
+    p.add_argument("--ramp-time", type=int, default=1, help="fio warm-up seconds (default 1)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
     p.add_argument("--size", type=parse_size, default=1 << 30, help="volume size (default 1GiB)")
+    p.add_argument(
+        "--journal", default="4GiB", help="journal capacity of each daemon (default 4GiB)"
+    )
+    p.add_argument(
+        "--backlog",
+        type=parse_size,
+        default=1 << 30,
+        help="bytes written with secondaryd stopped in the backlog job (default 1GiB)",
+    )
     p.add_argument(
         "--only",
         action="append",
@@ -449,6 +269,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=",".join(server_names),
         help=f"comma-separated subset of: {', '.join(server_names)}",
     )
+    p.add_argument(
+        "--pipeline-args",
+        default=PIPELINE_ARGS,
+        help=f"arguments for bench_pipeline.py (default {PIPELINE_ARGS!r})",
+    )
+    p.add_argument("--no-pipeline", action="store_true", help="do not run bench_pipeline.py")
     p.add_argument(
         "--workdir",
         type=Path,
@@ -464,31 +290,60 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--reps and --runtime must be >= 1, --ramp-time >= 0")
     if opts.size < (1 << 20) or opts.size % 512:
         p.error("--size must be at least 1MiB and a multiple of 512")
+    if opts.backlog < (1 << 20):
+        p.error("--backlog must be at least 1MiB")
     return opts
 
 
-def write_results(
-    path: Path, opts: argparse.Namespace, env: dict[str, Any], runs: list[dict[str, Any]]
-) -> None:
-    doc = {"settings": vars(opts), "environment": env, "runs": runs}
+def write_results(path: Path, doc: dict[str, Any]) -> None:
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
 
 
+def print_tables(doc: dict[str, Any], jobs: list[Job], servers: list[str]) -> None:
+    runs, instances, opts = doc["runs"], doc["instances"], doc["settings"]
+    ran = [j for j in jobs if any(r["job"] == j.name for r in runs)]
+    print()
+    print(
+        f"{len(runs)} runs in {len(instances)} server starts; fio {opts['runtime']} s"
+        f" (+{opts['ramp_time']} s ramp), volume {opts['size']} bytes, {opts['reps']} reps;"
+        f" ratios per rep, median [min-max]"
+    )
+    sections = [
+        report.throughput_table(runs, ran, servers),
+        report.cpu_table(runs, ran, servers),
+        report.rss_table(runs, ran, servers),
+        report.replica_table(runs, ran, instances, servers),
+        report.latency_table(runs, ran, servers),
+        report.checks(runs, instances),
+    ]
+    pipeline = doc.get("pipeline")
+    if isinstance(pipeline, dict) and "results" in pipeline:
+        sections.append(report.pipeline_lines(pipeline["results"]))
+    for lines in sections:
+        if lines:
+            print()
+            print("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()
     opts = parse_args(argv)
     jobs = [j for j in JOBS if not opts.only or j.name in opts.only]
     wanted = opts.servers.split(",")
     servers = [s for s in SERVERS if s.name in wanted]
-    runs: list[dict[str, Any]] = []
     RESULTS_DIR.mkdir(exist_ok=True)
     opts.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="work-", dir=opts.workdir))
     out_path = RESULTS_DIR / time.strftime("bench-%Y%m%d-%H%M%S.json")
-    env = environment(work)
+    doc: dict[str, Any] = {
+        "settings": vars(opts), "environment": environment(work), "runs": [], "instances": []
+    }  # fmt: skip
     status = 0
     try:
-        run_all(jobs, servers, work, opts, runs)
-    except (ServerError, RuntimeError, subprocess.TimeoutExpired) as e:
+        run_all(jobs, servers, work, opts, doc["runs"], doc["instances"])
+        if not opts.no_pipeline:
+            doc["pipeline"] = run_pipeline(opts.pipeline_args)
+    except ERRORS as e:
         print(f"bench: error: {e}", file=sys.stderr)
         status = 1
     except KeyboardInterrupt:
@@ -497,12 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not opts.keep:
             shutil.rmtree(work, ignore_errors=True)
+        doc["wall_s"] = round(time.monotonic() - started, 1)
         with contextlib.suppress(OSError):
-            write_results(out_path, opts, env, runs)
-    print()
-    print(f"{len(runs)} runs, {opts.runtime}s each (+{opts.ramp_time}s ramp), size {opts.size}")
-    print("\n".join(summary_lines(runs, jobs, [s.name for s in servers])))
-    print(f"\nraw results: {out_path.relative_to(ROOT)}")
+            write_results(out_path, doc)
+    if any(i.get("replica_equal") is False for i in doc["instances"]):
+        status = status or 1  # a replica that differs makes every number above suspect
+    print_tables(doc, jobs, [s.name for s in servers])
+    print(f"\nwall time {doc['wall_s']:.0f} s; raw results: {out_path.relative_to(ROOT)}")
     return status
 
 

@@ -15,10 +15,11 @@ STAMP="$VENV/.journalpair-installed"
 PYTHON="${PYTHON:-python3}"
 
 # What the tests and the bench use: NBD clients and reference servers, fio, a real file
-# system (nbdfuse + losetup + mkfs.ext4), network namespaces, process tools.
+# system (nbdfuse + losetup + mkfs.ext4), network namespaces, process tools, and
+# qemu-storage-daemon (in qemu-system-common: the bench's QEMU mirror peer).
 DEB_PACKAGES=(
     qemu-utils libnbd-bin python3-libnbd fio fuse3 e2fsprogs nbdkit
-    iproute2 util-linux procps
+    iproute2 util-linux procps qemu-system-common
 )
 
 log() { echo "setup: $*" >&2; }
