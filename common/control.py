@@ -39,6 +39,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from common.pairstate import Refused
+
 __all__ = [
     "CONNECTIONS_MAX",
     "EXIT_BAD_REQUEST",
@@ -292,6 +294,9 @@ class ControlServer:
         except ControlRefused as exc:
             log.info("control: %s refused: %s", verb, exc.reason)
             return _error(exc.reason, exc.exit_code)
+        except Refused as exc:  # the pair state table says no: "cannot resync: pair is PAIR"
+            log.info("control: %s refused: %s", verb, exc.reason)
+            return _error(exc.reason, EXIT_REFUSED)
         except Exception as exc:
             log.error("control: %s failed", verb, exc_info=True)
             return _error(_internal(exc), EXIT_INTERNAL)

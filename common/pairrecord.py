@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.pairstate import PairState, Role
+from common.pairstate import PairInput, PairState, Role, next_state
 from common.statefile import StateFileError, read_json, write_json_atomic
 
 FILE_NAME = "pair.json"
@@ -75,6 +75,10 @@ class PairRecord:
                 raise TypeError(f"{name} must be {type(getattr(record, name)).__name__}")
             setattr(record, name, value)
         return record
+
+    def next_state(self, inp: PairInput) -> PairState:
+        """The state `inp` leads to from here, for this site's role (Refused if none)."""
+        return next_state(self.role, self.state, inp, svol_consistent=self.svol_consistent)
 
     def to_json(self) -> dict[str, Any]:
         raw = dataclasses.asdict(self)

@@ -174,7 +174,7 @@ class PrimaryGroup:
     # -- pairctl verbs -----------------------------------------------------------------------
 
     async def create(self, args: Mapping[str, Any]) -> Mapping[str, Any]:
-        state = self._next(PairInput.CREATE)
+        state = self.record.next_state(PairInput.CREATE)
         self._check_secondary_volumes("create")
         for bitmap in self.bitmaps.values():
             bitmap.mark_all()  # the initial copy is a resync of everything
@@ -188,7 +188,7 @@ class PrimaryGroup:
         """PAIR -> PSUS: from now on writes go to the bitmap; the journal up to here is
         flushed to the secondary first, so the S-VOL is consistent at the split point."""
         rw = bool(args.get("rw"))
-        state = self._next(PairInput.SPLIT_RW if rw else PairInput.SPLIT)
+        state = self.record.next_state(PairInput.SPLIT_RW if rw else PairInput.SPLIT)
         if self._copy_task is not None:
             self._copy_task.cancel()
         split_seq = self.store.last_seq
@@ -218,7 +218,7 @@ class PrimaryGroup:
         return self._resync(bool(args.get("discard_secondary")), "by operator")
 
     def _resync(self, discard_secondary: bool, by: str) -> Mapping[str, Any]:
-        state = self._next(PairInput.RESYNC)
+        state = self.record.next_state(PairInput.RESYNC)
         self._check_secondary_volumes("resync")
         self._check_split_brain(discard_secondary)
         marked = self._dirty_bytes()
@@ -235,7 +235,7 @@ class PrimaryGroup:
         }
 
     async def delete(self, args: Mapping[str, Any]) -> Mapping[str, Any]:
-        state = self._next(PairInput.DELETE)
+        state = self.record.next_state(PairInput.DELETE)
         if self._copy_task is not None:
             self._copy_task.cancel()
         self.store.reset(self.store.next_seq)
@@ -319,7 +319,9 @@ class PrimaryGroup:
             )
             for bitmap in self.bitmaps.values():
                 bitmap.mark_all()
-            self._suspend(self._next(PairInput.LINK_LOST), "the secondary is not paired (SMPL)")
+            self._suspend(
+                self.record.next_state(PairInput.LINK_LOST), "the secondary is not paired (SMPL)"
+            )
         elif (
             hello.state == PairState.SSWS.value
             and hello.generation == self.record.generation
@@ -462,7 +464,7 @@ class PrimaryGroup:
             if journals_writes(self.record.state) and silent_s > self.config.pair.path_watch_s:
                 link = "is down" if self.secondary is None else "is up but silent"
                 self._suspend(
-                    self._next(PairInput.LINK_LOST),
+                    self.record.next_state(PairInput.LINK_LOST),
                     f"{LINK_LOST}: no read-journal from the secondary for {silent_s:.1f} s "
                     f"(path_watch_s {self.config.pair.path_watch_s:g}); the link {link}",
                 )
@@ -472,15 +474,19 @@ class PrimaryGroup:
             state = self.record.state
             if state is PairState.PAIR and use >= HIGH_WATER_DEFAULT:
                 self._pful_since = time.monotonic()
-                self._transition(self._next(PairInput.JOURNAL_HIGH), f"journal {use:.0%} full")
+                self._transition(
+                    self.record.next_state(PairInput.JOURNAL_HIGH), f"journal {use:.0%} full"
+                )
             elif state is PairState.PFUL and use < HIGH_WATER_DEFAULT:
-                self._transition(self._next(PairInput.JOURNAL_LOW), f"journal {use:.0%} full")
+                self._transition(
+                    self.record.next_state(PairInput.JOURNAL_LOW), f"journal {use:.0%} full"
+                )
             elif (
                 state is PairState.PFUL
                 and time.monotonic() - self._pful_since > self.config.pair.overflow_watch_s
             ):
                 self._suspend(
-                    self._next(PairInput.JOURNAL_FULL),
+                    self.record.next_state(PairInput.JOURNAL_FULL),
                     f"journal over the high-water mark ({use:.0%}) for more than "
                     f"overflow_watch_s {self.config.pair.overflow_watch_s:g}",
                 )
@@ -587,7 +593,7 @@ class PrimaryGroup:
         await asyncio.sleep(0)  # after the Welcome went out
         try:
             result = self._resync(False, "by auto-resync (pair.auto_resync: the link is back)")
-        except ControlRefused as exc:
+        except (ControlRefused, Refused) as exc:
             log.warning("auto-resync not done: %s", exc)
         else:
             log.info("auto-resync: %s", result["message"])
@@ -724,21 +730,13 @@ class PrimaryGroup:
         self._transition(state, "primary system crash: full resync needed")
 
     def _journal_full(self) -> None:
-        self._suspend(self._next(PairInput.JOURNAL_FULL), "journal full")
+        self._suspend(self.record.next_state(PairInput.JOURNAL_FULL), "journal full")
 
     def _mark_unrestored(self) -> None:
         """Records the secondary has not made durable go to the bitmap before the journal is
         dropped (invariant 2)."""
         for entry in self.store.iter_entries(self.restored_seq + 1):
             self.bitmaps[entry.volume].mark(entry.offset, entry.length)
-
-    def _next(self, inp: PairInput) -> PairState:
-        try:
-            return next_state(
-                Role.PRIMARY, self.record.state, inp, svol_consistent=self.record.svol_consistent
-            )
-        except Refused as exc:
-            raise ControlRefused(str(exc)) from None
 
     def _transition(self, state: PairState, reason: str, **extra: Any) -> None:
         old = self.record.state

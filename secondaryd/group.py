@@ -182,7 +182,7 @@ class SecondaryGroup:
         what either site changed to the old primary, which becomes its secondary."""
         if not args.get("swap"):
             raise ControlRefused("cannot resync here: run resync on the primary, or resync --swap")
-        state = self._next(PairInput.RESYNC_SWAP)
+        state = self.record.next_state(PairInput.RESYNC_SWAP)
         self._check_can_be_primary("resync --swap")
         await self._ask(SwapKind.RESYNC)
         self._become_primary(state, "resync --swap by operator")
@@ -194,7 +194,7 @@ class SecondaryGroup:
     async def _takeover_swap(self) -> Mapping[str, Any]:
         """The primary answers: it stops host writes, this site applies all of them, then
         the roles swap. No acknowledged write is lost."""
-        state = self._next(PairInput.TAKEOVER_SWAP)
+        state = self.record.next_state(PairInput.TAKEOVER_SWAP)
         self._check_can_be_primary("takeover")
         last = await self._ask(SwapKind.TAKEOVER)
         loop = asyncio.get_running_loop()
@@ -215,14 +215,6 @@ class SecondaryGroup:
             f"seq {last.last_seq}; the old primary is its secondary",
             "exit_code": 1,
         }
-
-    def _next(self, inp: PairInput) -> PairState:
-        try:
-            return next_state(
-                Role.SECONDARY, self.record.state, inp, svol_consistent=self.record.svol_consistent
-            )
-        except Refused as exc:
-            raise ControlRefused(str(exc)) from None
 
     def _check_can_be_primary(self, verb: str) -> None:
         if self.config.replication_listen is None:

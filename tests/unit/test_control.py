@@ -22,6 +22,7 @@ from common.control import (
     call,
     stream,
 )
+from common.pairstate import PairInput, PairState, Role, next_state
 
 
 async def echo(args: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -32,11 +33,16 @@ async def refuse(args: Mapping[str, Any]) -> Mapping[str, Any]:
     raise ControlRefused("cannot resync: pair is PAIR", exit_code=4)
 
 
+async def table_says_no(args: Mapping[str, Any]) -> Mapping[str, Any]:
+    next_state(Role.PRIMARY, PairState.PAIR, PairInput.RESYNC)  # raises Refused
+    return {}
+
+
 async def crash(args: Mapping[str, Any]) -> Mapping[str, Any]:
     raise KeyError("journal")
 
 
-HANDLERS = {"echo": echo, "refuse": refuse, "crash": crash}
+HANDLERS = {"echo": echo, "refuse": refuse, "crash": crash, "resync": table_says_no}
 
 
 async def started(path: Path, **kwargs: Any) -> ControlServer:
@@ -73,6 +79,21 @@ async def test_round_trip_creates_a_private_socket_and_stop_removes_it(tmp_path:
         await server.stop()
     assert not path.exists()
     await server.stop()  # idempotent
+
+
+@pytest.mark.asyncio
+async def test_a_refusal_of_the_state_table_is_a_refusal_not_an_internal_error(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ctl.sock"
+    server = await started(path)
+    try:
+        with pytest.raises(ControlRefused) as info:
+            await call(path, "resync")
+        assert info.value.reason == "cannot resync: pair is PAIR"
+        assert info.value.exit_code == 1
+    finally:
+        await server.stop()
 
 
 @pytest.mark.asyncio
