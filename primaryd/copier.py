@@ -1,6 +1,6 @@
-"""Initial copy: the P-VOLs' content as base-journal records, through the same pipeline.
+"""Initial copy and resync: the P-VOLs' content as base-journal records, same pipeline.
 
-    for each volume, position 0 → size:
+    for each marked range of each volume (create marks every region, resync what changed):
         ┌─ one synchronous step (no await: no host write can slip in between) ─┐
         │ extents(pos)  hole ─► TRIM record (base), up to 1 GiB                 │
         │               data ─► read ≤ 1 MiB ─► WRITE record (base), or a TRIM   │
@@ -49,16 +49,13 @@ async def copy_volumes(
     journal: MasterJournal,
     progress: CopyProgress,
     wait_for_space: Callable[[], asyncio.Future[None] | None],
-    ranges: Ranges | None = None,
+    ranges: Ranges,
     copied: Callable[[str, int, int], None] | None = None,
 ) -> int:
-    """Send the volumes (initial copy), or only `ranges` of them (resync: the difference
-    bitmaps' runs); `copied(volume, offset, length)` after each range is journaled. Returns
-    the last base seq. `wait_for_space` returns a future to await when the journal holds
-    more than the copy may use, else None."""
-    plan = {
-        v.name: ranges.get(v.name, ()) if ranges is not None else ((0, v.size),) for v in volumes
-    }
+    """Send `ranges` of the volumes (the difference bitmaps' runs); `copied(volume, offset,
+    length)` after each range is journaled. Returns the last base seq. `wait_for_space`
+    returns a future to await when the journal holds more than the copy may use, else None."""
+    plan = {v.name: ranges.get(v.name, ()) for v in volumes}
     progress.total_bytes = sum(length for todo in plan.values() for _, length in todo)
     progress.done_bytes = 0
     for volume in volumes:
