@@ -146,6 +146,14 @@ def sha256_file(path: Path, length: int | None = None) -> str:
     return digest.hexdigest()
 
 
+def volumes_equal(one: Daemon, other: Daemon) -> bool:
+    """Every volume of `one` holds the same bytes at `other` (sha256 of the files)."""
+    return all(
+        sha256_file(volume.path) == sha256_file(other.volume(name).path)
+        for name, volume in one.volumes.items()
+    )
+
+
 def read_at(path: Path, offset: int, length: int) -> bytes:
     with open(path, "rb") as file:
         file.seek(offset)

@@ -22,6 +22,7 @@ from tests.e2e.helpers import (
     pairctl,
     qemu_io,
     sha256_file,
+    volumes_equal,
     wait_caught_up,
     wait_state,
     wait_until,
@@ -44,10 +45,6 @@ def paired_with_journal(daemons: Daemons, capacity: str, **pair: float) -> tuple
     wait_until(lambda: display(primary)["link"]["up"], 15, "the secondary to connect")
     create_pair(primary, secondary)
     return primary, secondary
-
-
-def volumes_equal(primary: Daemon, secondary: Daemon) -> bool:
-    return sha256_file(primary.volume().path) == sha256_file(secondary.volume().path)
 
 
 def copy_total(primary: Daemon) -> int:

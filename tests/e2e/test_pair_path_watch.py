@@ -24,7 +24,7 @@ from tests.e2e.helpers import (
     display,
     pairctl,
     qemu_io,
-    sha256_file,
+    volumes_equal,
     wait_caught_up,
     wait_state,
     wait_until,
@@ -59,10 +59,6 @@ def pair_through_proxy(
     wait_until(lambda: display(primary)["link"]["up"], 15, "the secondary to connect")
     create_pair(primary, secondary)
     return primary, secondary, proxy
-
-
-def volumes_equal(primary: Daemon, secondary: Daemon) -> bool:
-    return sha256_file(primary.volume().path) == sha256_file(secondary.volume().path)
 
 
 def states(daemon: Daemon) -> list[tuple[str, str]]:

@@ -24,6 +24,7 @@ from tests.e2e.helpers import (
     pairctl,
     qemu_io,
     sha256_file,
+    volumes_equal,
     wait_caught_up,
     wait_state,
     wait_until,
@@ -33,10 +34,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 SIZE = 64 * MiB
 REGION = 64 * KiB
-
-
-def volumes_equal(primary: Daemon, secondary: Daemon) -> bool:
-    return sha256_file(primary.volume().path) == sha256_file(secondary.volume().path)
 
 
 def copied_bytes(primary: Daemon) -> int:

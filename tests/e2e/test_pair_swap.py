@@ -23,7 +23,7 @@ from tests.e2e.helpers import (
     free_port,
     pairctl,
     qemu_io,
-    sha256_file,
+    volumes_equal,
     wait_caught_up,
     wait_state,
     wait_until,
@@ -56,13 +56,6 @@ def role_and_state(daemon: Daemon) -> tuple[str, str] | None:
     except AssertionError:  # restarting in its new role: no control socket for a moment
         return None
     return shown["role"], shown["state"]
-
-
-def volumes_equal(one: Daemon, other: Daemon) -> bool:
-    return all(
-        sha256_file(one.volume(name).path) == sha256_file(other.volume(name).path)
-        for name, _ in VOLUMES
-    )
 
 
 def test_takeover_while_the_primary_answers_swaps_roles_without_losing_a_write(
