@@ -1,17 +1,17 @@
 """Initial copy and resync: the P-VOLs' content as base-journal records, same pipeline.
 
     for each marked range of each volume (create marks every region, resync what changed):
-        ┌─ one synchronous step (no await: no host write can slip in between) ─┐
-        │ extents(pos)  hole ─► TRIM record (base), up to 1 GiB                 │
-        │               data ─► read ≤ 1 MiB ─► WRITE record (base), or a TRIM   │
-        │                                        record when it is all zeros    │
-        └───────────────────────────────────────────────────────────────────────┘
+        extents(pos)  hole ─► TRIM record (base), up to 1 GiB
+                      data ─► reference record (base), up to 1 MiB: no data read now;
+                              the master journal reads the P-VOL when it sends it
         journal over the copy window? wait for the secondary to release space
     done: the last base seq is the copy's end; COPY → PAIR once the secondary applied it
+          (and every seq up to the last reference's read: MasterJournal.ref_horizon_seq)
 
-Reading a region and giving it a seq in one step is what keeps host writes safe during the
-copy: a host write before the step is in the data read (and has a smaller seq), a host write
-after it gets a larger seq, so the secondary applies it over the base data, never under.
+A reference read when it is sent holds every host write made before the read: those with a
+smaller seq are under it anyway, those with a larger seq are applied after it and write the
+same bytes again. So the copy costs the journal headers only and each byte is read once.
+Progress counts holes when they are journaled and data when it is sent.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from common.volume import Volume, is_zeros
+from common.volume import Volume
 from primaryd.master import MasterJournal
 
 log = logging.getLogger("journalpair.copy")
@@ -84,30 +84,24 @@ async def _copy_range(
         if waiter is not None:
             await waiter
             continue
-        step = _copy_step(volume, journal, position, end)
+        step, done = _copy_step(volume, journal, position, end)
         position += step
-        progress.done_bytes += step
+        progress.done_bytes += done
         since_yield += step
         if since_yield >= YIELD_EVERY_BYTES:
             since_yield = 0
             await asyncio.sleep(0)
 
 
-def _copy_step(volume: Volume, journal: MasterJournal, position: int, end: int) -> int:
-    """Journal the region at `position` (before `end`); returns its length. Synchronous on
-    purpose: no host write can come between the read and the seq it gets."""
+def _copy_step(volume: Volume, journal: MasterJournal, position: int, end: int) -> tuple[int, int]:
+    """Journal the region at `position` (before `end`): (its length, bytes done now)."""
     length = min(end - position, HOLE_STEP_BYTES)
     extent = volume.extents(position, length, max_extents=1)[0]
     if extent.hole:
         if not journal.append_base_hole(volume.name, position, extent.length):
             raise CopyAborted("journal full")
-        return extent.length
+        return extent.length, extent.length
     step = min(extent.length, DATA_STEP_BYTES)
-    data = volume.read(position, step)
-    if is_zeros(data):  # allocated zeros: a hole on the S-VOL, nothing to send
-        appended = journal.append_base_hole(volume.name, position, step)
-    else:
-        appended = journal.append_base(volume.name, position, data)
-    if not appended:
+    if not journal.append_base_ref(volume.name, position, step):
         raise CopyAborted("journal full")
-    return step
+    return step, 0  # counted when sent

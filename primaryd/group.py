@@ -102,6 +102,7 @@ class PrimaryGroup:
         self._save_bitmaps()
         self.feeder = FeederServer(self)
         self.copy = CopyProgress()
+        self.journal.on_ref_sent = self._ref_sent
         self._copy_task: asyncio.Task[None] | None = None
         self._space_freed: asyncio.Future[None] | None = None
         self._tasks: asyncio.TaskGroup | None = None
@@ -416,7 +417,16 @@ class PrimaryGroup:
             await self.journal.wait_for_records(request.from_seq - 1, wait_s)
             if not store.first_seq <= request.from_seq <= store.next_seq:  # reset meanwhile
                 return Refuse(RefuseCode.NEEDS_COPY, "the master journal was reset")
-        records, count = store.read(request.from_seq, request.max_entries, request.max_bytes)
+        try:
+            records, count = self.journal.read(
+                request.from_seq, request.max_entries, request.max_bytes
+            )
+        except OSError as exc:
+            self._suspend(
+                self.record.next_state(PairInput.LINK_LOST),
+                f"cannot read a P-VOL to send the copy: {exc}",
+            )
+            return self._status_batch(request)
         return self._status_batch(request, records, count)
 
     def _status_batch(
@@ -445,7 +455,7 @@ class PrimaryGroup:
         if (
             record.state is PairState.COPY
             and record.copy_end_seq
-            and applied_seq >= record.copy_end_seq
+            and applied_seq >= max(record.copy_end_seq, self.journal.ref_horizon_seq)
         ):
             record.svol_consistent = True
             self._transition(
@@ -701,6 +711,9 @@ class PrimaryGroup:
             end_seq,
         )
         self._secondary_position(self.restored_seq, self.applied_seq)
+
+    def _ref_sent(self, length: int) -> None:
+        self.copy.done_bytes += length
 
     def _copied(self, volume: str, offset: int, length: int) -> None:
         # Journaled (with a seq the secondary will get): no longer a difference to track.

@@ -11,7 +11,9 @@
     compares the newest CHECK_TAIL_RECORDS records with the volumes at start and journals
     the actual content of every region that differs.
     FLUSH / FUA ─► sync(): group commit, fdatasync of the segments in an executor
-    copier ─► append_base(): base-journal records, ordered with host writes by seq
+    copier ─► append_base_ref(): base-journal records, ordered with host writes by seq,
+              holding no data: read() puts the P-VOL's data in when the secondary asks
+    feeder ─► read(): the records for a ReadJournal, references filled in
 
 A full journal never fails a host write: on_full() is called (the group suspends the pair,
 PFUS) and the write is marked in the bitmap instead.
@@ -27,7 +29,14 @@ import time
 from collections.abc import Callable, Mapping
 
 from common.bitmap import DifferenceBitmap
-from common.journal.record import FLAG_BASE, Entry, Op, encode_record
+from common.journal.record import (
+    FLAG_BASE,
+    FLAG_REF,
+    Entry,
+    Op,
+    decode_record,
+    encode_record,
+)
 from common.journal.store import JournalFull, JournalStore
 from common.marklog import MarkLog
 from common.syncer import GroupSyncer
@@ -66,6 +75,13 @@ class MasterJournal:
         self._appended: asyncio.Future[None] | None = None
         self.records_appended = 0
         self.host_marks = 0  # host writes marked in the bitmaps (the pair is split)
+        # Reference records may exist up to this seq (0: none since the start).
+        self._refs_upto = 0
+        # The data a reference was filled in with holds host writes up to this seq, so the
+        # S-VOLs are a consistent image only once applied this far. At start: whatever was
+        # sent before the stop was read while last_seq was at most what it is now.
+        self.ref_horizon_seq = store.last_seq
+        self.on_ref_sent: Callable[[int], None] | None = None  # bytes read for a reference
 
     # -- the NBD WriteJournal hooks ----------------------------------------------------
 
@@ -115,6 +131,72 @@ class MasterJournal:
 
     def append_base_hole(self, volume: str, offset: int, length: int) -> bool:
         return self._append(volume, Op.TRIM, offset, length, b"", FLAG_BASE)
+
+    def append_base_ref(self, volume: str, offset: int, length: int) -> bool:
+        """A base record of `length` bytes (at most MAX_WRITE_BYTES) whose data read() takes
+        from the P-VOL when it is sent: the copy costs the journal a header, not the data.
+
+        Reading later than the seq was given is safe for the copy: a host write before the
+        seq is in the data; one after it is in the data too, and its own record, applied
+        later, writes the same bytes again. Until the secondary applied every seq up to
+        the last read (ref_horizon_seq) the S-VOLs mix times, which is what COPY means."""
+        appended = self._append(volume, Op.WRITE, offset, length, b"", FLAG_BASE | FLAG_REF)
+        if appended:
+            self._refs_upto = self.store.last_seq
+        return appended
+
+    # -- reading for the secondary ------------------------------------------------------
+
+    def read(self, from_seq: int, max_entries: int, max_bytes: int) -> tuple[bytes, int]:
+        """Records from `from_seq` as the secondary gets them: (blob, count). A reference is
+        replaced by a base WRITE of the P-VOL's data now (a TRIM when it is all zeros);
+        the blob stays within max_bytes unless its first record alone is bigger.
+        OSError when a P-VOL cannot be read."""
+        blob, count = self.store.read(from_seq, max_entries, max_bytes)
+        if from_seq > self._refs_upto or not count:
+            return blob, count
+        parts: list[bytes | memoryview] = []
+        total = taken = pos = 0
+        view = memoryview(blob)
+        while taken < count:
+            entry, end = decode_record(view, pos, check_payload=False)
+            record: bytes | memoryview = view[pos:end]
+            if entry.flags & FLAG_REF:
+                record = self._filled_in(entry)
+            if taken and total + len(record) > max_bytes:
+                break
+            parts.append(record)
+            total += len(record)
+            taken += 1
+            pos = end
+        self.ref_horizon_seq = max(self.ref_horizon_seq, self.store.last_seq)
+        return b"".join(parts), taken
+
+    def _filled_in(self, ref: Entry) -> bytes:
+        data = self.volumes[ref.volume].read(ref.offset, ref.length)
+        if self.on_ref_sent is not None:
+            self.on_ref_sent(ref.length)
+        if is_zeros(data):
+            return encode_record(
+                ref.seq,
+                ref.volume,
+                Op.TRIM,
+                ref.offset,
+                ref.length,
+                b"",
+                ref.timestamp_ns,
+                FLAG_BASE,
+            )
+        return encode_record(
+            ref.seq,
+            ref.volume,
+            Op.WRITE,
+            ref.offset,
+            ref.length,
+            data,
+            ref.timestamp_ns,
+            FLAG_BASE,
+        )
 
     # -- waiting for records (the read-journal long poll) --------------------------------
 
@@ -220,7 +302,10 @@ def _uncovered(start: int, end: int, covered: list[tuple[int, int]]) -> list[tup
 
 
 def _volume_holds(volume: Volume, entry: Entry, start: int, end: int) -> bool:
-    """Whether the volume holds what the entry wrote in [start, end) (within its region)."""
+    """Whether the volume holds what the entry wrote in [start, end) (within its region).
+    A reference holds whatever the volume holds: that is what it will send."""
+    if entry.flags & FLAG_REF:
+        return True
     step = 1 << 20
     if entry.op is not Op.WRITE:  # zeros expected: holes match without reading them
         position = start

@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Mapping
 
-from common.journal.record import Entry, Op
+from common.journal.record import FLAG_REF, Entry, Op
 from common.journal.store import JournalStore
 from common.pairrecord import PairRecord, RecordSaver
 from common.volume import Volume
@@ -173,6 +173,8 @@ class Destager:
                 raise DestageError(f"seq {entry.seq}: no volume named {entry.volume!r} here")
             if entry.offset + entry.length > volume.size:
                 raise DestageError(f"seq {entry.seq}: beyond the end of {entry.volume}")
+            if entry.flags & FLAG_REF:  # the primary fills references in before sending
+                raise DestageError(f"seq {entry.seq}: a reference record without its data")
             if entry.op is Op.WRITE:
                 volume.write(entry.offset, entry.payload)
             elif entry.op is Op.TRIM:

@@ -7,7 +7,7 @@ sequence number. Layout, little-endian, 48-byte fixed header:
       0    4 magic          b"JPRC"
       4    1 version        1
       5    1 op             1 WRITE, 2 TRIM, 3 ZERO
-      6    1 flags          FLAG_BASE (1); other bits must be 0
+      6    1 flags          FLAG_BASE (1), FLAG_REF (2, with BASE on a WRITE); others 0
       7    1 name_len       bytes of the UTF-8 volume name (0..255)
       8    4 record_bytes   whole record: 48 + name_len + payload bytes
      12    8 seq
@@ -17,7 +17,11 @@ sequence number. Layout, little-endian, 48-byte fixed header:
      40    4 payload_crc    crc32c of the payload (crc32c(b"") == 0 for TRIM/ZERO)
      44    4 header_crc     crc32c of bytes 0..43 followed by the volume name
      48      volume name    name_len bytes
-             payload        `length` bytes for WRITE, none for TRIM/ZERO
+             payload        `length` bytes for WRITE, none for TRIM/ZERO or a FLAG_REF WRITE
+
+A FLAG_REF record lives only in the primary's master journal: a base-copy chunk whose data
+is read from the P-VOL when it is sent (primaryd.master), so the copy writes no payload
+into the journal. What crosses the wire is always a full record.
 
 The cheap fields are checked before the crcs so that a damaged length is reported as
 corruption, not as a record that merely needs more bytes. Input may come from the
@@ -43,7 +47,9 @@ class Op(enum.IntEnum):
 
 
 FLAG_BASE = 1  # produced by initial copy / resync, not by a host write
-_KNOWN_FLAGS = FLAG_BASE
+FLAG_REF = 2  # a base WRITE without payload: the P-VOL's data is read when it is sent
+_KNOWN_FLAGS = FLAG_BASE | FLAG_REF
+_REF_FLAGS = FLAG_BASE | FLAG_REF
 
 MAGIC = b"JPRC"
 VERSION = 1
@@ -156,9 +162,12 @@ def _fields_ok(
     op: int, flags: int, name_len: int, offset: int, length: int, payload_len: int
 ) -> bool:
     if op == _WRITE:
-        sizes_ok = payload_len == length <= MAX_WRITE_BYTES
+        if flags & FLAG_REF:
+            sizes_ok = payload_len == 0 and length <= MAX_WRITE_BYTES and flags == _REF_FLAGS
+        else:
+            sizes_ok = payload_len == length <= MAX_WRITE_BYTES
     else:
-        sizes_ok = op in (_TRIM, _ZERO) and payload_len == 0
+        sizes_ok = op in (_TRIM, _ZERO) and payload_len == 0 and not flags & FLAG_REF
     return (
         sizes_ok
         and not flags & ~_KNOWN_FLAGS
@@ -177,7 +186,9 @@ def _fields_error(op: int, flags: int, name_len: int, length: int, payload_len: 
         return f"volume name of {name_len} bytes, at most {MAX_NAME_BYTES}"
     if op == _WRITE and length > MAX_WRITE_BYTES:
         return f"WRITE of {length} bytes, at most {MAX_WRITE_BYTES}"
-    if payload_len != (length if op == _WRITE else 0):
+    if flags & FLAG_REF and (op != _WRITE or flags != _REF_FLAGS):
+        return f"FLAG_REF on a {_OPS[op].name} with flags {flags:#x}"
+    if payload_len != (length if op == _WRITE and not flags & FLAG_REF else 0):
         return f"{_OPS[op].name} of length {length} with {payload_len} payload bytes"
     return f"range of {length} bytes outside a volume"
 

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from common.journal.record import (
     FLAG_BASE,
+    FLAG_REF,
     HEADER_BYTES,
     MAX_WRITE_BYTES,
     CorruptRecord,
@@ -177,3 +178,25 @@ def test_damaged_records_raise_only_record_errors(
     except (TruncatedRecord, CorruptRecord):
         return
     assert (entry.seq, bytes(entry.payload)) == (12, payload)  # the flips cancelled out
+
+
+def test_a_reference_record_is_a_base_write_without_payload() -> None:
+    record = encode_record(9, "vol0", Op.WRITE, 4096, 1 << 20, b"", 0, FLAG_BASE | FLAG_REF)
+    entry, end = decode_record(record)
+    assert end == len(record) == HEADER_BYTES + len("vol0")
+    assert (entry.op, entry.length, len(entry.payload)) == (Op.WRITE, 1 << 20, 0)
+
+
+@pytest.mark.parametrize(
+    ("op", "flags", "payload"),
+    [
+        (Op.TRIM, FLAG_BASE | FLAG_REF, b""),  # only a WRITE refers to data
+        (Op.WRITE, FLAG_REF, b""),  # only the copy's base records do
+        (Op.WRITE, FLAG_BASE | FLAG_REF, b"x" * 16),  # it carries no payload
+    ],
+)
+def test_a_reference_record_other_than_a_base_write_is_refused(
+    op: Op, flags: int, payload: bytes
+) -> None:
+    with pytest.raises(ValueError):
+        encode_record(1, "vol0", op, 0, 16, payload, 0, flags)

@@ -466,3 +466,97 @@ def test_check_tail_finds_every_write_of_a_killed_batch_newest_record_winning(
             ("vol1", 64 * KiB, Op.TRIM, b""),  # still zeros there: sent as a hole
         ]
         assert all(e.flags == FLAG_BASE for e in rebased)
+
+
+# -- base references: the copy's data is read from the P-VOL when it is sent ------------------
+
+
+def _sent(primary: Primary, from_seq: int = 1, max_bytes: int = 64 * MiB) -> list[Entry]:
+    blob, count = primary.master.read(from_seq, 10_000, max_bytes)
+    entries = list(iter_records(blob))  # full records, crcs checked: what the wire carries
+    assert len(entries) == count
+    return entries
+
+
+def test_a_base_reference_journals_no_data_and_is_sent_with_the_volume_content(
+    tmp_path: Path,
+) -> None:
+    with opened_primary(tmp_path) as primary:
+        primary.volumes["vol0"].write(64 * KiB, b"\x5a" * (64 * KiB))
+        assert primary.master.append_base_ref("vol0", 64 * KiB, 64 * KiB)
+        primary.master.flush_records()
+        assert primary.store.used_bytes < 4 * KiB  # a header and a name, no payload
+
+        (entry,) = _sent(primary)
+        assert (entry.op, entry.flags, entry.offset, entry.length) == (
+            Op.WRITE,
+            FLAG_BASE,
+            64 * KiB,
+            64 * KiB,
+        )
+        assert bytes(entry.payload) == b"\x5a" * (64 * KiB)
+
+
+def test_a_reference_sent_after_a_host_write_carries_the_newer_data(tmp_path: Path) -> None:
+    with opened_primary(tmp_path) as primary:
+        volume = primary.volumes["vol0"]
+        volume.write(0, b"\x01" * (8 * KiB))
+        primary.master.append_base_ref("vol0", 0, 8 * KiB)
+        primary.master.wrote("vol0", 4 * KiB, b"\x02" * (4 * KiB))  # after the ref's seq
+        volume.write(4 * KiB, b"\x02" * (4 * KiB))
+        primary.master.flush_records()
+
+        base, host = _sent(primary)
+        assert bytes(base.payload) == b"\x01" * (4 * KiB) + b"\x02" * (4 * KiB)
+        assert (host.seq, host.flags, bytes(host.payload)) == (2, 0, b"\x02" * (4 * KiB))
+        # The S-VOLs hold host write 2's bytes once the base is applied: consistent from 2 on.
+        assert primary.master.ref_horizon_seq == 2
+
+
+def test_a_reference_to_zeros_is_sent_as_a_base_trim(tmp_path: Path) -> None:
+    with opened_primary(tmp_path) as primary:
+        primary.volumes["vol1"].write(0, bytes(32 * KiB))  # allocated, all zeros
+        primary.master.append_base_ref("vol1", 0, 32 * KiB)
+        primary.master.flush_records()
+
+        (entry,) = _sent(primary)
+        assert (entry.op, entry.flags, entry.length, len(entry.payload)) == (
+            Op.TRIM,
+            FLAG_BASE,
+            32 * KiB,
+            0,
+        )
+
+
+def test_filled_in_references_stay_within_max_bytes(tmp_path: Path) -> None:
+    with opened_primary(tmp_path) as primary:
+        primary.volumes["vol0"].write(0, b"\x07" * VOLUME_BYTES)
+        for offset in range(0, VOLUME_BYTES, 64 * KiB):
+            primary.master.append_base_ref("vol0", offset, 64 * KiB)
+        primary.master.flush_records()
+
+        first = _sent(primary, max_bytes=200 * KiB)
+        assert len(first) == 3  # 3 x (64 KiB + header) fit, a 4th would not
+        assert len(_sent(primary, max_bytes=1)) == 1  # one record always goes
+        rest = _sent(primary, from_seq=4)
+        assert [e.seq for e in rest] == list(range(4, 17))
+        assert all(bytes(e.payload) == b"\x07" * (64 * KiB) for e in first + rest)
+
+
+def test_host_records_are_sent_as_journaled_when_no_reference_is_in_range(
+    tmp_path: Path,
+) -> None:
+    with opened_primary(tmp_path) as primary:
+        primary.master.wrote("vol0", 0, b"\x03" * (4 * KiB))
+        primary.master.flush_records()
+        blob, count = primary.master.read(1, 100, 64 * MiB)
+        assert count == 1
+        assert blob == primary.store.read(1, 100, 64 * MiB)[0]
+
+
+def test_check_tail_takes_a_reference_as_holding_what_the_volume_holds(tmp_path: Path) -> None:
+    with opened_primary(tmp_path) as primary:
+        primary.master.append_base_ref("vol0", 0, 64 * KiB)
+        primary.master.flush_records()
+        assert primary.master.check_tail()
+        assert primary.store.last_seq == 1  # nothing journaled again
