@@ -61,6 +61,9 @@ async def copy_volumes(
     for volume in volumes:
         for offset, length in plan[volume.name]:
             await _copy_range(volume, offset, length, journal, progress, wait_for_space)
+            # Records in the journal file before the bitmap forgets the range: a kill after
+            # this finds them there (references are small and would otherwise sit in memory).
+            journal.flush_records()
             if copied is not None:
                 copied(volume.name, offset, length)
         log.info(

@@ -75,8 +75,8 @@ class MasterJournal:
         self._appended: asyncio.Future[None] | None = None
         self.records_appended = 0
         self.host_marks = 0  # host writes marked in the bitmaps (the pair is split)
-        # Reference records may exist up to this seq (0: none since the start).
-        self._refs_upto = 0
+        # Reference records may exist up to this seq: any recovered record may be one.
+        self._refs_upto = store.last_seq
         # The data a reference was filled in with holds host writes up to this seq, so the
         # S-VOLs are a consistent image only once applied this far. At start: whatever was
         # sent before the stop was read while last_seq was at most what it is now.

@@ -78,6 +78,7 @@ class SecondaryGroup:
         self.copy_done_bytes = 0
         self.copy_total_bytes = 0
         self._syncing: asyncio.Future[None] | None = None
+        self._straight_upto = 0  # the last seq written straight onto the S-VOLs
         self.bitmaps = load_bitmaps(
             config.data_dir, {n: v.size for n, v in volumes.items()}, config.pair.bitmap_region
         )
@@ -406,12 +407,17 @@ class SecondaryGroup:
         if batch.count:
             # One batch is synced while the next is fetched: `restored` (which lets the
             # primary free space) moves only once its records are durable here.
-            if self._syncing is not None:
-                await self._syncing
-            if self._copying_straight(batch):
+            straight = self._continues_straight(batch)
+            if not straight:
+                if self._syncing is not None:
+                    await self._syncing
+                straight = self._copying_straight(batch)
+            if straight:
                 entries = _checked_entries(batch)
                 self.destager.apply(entries)
-                self._syncing = asyncio.ensure_future(self._sync_applied(entries[-1].seq))
+                self._straight_upto = entries[-1].seq
+                if self._syncing is None or self._syncing.done():
+                    self._syncing = asyncio.ensure_future(self._sync_applied())
             else:
                 self.store.append_blob(batch.first_seq, batch.records, batch.count)
                 self._syncing = asyncio.ensure_future(self._sync_restore_journal())
@@ -485,6 +491,8 @@ class SecondaryGroup:
     # -- internals -------------------------------------------------------------------------
 
     async def _new_generation(self, welcome: Welcome) -> None:
+        if self._syncing is not None:  # it would move the new journal to the old seqs
+            await self._syncing
         log.info(
             "primary has generation %s (here: %s): restore journal restarts at seq %d",
             welcome.generation,
@@ -537,16 +545,32 @@ class SecondaryGroup:
             == batch.first_seq - 1
         )
 
-    async def _sync_applied(self, last_seq: int) -> None:
-        """After a batch went straight onto the S-VOLs: volumes durable, then applied_seq
-        persisted, then the (empty) restore journal moves past it, then `restored`."""
-        await asyncio.get_running_loop().run_in_executor(None, self.destager.sync_volumes)
-        record = self.record
-        record.applied_seq = record.destage_intent_seq = last_seq
-        await self.saver.save(record)
-        self.store.reset(last_seq + 1)
-        self.destager.reset(last_seq)
-        self.restored_seq = last_seq
+    def _continues_straight(self, batch: JournalBatch) -> bool:
+        """The batch follows batches written straight whose sync still runs: it goes
+        straight too, and the running sync loop takes it along (writes and fdatasync
+        overlap instead of alternating)."""
+        return (
+            self._syncing is not None
+            and not self._syncing.done()
+            and self._straight_upto == batch.first_seq - 1 > self.restored_seq
+            and self.record.state is PairState.COPY
+            and _state_named(batch.state) is PairState.COPY
+            and self.destager.error is None
+        )
+
+    async def _sync_applied(self) -> None:
+        """After batches went straight onto the S-VOLs: volumes durable, then applied_seq
+        persisted, then the (empty) restore journal moves past them, then `restored`;
+        again while more were written meanwhile."""
+        while self._straight_upto > self.restored_seq:
+            last_seq = self._straight_upto
+            await asyncio.get_running_loop().run_in_executor(None, self.destager.sync_volumes)
+            record = self.record
+            record.applied_seq = record.destage_intent_seq = last_seq
+            await self.saver.save(record)
+            self.store.reset(last_seq + 1)
+            self.destager.reset(last_seq)
+            self.restored_seq = last_seq
 
     async def _sync_restore_journal(self) -> None:
         upto = self.store.last_seq

@@ -7,8 +7,10 @@
             ─► ReportBitmap per volume ◄─ BitmapTaken ─► sink.bitmap_taken(): cleared here
     loop:   ─► SwapRequest, when the group asked for one ◄─ SwapAnswer | Refuse ─► its future
     loop:   ─► ReadJournal(from, limits, restored, applied)
-            ◄─ JournalBatch ─► sink.received(): restore journal append + fdatasync,
-                                then `restored` moves on (and rides on the next request)
+            ◄─ JournalBatch ─► the next ReadJournal goes out at once (when this batch held
+                               records and no swap step waits), then sink.received():
+                               restore journal append + fdatasync, then `restored` moves
+                               on (and rides on a later request)
 A lost link is retried with a bounded exponential backoff; the state stays what it was.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Protocol
 
 from common.config import Address
@@ -46,12 +49,15 @@ log = logging.getLogger("journalpair.pull")
 BATCH_ENTRIES_MAX = 16384
 BATCH_BYTES_MAX = 16 << 20
 LONG_POLL_MS = 1000
-DESTAGING_POLL_MS = 50
+# Short: the primary learns `applied` from requests only (COPY -> PAIR, lag), and a
+# request sent ahead of storing a batch carries the position before it.
+DESTAGING_POLL_MS = 10
 RECV_BYTES = 1 << 20
 CONNECT_TIMEOUT_S = 5.0
 ANSWER_TIMEOUT_S = 30.0  # a long poll is at most a few seconds; silence beyond this is a dead link
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 5.0
+QUICK_RETRY_EVERY_S = 1.0  # at most one reconnect without a backoff per this many seconds
 
 
 class PullSink(Protocol):
@@ -86,6 +92,7 @@ class LinkDown(Exception):
 
 async def pull_forever(primary: Address, sink: PullSink) -> None:
     backoff = BACKOFF_MIN_S
+    quick_retry_at = -QUICK_RETRY_EVERY_S
     while True:
         welcomed: list[bool] = []
         try:
@@ -97,6 +104,10 @@ async def pull_forever(primary: Address, sink: PullSink) -> None:
             sink.link(False, f"pulling failed: {type(exc).__name__}: {exc}")
         if welcomed:  # the link worked: a drop (a new generation, a restart) retries soon
             backoff = BACKOFF_MIN_S
+            now = time.monotonic()
+            if now - quick_retry_at >= QUICK_RETRY_EVERY_S:
+                quick_retry_at = now  # a create or resync closes the link: Hello again now
+                continue
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, BACKOFF_MAX_S)
 
@@ -135,32 +146,46 @@ async def _pull_once(primary: Address, sink: PullSink, welcomed: list[bool]) -> 
             assert isinstance(answer, BitmapTaken)
             sink.bitmap_taken(report)
         sink.link(True, f"connected to {primary.host}:{primary.port}")
+        asked_ahead = False  # the next ReadJournal went out before the last batch was stored
         while True:
-            asked = sink.next_request()
-            if asked is not None:
-                await _ask(core, reader, writer, *asked)
-            _generation, restored, applied = sink.position()
-            # While the destager works, ask again soon: the primary learns `applied` only from
-            # requests (lag, COPY -> PAIR); when caught up, a long poll costs nothing.
-            wait_ms = LONG_POLL_MS if applied >= from_seq - 1 else DESTAGING_POLL_MS
-            request = ReadJournal(
-                from_seq,
-                BATCH_ENTRIES_MAX,
-                BATCH_BYTES_MAX,
-                wait_ms,
-                restored,
-                applied,
-                sink.hello_state()[1],
-            )
-            writer.write(core.send(request))
+            if not asked_ahead:
+                asked = sink.next_request()
+                if asked is not None:
+                    await _ask(core, reader, writer, *asked)
+                _ask_journal(core, writer, sink, from_seq)
             answer = await _next_message(core, reader)
+            asked_ahead = False
             if isinstance(answer, Refuse):
                 raise LinkDown(f"primary refused ({answer.code}): {answer.reason}")
             assert isinstance(answer, JournalBatch)
-            await sink.received(answer)
             from_seq += answer.count
+            if answer.count and sink.next_request() is None:
+                # Ask for the next batch before storing this one: the primary reads and
+                # sends it while this side writes, instead of each waiting for the other.
+                _ask_journal(core, writer, sink, from_seq)
+                asked_ahead = True
+            await sink.received(answer)
     finally:
         writer.close()
+
+
+def _ask_journal(
+    core: ReplicationConnection, writer: asyncio.StreamWriter, sink: PullSink, from_seq: int
+) -> None:
+    _generation, restored, applied = sink.position()
+    # While the destager works, ask again soon: the primary learns `applied` only from
+    # requests (lag, COPY -> PAIR); when caught up, a long poll costs nothing.
+    wait_ms = LONG_POLL_MS if applied >= from_seq - 1 else DESTAGING_POLL_MS
+    request = ReadJournal(
+        from_seq,
+        BATCH_ENTRIES_MAX,
+        BATCH_BYTES_MAX,
+        wait_ms,
+        restored,
+        applied,
+        sink.hello_state()[1],
+    )
+    writer.write(core.send(request))
 
 
 class SwapRefused(Exception):

@@ -560,3 +560,13 @@ def test_check_tail_takes_a_reference_as_holding_what_the_volume_holds(tmp_path:
         primary.master.flush_records()
         assert primary.master.check_tail()
         assert primary.store.last_seq == 1  # nothing journaled again
+
+
+def test_references_recovered_after_a_kill_are_still_filled_in(tmp_path: Path) -> None:
+    with opened_primary(tmp_path) as primary:
+        primary.volumes["vol0"].write(0, b"\x11" * (64 * KiB))
+        primary.master.append_base_ref("vol0", 0, 64 * KiB)
+        primary.master.flush_records()
+    with opened_primary(tmp_path) as restarted:  # what a SIGKILL leaves: the files
+        (entry,) = _sent(restarted)
+        assert (entry.flags, bytes(entry.payload)) == (FLAG_BASE, b"\x11" * (64 * KiB))
