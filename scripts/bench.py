@@ -16,7 +16,8 @@
             sync (the next job starts with no dirty pages)
           stop (SIGTERM); replica == volume, byte for byte
       │
-    bench_pipeline.py (initial copy vs nbdcopy, resync, lag under a burst), its JSON folded in
+    bench_pipeline.py (initial copy vs nbdcopy and the mirror, resync, lag under a burst vs
+    the mirror's convergence), its JSON folded in
       │
     tables: throughput median [min-max] and per-rep ratios jp/qemu-nbd, jp/mirror; CPU per
             request and peak RSS per process; drain and initial copy times; p99 latency

@@ -16,6 +16,15 @@ JP = "journalpair"
 PEERS = ("qemu-nbd", "qemu-mirror")  # what journalpair is compared with, in this order
 DRAIN_RESOLUTION_S = 0.02  # servers.POLL_S: a drain ratio counts shorter drains as this long
 RATIO_HEAD = {"qemu-nbd": "jp/qemu-nbd", "qemu-mirror": "jp/mirror"}
+# bench_pipeline.py's per-rep time ratios: (row, numerator, denominator, key in their dicts)
+PIPELINE_RATIOS = (
+    ("copy / nbdcopy (time)", "copy", "nbdcopy", "seconds"),
+    ("copy / nbdcopy --flush (time)", "copy", "nbdcopy_flush", "seconds"),
+    ("copy / mirror (time)", "copy", "mirror_copy", "seconds"),
+    ("copy_empty / mirror (time)", "copy_empty", "mirror_copy_empty", "seconds"),
+    ("resync / copy (time)", "resync", "copy", "seconds"),
+    ("burst drain / mirror (time)", "burst", "mirror_burst", "drain_s"),
+)
 Run = dict[str, Any]
 Getter = Callable[[Run], float | None]
 
@@ -226,11 +235,8 @@ def pipeline_lines(doc: dict[str, Any]) -> list[str]:
     for key, value in doc.items():
         if key != "settings":
             _flatten(key, value, rows)
-    for name, num, den in (
-        ("copy / nbdcopy (time)", "copy", "nbdcopy"),
-        ("resync / copy (time)", "resync", "copy"),
-    ):
-        a, b = _seconds(doc.get(num)), _seconds(doc.get(den))
+    for name, num, den, key in PIPELINE_RATIOS:
+        a, b = _seconds(doc.get(num), key), _seconds(doc.get(den), key)
         if a and b:
             rows.append([name, fmt_stat([x / y for x, y in zip(a, b, strict=False) if y], ".3f")])
     return render(["pipeline (bench_pipeline.py)", "median [min-max]"], rows) if rows else []
@@ -254,13 +260,14 @@ def _flatten(name: str, value: Any, rows: list[list[str]]) -> None:
                 _flatten(f"{name}.{key}", xs, rows)
 
 
-def _seconds(value: Any) -> list[float]:
+def _seconds(value: Any, key: str) -> list[float]:
+    """A list of seconds, or of dicts holding them under key, as floats."""
     if not isinstance(value, list):
         return []
     out = []
     for x in value:
         if isinstance(x, int | float):
             out.append(float(x))
-        elif isinstance(x, dict) and isinstance(x.get("seconds"), int | float):
-            out.append(float(x["seconds"]))
+        elif isinstance(x, dict) and isinstance(x.get(key), int | float):
+            out.append(float(x[key]))
     return out

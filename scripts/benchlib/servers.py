@@ -209,6 +209,25 @@ class Server:
         raise ServerError(f"{uri} not ready after {READY_TIMEOUT_S}s ({last})")
 
 
+def control_display(path: Path) -> dict[str, Any]:
+    """A daemon's `display` result, straight from its control socket: one JSON request line,
+    one JSON answer line (common/control.py); {} while nothing listens there. pairctl would
+    cost ~0.3 s of Python start-up per poll."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(CONTROL_TIMEOUT_S)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return {}  # not listening yet
+        s.sendall(json.dumps({"verb": "display", "args": {}}).encode() + b"\n")
+        line = s.makefile("rb").readline(CONTROL_ANSWER_BYTES_MAX)
+    answer = json.loads(line)
+    if not answer.get("ok"):
+        raise ServerError(f"display: {answer.get('error')}")
+    result: dict[str, Any] = answer["result"]
+    return result
+
+
 def qemu_nbd_command(volume: Path, port: int) -> list[str]:
     return [
         "qemu-nbd",
@@ -288,23 +307,7 @@ class JournalPair(Server):
         return out.stdout
 
     def display(self) -> dict[str, Any]:
-        """The primary's `display` result, straight from its control socket: one JSON request
-        line, one JSON answer line (common/control.py). pairctl would cost ~0.3 s of Python
-        start-up per poll."""
-        path = self.controls["primary"]
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(CONTROL_TIMEOUT_S)
-            try:
-                s.connect(str(path))
-            except OSError:
-                return {}  # not listening yet
-            s.sendall(json.dumps({"verb": "display", "args": {}}).encode() + b"\n")
-            line = s.makefile("rb").readline(CONTROL_ANSWER_BYTES_MAX)
-        answer = json.loads(line)
-        if not answer.get("ok"):
-            raise ServerError(f"display: {answer.get('error')}")
-        result: dict[str, Any] = answer["result"]
-        return result
+        return control_display(self.controls["primary"])
 
     def drain(self) -> float:
         def applied() -> bool:
