@@ -65,6 +65,9 @@ from primaryd.master import MasterJournal, Mode
 log = logging.getLogger("journalpair.primary")
 
 LONG_POLL_MAX_S = 5.0
+# A read-journal answer that would carry fewer bytes waits this long for more (lag cost).
+GATHER_BYTES = 256 << 10
+GATHER_S = 0.005
 BITMAP_SAVE_S = 1.0
 SPLIT_FLUSH_S = 30.0
 WATCH_S = 0.1  # how often journal use (PFUL) and the path watch (PSUE) are looked at
@@ -415,8 +418,12 @@ class PrimaryGroup:
         if request.from_seq == store.next_seq:
             wait_s = min(request.max_wait_ms / 1000, LONG_POLL_MAX_S)
             await self.journal.wait_for_records(request.from_seq - 1, wait_s)
-            if not store.first_seq <= request.from_seq <= store.next_seq:  # reset meanwhile
-                return Refuse(RefuseCode.NEEDS_COPY, "the master journal was reset")
+        if 0 < store.bytes_between(request.from_seq) < GATHER_BYTES:
+            # A few records only: let more come, so that both sides pay their per-batch
+            # costs (a frame, a restore-journal write and fdatasync) per many host writes.
+            await asyncio.sleep(GATHER_S)
+        if not store.first_seq <= request.from_seq <= store.next_seq:  # reset meanwhile
+            return Refuse(RefuseCode.NEEDS_COPY, "the master journal was reset")
         try:
             records, count = self.journal.read(
                 request.from_seq, request.max_entries, request.max_bytes

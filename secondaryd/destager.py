@@ -5,7 +5,8 @@
     rounds:     up to ROUND_BYTES of records after applied, never past I, applied in order
                 inline on the loop (an NBD read sees the S-VOLs between two rounds: always
                 an exact prefix of the sequence)
-    next checkpoint when applied reaches I, every CHECKPOINT_S, and when caught up
+    next checkpoint when applied reaches I, every CHECKPOINT_S, and once caught up with no
+    new records for IDLE_CHECKPOINT_S
 
 Recovery at start, before anything is served: records A+1..I may be partly on the S-VOLs
 (killed mid-window, or a power loss with some of their pages written). Re-applying them all,
@@ -32,6 +33,7 @@ ROUND_ENTRIES = 16384
 ROUND_BYTES = 16 << 20
 WINDOW_BYTES = 128 << 20  # what recovery may have to re-apply before serving
 CHECKPOINT_S = 1.0
+IDLE_CHECKPOINT_S = 0.05  # caught up and no new records for this long: checkpoint
 
 
 class DestageError(Exception):
@@ -98,11 +100,22 @@ class Destager:
                     await self._round()
                     if time.monotonic() - self._last_checkpoint >= CHECKPOINT_S:
                         await self.checkpoint()
-                await self.checkpoint()
+                if not await self._kicked_within(IDLE_CHECKPOINT_S):
+                    await self.checkpoint()
             except DestageError as exc:
                 self.error = str(exc)
                 log.error("destaging stopped: %s", exc)
                 return
+
+    async def _kicked_within(self, seconds: float) -> bool:
+        """Caught up: a checkpoint costs three fsyncs, so one per small batch (a host
+        writing at QD1) would make the disk busy for nothing. Wait a little for more."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self._kick.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def _round(self) -> None:
         # Only records durable in the restore journal: after a power loss, recovery re-applies
