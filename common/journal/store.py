@@ -6,7 +6,11 @@
     {dir}/00000000000000000001.seg   [segment header][rec 1][rec 2] ... [rec k]
     {dir}/0000000000000000000k+1.seg [segment header][rec k+1] ...   ◄─ active (the last)
     prepare_sync() ─► SyncTicket (dup'ed fds) ─ run() in an executor ─► fdatasync, fsync(dir)
-    release(upto)  ─► unlink the oldest segments whose records all have seq ≤ upto
+    release(upto)  ─► the oldest segments whose records all have seq ≤ upto: unlinked, or
+                      renamed {n}.spare (at most SPARES_MAX, within capacity) for a later
+                      segment to reuse: overwriting a file's cached pages costs a fraction of
+                      filling new ones (5 GB/s vs 0.6 GB/s on the CI VM), and its fdatasync
+                      has no block allocation to commit
 
 Segment header, 20 bytes little-endian: magic b"JPSG", version u16, reserved u16 (0),
 first_seq u64, crc32c u32 of the 16 bytes before it. Records follow back to back (see
@@ -21,6 +25,11 @@ previous read ended, so the sequential reader never scans.
 
 A store whose every record was released keeps an empty segment named after next_seq,
 so that a restart resumes at the same seq instead of at 1.
+
+A reused segment still holds an older segment's bytes after its own records. They end the
+segment's records at recovery like a torn tail does: their seqs are all older than the
+segment's first (spares are only reused in one line of seqs: reset() and a restart drop
+them), and the new header is durable before the rename that makes the spare a segment.
 """
 
 from __future__ import annotations
@@ -67,6 +76,8 @@ INDEX_STRIDE = 64  # index the file offset of every 64th record
 PENDING_BYTES_MAX = 8 * MiB
 READ_BYTES_MAX = 64 * MiB  # a read() returns no more, except one bigger record
 OPEN_SEGMENTS_MAX = 64  # fds kept open for reading; the active and unsynced ones always
+SPARES_MAX = 4  # released segment files kept for reuse
+SPARE_SUFFIX = ".spare"
 _SCAN_CHUNK_BYTES = 4 * MiB
 _HEADER_PEEK_BYTES = HEADER_BYTES + MAX_NAME_BYTES
 _SKIP_WINDOW_BYTES = 1 * MiB  # one read for the <64 headers between two indexed records
@@ -212,6 +223,7 @@ class JournalStore:
         self._last_ticket: SyncTicket | None = None
         self._durable_seq = 0
         self._cursor: tuple[int, _Segment, int] | None = None  # (seq, segment, offset)
+        self._spares: list[tuple[Path, int]] = []  # (path, file bytes), the newest last
 
     @classmethod
     def open(
@@ -351,14 +363,16 @@ class JournalStore:
 
     def _start_segment(self, first_seq: int) -> _Segment:
         path = self.directory / segment_name(first_seq)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         header = _segment_header(first_seq)
-        try:
-            _pwrite_all(fd, header, 0)
-        except OSError:
-            os.close(fd)
-            path.unlink()
-            raise
+        fd = self._reuse_spare(path, header)
+        if fd < 0:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                _pwrite_all(fd, header, 0)
+            except OSError:
+                os.close(fd)
+                path.unlink()
+                raise
         seg = _Segment(path, first_seq, first_seq, len(header), len(header), fd=fd)
         self._segments.append(seg)
         self._remember_fd(seg)
@@ -366,6 +380,61 @@ class JournalStore:
         self._dir_dirty = True
         self._used_bytes += len(header)
         return seg
+
+    def _reuse_spare(self, path: Path, header: bytes) -> int:
+        """A spare renamed to `path` with `header` durable in it: its fd, or -1 (none, or
+        it failed: a fresh file is as good)."""
+        while self._spares:
+            spare, _ = self._spares.pop()
+            self._spare_bytes_changed()
+            try:
+                fd = os.open(spare, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                log.warning("%s: spare %s unusable: %s", self.log_name, spare.name, exc)
+                continue
+            try:
+                _pwrite_all(fd, header, 0)
+                os.fdatasync(fd)  # else a power loss could leave the new name, old header
+                os.rename(spare, path)
+            except OSError as exc:
+                os.close(fd)
+                log.warning("%s: spare %s unusable: %s", self.log_name, spare.name, exc)
+                spare.unlink(missing_ok=True)
+                continue
+            return fd
+        return -1
+
+    def _keep_as_spare(self, seg: _Segment) -> bool:
+        """Rename a released segment for reuse when it is a full one and room is left."""
+        spare_bytes = sum(size for _, size in self._spares)
+        if (
+            len(self._spares) >= SPARES_MAX
+            or seg.written_bytes < self.segment_bytes // 2
+            or self._used_bytes + spare_bytes + seg.written_bytes > self.capacity_bytes
+        ):
+            return False
+        spare = seg.path.with_suffix(SPARE_SUFFIX)
+        try:
+            os.rename(seg.path, spare)
+        except OSError as exc:
+            log.warning("%s: cannot keep %s as a spare: %s", self.log_name, seg.path.name, exc)
+            return False
+        self._spares.append((spare, seg.written_bytes))
+        self._spare_bytes_changed()
+        return True
+
+    def _drop_spares(self) -> None:
+        for spare, _ in self._spares:
+            spare.unlink(missing_ok=True)
+        self._spares.clear()
+        self._spare_bytes_changed()
+
+    def _spare_bytes_changed(self) -> None:
+        self._dir_dirty = True
+
+    @property
+    def spare_count(self) -> int:
+        return len(self._spares)
 
     # -- writing and syncing -------------------------------------------------
 
@@ -634,23 +703,26 @@ class JournalStore:
             seg = self._segments[0]
             if seg.next_seq == seg.first_seq or seg.next_seq - 1 > upto_seq:
                 break  # an empty segment is only ever the last: it marks next_seq
-            freed_bytes += self._drop_oldest()
+            freed_bytes += self._drop_oldest(recycle=True)
         if freed_bytes and not self._segments:
             self._start_segment(self._next_seq)
         return freed_bytes
 
     def reset(self, next_seq: int) -> None:
-        """Drop every record; the next append must carry `next_seq`."""
+        """Drop every record; the next append must carry `next_seq`. Spares go too: the
+        new seqs may be lower than theirs, and recovery tells stale bytes by their seq."""
+        self._drop_spares()
         while self._segments:
-            self._drop_oldest()
+            self._drop_oldest(recycle=False)
         self._next_seq = next_seq
         self._durable_seq = next_seq - 1
         self._start_segment(next_seq)
 
-    def _drop_oldest(self) -> int:
+    def _drop_oldest(self, *, recycle: bool) -> int:
         seg = self._segments[0]
-        seg.path.unlink()
         self._segments.pop(0)
+        if not (recycle and self._segments and self._keep_as_spare(seg)):
+            seg.path.unlink()
         seg.released = True
         if not self._segments:
             self._pending.clear()  # it was this segment's tail
@@ -705,7 +777,7 @@ class JournalStore:
     def _recover(self) -> RecoveryReport:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        for stray in self.directory.glob("*.tmp"):
+        for stray in [*self.directory.glob("*.tmp"), *self.directory.glob("*" + SPARE_SUFFIX)]:
             stray.unlink()
             self._dir_dirty = True
         paths = self._segment_paths()
@@ -713,16 +785,17 @@ class JournalStore:
         # behind a segment whose unsynced tail it lost, so the tail of the last segment
         # with records may be cut too.
         with_records = len(paths)
-        while (
-            with_records > 0 and paths[with_records - 1][1].stat().st_size <= SEGMENT_HEADER_BYTES
-        ):
+        while with_records > 0 and not _holds_records(*paths[with_records - 1]):
             with_records -= 1
         bytes_cut, cut_reason = 0, None
         for i, (first_seq, path) in enumerate(paths):
             if i >= with_records and self._segments and first_seq != self._segments[-1].next_seq:
                 cut_reason = self._remove_empty_segment(path)
                 continue
-            seg, cut = self._load_segment(path, first_seq, is_last=i >= with_records - 1)
+            next_first = paths[i + 1][0] if i + 1 < len(paths) else None
+            seg, cut = self._load_segment(
+                path, first_seq, is_last=i >= with_records - 1, next_first_seq=next_first
+            )
             if self._segments and seg.first_seq != self._segments[-1].next_seq:
                 last_seq = self._segments[-1].next_seq - 1
                 raise JournalCorrupt(f"{self.log_name}: {path} leaves a seq gap after {last_seq}")
@@ -760,7 +833,7 @@ class JournalStore:
         return sorted(found)
 
     def _load_segment(
-        self, path: Path, first_seq: int, *, is_last: bool
+        self, path: Path, first_seq: int, *, is_last: bool, next_first_seq: int | None
     ) -> tuple[_Segment, tuple[int, str] | None]:
         """Open, check and index one segment; the last one may get its tail cut."""
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -771,7 +844,9 @@ class JournalStore:
             cut = self._check_segment_header(seg, size, is_last=is_last)
             damage = self._scan_records(seg, max(size, SEGMENT_HEADER_BYTES))
             if damage is not None:
-                cut = self._cut_tail(seg, size, damage, is_last=is_last)
+                # A reused segment ends where the next one begins, an older one's bytes after.
+                ends_stale = damage.seq == next_first_seq
+                cut = self._cut_tail(seg, size, damage, is_last=is_last or ends_stale)
         except BaseException:
             self._close_fd(seg)
             raise
@@ -817,6 +892,8 @@ class JournalStore:
                 continue
             except CorruptRecord as exc:
                 return _Damage(offset, seg.next_seq, str(exc))
+            if seq < seg.first_seq:
+                return _Damage(offset, seg.next_seq, f"seq {seq} left by a reused segment")
             if seq != seg.next_seq:
                 raise self._corrupt(seg, offset, f"seq {seq}, expected {seg.next_seq}")
             record_bytes = end - (offset - buf_offset)
@@ -872,6 +949,19 @@ class JournalStore:
                 hit = chunk.find(MAGIC, hit + 1)
             start += _SCAN_CHUNK_BYTES
         return None
+
+
+def _holds_records(first_seq: int, path: Path) -> bool:
+    """Whether the segment file starts with its own first record (a reused one may hold
+    an older segment's records only)."""
+    with path.open("rb") as f:
+        f.seek(SEGMENT_HEADER_BYTES)
+        peek = f.read(_HEADER_PEEK_BYTES)
+    try:
+        seq, _ = decode_header(peek)
+    except (TruncatedRecord, CorruptRecord):
+        return False
+    return seq == first_seq
 
 
 def _check_blob(blob: BytesLike, first_seq: int, count: int) -> list[int]:

@@ -41,7 +41,11 @@ def fill(store: JournalStore, count: int, size: int = 200) -> list[bytes]:
 
 
 def segment_files(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir())
+    return sorted(p.name for p in directory.iterdir() if p.suffix == ".seg")
+
+
+def spare_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.suffix == ".spare")
 
 
 def open_fds() -> int:
@@ -581,3 +585,105 @@ def test_iter_entries_walks_from_a_seq_to_the_end_in_chunks(store: JournalStore)
     assert [e.seq for e in store.iter_entries(4000)] == list(range(4000, 5001))
     assert [e.seq for e in store.iter_entries(0)][:2] == [1, 2]  # from before first_seq
     assert list(store.iter_entries(5001)) == []
+
+
+# -- reused segment files -------------------------------------------------------------------
+
+
+def _reopened(jdir: Path) -> JournalStore:
+    """What a SIGKILL leaves (the files), opened again."""
+    store, _ = JournalStore.open(jdir, 1 * MiB, SEGMENT_BYTES)
+    return store
+
+
+def test_released_segments_are_kept_as_spares_and_reused(store: JournalStore, jdir: Path) -> None:
+    fill(store, 100)
+    store.write_pending()
+    store.release(store.last_seq - 1)
+    kept = spare_files(jdir)
+    assert 1 <= len(kept) == store.spare_count <= 4
+    sizes = {name: (jdir / name).stat().st_size for name in kept}
+    assert all(size > SEGMENT_BYTES // 2 for size in sizes.values())
+
+    # Bigger records: each reused file keeps part of an older segment after its own.
+    records = fill(store, 12, size=1000)
+    store.write_pending()
+    assert store.spare_count == 0 and spare_files(jdir) == []
+    first, expected = store.first_seq, read_all(store, store.first_seq, 7, MiB)
+    assert expected.endswith(b"".join(records))
+    store.close()
+
+    reopened = _reopened(jdir)  # non-last reused segments end where the next begins
+    try:
+        assert read_all(reopened, first, 7, MiB) == expected
+    finally:
+        reopened.close()
+
+
+def test_a_reused_segment_recovers_its_own_records_not_the_stale_ones(
+    store: JournalStore, jdir: Path
+) -> None:
+    fill(store, 100)
+    store.write_pending()
+    store.release(store.last_seq - 1)
+    first = store.first_seq
+    spares = store.spare_count
+    records = fill(store, 30)  # the last segment reused: older records follow its own
+    store.write_pending()
+    assert store.spare_count < spares
+    last = store.last_seq
+    expected = read_all(store, first, 100, MiB)
+    store.close()
+
+    reopened = _reopened(jdir)
+    try:
+        assert (reopened.first_seq, reopened.last_seq) == (first, last)
+        assert read_all(reopened, first, 100, MiB) == expected
+        assert expected.endswith(b"".join(records))
+        assert spare_files(jdir) == []  # a restart starts a new line of spares
+        fill(reopened, 5)  # appends go on after the last own record
+        reopened.write_pending()
+    finally:
+        reopened.close()
+    again = _reopened(jdir)
+    try:
+        assert again.last_seq == last + 5
+    finally:
+        again.close()
+
+
+def test_a_reused_segment_renamed_just_before_a_kill_holds_no_records(
+    store: JournalStore, jdir: Path
+) -> None:
+    fill(store, 100)
+    store.write_pending()
+    store.release(store.last_seq - 1)
+    spares = store.spare_count
+    while store.spare_count == spares:  # until a roll took a spare: new header, rename
+        store.append(store.next_seq, rec(store.next_seq))
+    last = store.last_seq - 1  # the record that rolled is only pending
+    store._pending.clear()  # killed before write_pending: it never reached the file
+    store.close()
+
+    reopened = _reopened(jdir)
+    try:
+        assert reopened.last_seq == last
+        assert read_all(reopened, reopened.first_seq, 100, MiB)
+    finally:
+        reopened.close()
+
+
+def test_reset_drops_the_spares(store: JournalStore, jdir: Path) -> None:
+    fill(store, 100)
+    store.write_pending()
+    store.release(store.last_seq - 1)
+    assert spare_files(jdir)
+    store.reset(1)  # seqs start again lower: older files must not come back as segments
+    assert spare_files(jdir) == [] and store.spare_count == 0
+    records = fill(store, 40)
+    store.close()
+    reopened = _reopened(jdir)
+    try:
+        assert read_all(reopened, 1, 100, MiB) == b"".join(records)
+    finally:
+        reopened.close()
