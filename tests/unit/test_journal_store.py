@@ -687,3 +687,33 @@ def test_reset_drops_the_spares(store: JournalStore, jdir: Path) -> None:
         assert read_all(reopened, 1, 100, MiB) == b"".join(records)
     finally:
         reopened.close()
+
+
+def test_a_reused_segment_whose_new_header_a_power_loss_lost_holds_no_records(
+    store: JournalStore, jdir: Path
+) -> None:
+    fill(store, 100)
+    store.write_pending()
+    store.release(store.last_seq - 1)
+    old_headers = {
+        name: (jdir / name).read_bytes()[:SEGMENT_HEADER_BYTES] for name in spare_files(jdir)
+    }
+    spares = store.spare_count
+    while store.spare_count == spares:  # until a roll took a spare: new header, rename
+        store.append(store.next_seq, rec(store.next_seq))
+    last = store.last_seq - 1
+    store._pending.clear()
+    reused = segment_files(jdir)[-1]
+    store.close()
+    # The rename reached the disk, the header write did not: the spare's own header is back.
+    taken = [n for n in old_headers if n not in spare_files(jdir)]
+    assert len(taken) == 1
+    with (jdir / reused).open("r+b") as f:
+        f.write(old_headers[taken[0]])
+
+    reopened = _reopened(jdir)
+    try:
+        assert reopened.last_seq == last
+        assert (jdir / reused).read_bytes()[:SEGMENT_HEADER_BYTES] != old_headers[taken[0]]
+    finally:
+        reopened.close()
