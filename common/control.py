@@ -16,9 +16,12 @@ The wire is deliberately plain: `socat - UNIX-CONNECT:ctl.sock` is a usable clie
 one line; their `exit_code` is what pairctl exits with, so a daemon decides how a refusal reads
 to a script (1 refused, 2 bad request, 70 daemon bug, 75 try again later).
 
-The socket is created bound-but-not-listening, chmod 0o600, and only then listened on, so no
-other user can connect in between. A socket file left by a killed daemon (nothing answers) is
-removed on start; one that answers means a second daemon with the same config, which is refused.
+The socket file is born 0o600 (owner read-write, nobody else anything): the socket's own
+mode is set before bind(), and Linux creates the file with that mode minus the umask, so there
+is no moment at which it exists with a wider mode; it is checked after bind and listened on only
+then. There is no TCP control listener: the Unix socket's file mode is the access control.
+A socket file left by a killed daemon (nothing answers) is removed on start; one that answers
+means a second daemon with the same config, which is refused.
 
 The server has start()/stop() rather than one serve() coroutine because the daemons own its
 lifetime next to their other listeners; the connection tasks it creates are kept in a set,
@@ -55,6 +58,7 @@ __all__ = [
     "Handler",
     "StreamHandler",
     "call",
+    "private_unix_socket",
     "stream",
 ]
 
@@ -67,6 +71,7 @@ ANSWER_BYTES_MAX = 16 << 20  # client side: one answer line (display, 1000 event
 CONNECT_TIMEOUT_S = 10.0
 CONNECTIONS_MAX = 64  # concurrent control connections per daemon (watchers and followers)
 _PROBE_TIMEOUT_S = 1.0  # start(): how long an existing socket gets to answer
+SOCKET_MODE = 0o600  # the control socket file: its owner only, who may do everything
 
 EXIT_REFUSED = 1
 EXIT_BAD_REQUEST = 2
@@ -122,6 +127,25 @@ def _error(reason: str, exit_code: int) -> bytes:
 # --- server ---------------------------------------------------------------------------------
 
 
+def private_unix_socket() -> socket.socket:
+    """A Unix stream socket whose bind() creates its file with mode SOCKET_MODE (less the umask).
+
+    Linux gives the new file the socket inode's mode minus the umask (af_unix.c,
+    unix_bind_bsd), so an fchmod before bind leaves no moment at which the file is wider.
+    A umask around bind would do the same for every thread of the daemon (an executor
+    creating a journal segment, a hook being spawned); a private directory and a rename
+    would need a temporary name longer than the configured path (sun_path holds 107 bytes)
+    and would replace, not refuse, a socket another daemon bound in the meantime.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        os.fchmod(sock.fileno(), SOCKET_MODE)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class ControlServer:
     """Serves `handlers` (plain verbs) and `streams` (streaming verbs) on the socket `path`.
 
@@ -167,16 +191,25 @@ class ControlServer:
         log.info("control socket listening on %s", self.path)
 
     def _bind(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(os.fspath(self.path))
-            # Before listen(): nobody can connect yet, so nobody gets in before the chmod.
-            os.chmod(self.path, 0o600)
-            st = os.stat(self.path)
+            sock = private_unix_socket()
+            try:
+                sock.bind(os.fspath(self.path))
+                st = os.stat(self.path)
+                self._inode = (st.st_dev, st.st_ino)
+                if stat.S_IMODE(st.st_mode) & ~SOCKET_MODE:  # a kernel that ignored the fchmod
+                    self._unlink_own_socket()
+                    raise ControlError(
+                        f"cannot listen on {self.path}: it was created with mode "
+                        f"{stat.S_IMODE(st.st_mode):04o}, not {SOCKET_MODE:04o}"
+                    )
+                # A umask may have taken the owner's bits too: the owner is refused nothing.
+                os.chmod(self.path, SOCKET_MODE)
+            except BaseException:
+                sock.close()
+                raise
         except OSError as exc:
-            sock.close()
             raise ControlError(f"cannot listen on {self.path}: {exc.strerror or exc}") from exc
-        self._inode = (st.st_dev, st.st_ino)
         return sock
 
     async def _remove_stale_socket(self) -> None:

@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from common.control import (
     ControlRefused,
     ControlServer,
     call,
+    private_unix_socket,
     stream,
 )
 from common.pairstate import PairInput, PairState, Role, next_state
@@ -79,6 +80,56 @@ async def test_round_trip_creates_a_private_socket_and_stop_removes_it(tmp_path:
         await server.stop()
     assert not path.exists()
     await server.stop()  # idempotent
+
+
+@pytest.fixture
+def umask() -> Iterator[None]:
+    """Restore this process's umask after a test that sets its own."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_the_socket_file_is_born_owner_only_even_with_umask_0(tmp_path: Path, umask: None) -> None:
+    """No moment with a wider mode: the file is 0600 the instant bind() makes it."""
+    os.umask(0)
+    path = tmp_path / "ctl.sock"
+    with private_unix_socket() as sock:
+        sock.bind(os.fspath(path))
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mask", [0o000, 0o022, 0o077, 0o277, 0o777])
+async def test_the_socket_is_0600_whatever_the_umask(
+    tmp_path: Path, umask: None, mask: int
+) -> None:
+    """A umask may take bits from the owner too (0277: read-only); the owner gets them back."""
+    os.umask(mask)
+    path = tmp_path / "ctl.sock"
+    server = await started(path)
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert path.stat().st_uid == os.geteuid()
+        assert (await call(path, "echo"))["echo"] == {}
+    finally:
+        await server.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_socket_born_wider_than_0600_is_removed_not_served(
+    tmp_path: Path, umask: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel that ignored the mode set before bind (not Linux): refuse to start."""
+    os.umask(0o022)
+    monkeypatch.setattr(os, "fchmod", lambda fd, mode: None)
+    path = tmp_path / "ctl.sock"
+    server = ControlServer(path, HANDLERS)
+    with pytest.raises(ControlError, match="created with mode 0755, not 0600"):
+        await server.start()
+    assert not path.exists()
 
 
 @pytest.mark.asyncio
