@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from typing import NoReturn
 
 import uvloop
 
@@ -53,13 +54,20 @@ class StartupError(Exception):
     """The daemon cannot start (corrupt journal, unreadable state...): one line, exit 1."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line (the problem and where help is), not usage text and then it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 # Returns the role to switch to (a swap happened), or None once stopped by a signal.
 RoleService = Callable[[Config, asyncio.Event], Awaitable[Role | None]]
 PROGRAMS = {Role.PRIMARY: "primaryd", Role.SECONDARY: "secondaryd"}  # module = program name
 
 
 def run(prog: str, role: str, serve_role: RoleService, argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=f"journalpair {role} daemon")
+    parser = _Parser(prog=prog, description=f"journalpair {role} daemon")
     parser.add_argument("--config", required=True, help="YAML config file")
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -324,9 +324,10 @@ def _positive_seconds(text: str) -> float:
 
 
 class _Parser(argparse.ArgumentParser):
+    """A usage error is one line (the problem and where help is), not usage text and then it."""
+
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def _parser() -> argparse.ArgumentParser:
