@@ -20,8 +20,8 @@ Relative paths (data_dir, control, volumes[].path, and a pair.hook executable gi
 slash) are resolved against the directory holding the config file, not the daemon's working
 directory, so a config means the same wherever the daemon is started from.
 
-Optional sections (``pair``) take their dataclass's defaults when absent, so Config.pair is
-always there.
+Optional sections (``pair``, ``link``) take their dataclass's defaults when absent, so
+Config.pair and Config.link are always there.
 """
 
 from __future__ import annotations
@@ -125,6 +125,26 @@ class PairConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LinkConfig:
+    """The optional ``link:`` section: authentication and encryption of the replication link
+    (the same on both sites; common.linksecurity turns it into a secret and TLS contexts)."""
+
+    # A file holding the shared secret (at least 16 bytes, mode 0600): HMAC challenge-response.
+    secret_file: Path | None = None
+    # TLS with mutual verification: this site's certificate and key, and the CA that signed
+    # the other site's certificate.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    # Listen for replication on a non-loopback address with neither of the above.
+    allow_insecure: bool = False
+
+    @property
+    def authenticated(self) -> bool:
+        return self.secret_file is not None or self.tls_cert is not None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: Path
     role: Role
@@ -137,6 +157,7 @@ class Config:
     journal: JournalConfig
     volumes: tuple[VolumeConfig, ...]
     pair: PairConfig = PairConfig()
+    link: LinkConfig = LinkConfig()
 
 
 # --- value parsers --------------------------------------------------------------------------
@@ -449,6 +470,19 @@ _PAIR_KEYS: dict[str, _Key] = {
     ),
 }
 
+_TLS_KEYS: dict[str, _Key] = {
+    "cert": _Key(_parse_path, "tls_cert"),
+    "key": _Key(_parse_path, "tls_key"),
+    "ca": _Key(_parse_path, "tls_ca"),
+}
+_NO_TLS = {"tls_cert": None, "tls_key": None, "tls_ca": None}
+
+_LINK_KEYS: dict[str, _Key] = {
+    "secret_file": _Key(_parse_path, "secret_file", required=False, default=None),
+    "tls": _Key(_section(_TLS_KEYS), None, required=False, default=_NO_TLS),
+    "allow_insecure": _Key(_plain(_parse_bool), "allow_insecure", required=False, default=False),
+}
+
 _TOP_KEYS: dict[str, _Key] = {
     "role": _Key(_plain(_parse_role), "role"),
     "group": _Key(_plain(_parse_name), "group"),
@@ -466,6 +500,7 @@ _TOP_KEYS: dict[str, _Key] = {
     "journal": _Key(_section(_JOURNAL_KEYS, JournalConfig), "journal"),
     "volumes": _Key(_parse_volumes, "volumes"),
     "pair": _Key(_section(_PAIR_KEYS, PairConfig), "pair", required=False, default=PairConfig()),
+    "link": _Key(_section(_LINK_KEYS, LinkConfig), "link", required=False, default=LinkConfig()),
 }
 
 
@@ -487,6 +522,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     fields = _parse_fields(document, _TOP_KEYS, "", ctx)
     config = Config(source=source, **fields)
     _check_listen(config)
+    _check_link(config)
     return config
 
 
@@ -518,6 +554,27 @@ def _check_listen(config: Config) -> None:
     replication = config.replication_listen
     if replication is not None and replication.port != 0 and replication == config.nbd_listen:
         raise ConfigError(f"listen.replication: same address as listen.nbd ({replication})")
+
+
+def _check_link(config: Config) -> None:
+    """Serving replication beyond this host unauthenticated lets anyone read the journal
+    (every host write) and pose as the secondary: refused unless explicitly allowed."""
+    listen, link = config.replication_listen, config.link
+    if listen is None or link.authenticated or link.allow_insecure or _is_loopback(listen.host):
+        return
+    raise ConfigError(
+        f"listen.replication: {listen} is not a loopback address and the link has no "
+        "authentication: set link.secret_file or link.tls (or link.allow_insecure: true)"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 def check_volume_files(config: Config) -> None:

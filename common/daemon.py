@@ -23,6 +23,7 @@ import uvloop
 
 from common import pairrecord
 from common.config import Config, ConfigError, check_volume_files, load_config
+from common.linksecurity import load_link_security
 from common.pairrecord import PairRecord, PairRecordError
 from common.pairstate import Role
 from common.volume import VolumeError
@@ -81,9 +82,11 @@ def run(prog: str, role: str, serve_role: RoleService, argv: list[str] | None = 
         if site_role is None and config.role != role:
             raise ConfigError(f"role: config says {config.role}, this is {prog}")
         check_volume_files(config)
+        security = load_link_security(config.link)
     except ConfigError as exc:
         print(f"{prog}: config error: {exc}", file=sys.stderr)
         return 2
+    log.info("replication link: %s", security.describe())
     if site_role is not None and site_role.value != role:
         log.info("this site is the %s (persisted in pair.json)", site_role.value)
         _become(site_role, args.config)

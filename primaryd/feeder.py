@@ -7,15 +7,22 @@
               ── SwapRequest ────► group.swap()          ──► SwapAnswer | Refuse
 One request is outstanding at a time (the core enforces it), so one task per connection
 answers it. A peer that breaks the protocol is logged and dropped; others carry on.
+
+With `link.secret_file`, a connection starts with the challenge (common.replication.auth)
+and nothing reaches the core before the peer proved it has the secret; with `link.tls`,
+the listener is TLS and requires the peer's certificate.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable
 from typing import Protocol, cast
 
+from common.linksecurity import LinkSecurity
+from common.replication.auth import AuthFailed, ServerHandshake
 from common.replication.messages import (
     BitmapTaken,
     Hello,
@@ -35,8 +42,11 @@ from common.replication.protocol import (
     Side,
     State,
 )
+from common.tlspipe import TlsPipe
 
 log = logging.getLogger("journalpair.feeder")
+
+TLS_HANDSHAKE_S = 10.0
 
 
 class JournalSource(Protocol):
@@ -55,6 +65,11 @@ class FeederConnection(asyncio.Protocol):
         self.peer = "?"
         self._answering: asyncio.Task[None] | None = None
         self._welcomed = False
+        secret = server.security.secret
+        self._auth = None if secret is None else ServerHandshake(secret)
+        tls = server.security.server_tls
+        self._tls = None if tls is None else TlsPipe(tls)
+        self._handshake_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
@@ -62,8 +77,29 @@ class FeederConnection(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self._server.connections.add(self)
         log.info("secondary %s connected", self.peer)
+        if self._tls is None:
+            self._greet()
+        else:  # the challenge waits for the TLS handshake, which the secondary starts
+            self._handshake_timer = asyncio.get_running_loop().call_later(
+                TLS_HANDSHAKE_S, self._handshake_too_slow
+            )
+
+    def _handshake_too_slow(self) -> None:
+        log.warning("refused secondary %s: no TLS handshake in %.0f s", self.peer, TLS_HANDSHAKE_S)
+        self.abort()
+
+    def _greet(self) -> None:
+        if self._auth is not None:
+            self._write(self._auth.challenge())
+
+    def _write(self, data: bytes) -> None:
+        if self._transport is None or self._transport.is_closing():
+            return
+        self._transport.write(data if self._tls is None else self._tls.wrap(data))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
         self._server.connections.discard(self)
         if self._answering is not None:
             self._answering.cancel()
@@ -75,7 +111,19 @@ class FeederConnection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
     def data_received(self, data: bytes) -> None:
+        if self._tls is not None:
+            data = self._decrypt(data)
+            if not data:
+                return
+        if self._auth is not None:
+            data = self._authenticate(data)
+            if not data:
+                return
         try:
             self._core.receive_data(data)
             self._handle_events()
@@ -84,6 +132,43 @@ class FeederConnection(asyncio.Protocol):
             if self._core.state is State.ERROR:
                 self._send(Refuse(exc.refuse_code, str(exc)[:1000]))
             self.close()
+
+    def _decrypt(self, data: bytes) -> bytes:
+        """Plaintext for the next layer; b"" during the handshake or after a failure."""
+        assert self._tls is not None and self._transport is not None
+        was_established = self._tls.established
+        try:
+            plain = self._tls.receive(data)
+        except ssl.SSLError as exc:
+            log.warning("refused secondary %s: TLS handshake failed: %s", self.peer, exc)
+            self._transport.write(self._tls.to_send())  # the alert, if any
+            self.close()
+            return b""
+        handshake = self._tls.to_send()
+        if handshake:
+            self._transport.write(handshake)
+        if self._tls.established and not was_established:
+            if self._handshake_timer is not None:
+                self._handshake_timer.cancel()
+            log.info("secondary %s: TLS, certificate of %s", self.peer, self._tls.peer_name())
+            self._greet()
+        return plain
+
+    def _authenticate(self, data: bytes) -> bytes:
+        """Bytes for the core once the peer proved it holds the secret; b"" until then."""
+        assert self._auth is not None
+        try:
+            proof = self._auth.receive(data)
+        except AuthFailed as exc:
+            log.warning("refused secondary %s: authentication failed: %s", self.peer, exc)
+            self.close()
+            return b""
+        if proof is None:
+            return b""
+        self._write(proof)
+        log.info("secondary %s authenticated", self.peer)
+        leftover, self._auth = self._auth.leftover, None
+        return leftover
 
     def eof_received(self) -> bool | None:
         self._core.receive_data(b"")
@@ -126,12 +211,13 @@ class FeederConnection(asyncio.Protocol):
 
     def _send(self, message: Welcome | Refuse | JournalBatch | BitmapTaken | SwapAnswer) -> None:
         if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(self._core.send(message))
+            self._write(self._core.send(message))
 
 
 class FeederServer:
-    def __init__(self, source: JournalSource) -> None:
+    def __init__(self, source: JournalSource, security: LinkSecurity) -> None:
         self.source = source
+        self.security = security
         self.connections: set[FeederConnection] = set()
         self._server: asyncio.Server | None = None
 

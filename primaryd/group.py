@@ -28,6 +28,7 @@ from common.config import Config
 from common.control import ControlRefused
 from common.events import EventLog
 from common.journal.store import JournalStore
+from common.linksecurity import load_link_security
 from common.marklog import MarkLog
 from common.pairrecord import PairRecord, RecordSaver
 from common.pairstate import (
@@ -103,7 +104,7 @@ class PrimaryGroup:
         if self.marks.replay() and is_suspended(record.state):
             self.journal.host_marks += 1  # host writes marked just before an unclean stop
         self._save_bitmaps()
-        self.feeder = FeederServer(self)
+        self.feeder = FeederServer(self, load_link_security(config.link))
         self.copy = CopyProgress()
         self.journal.on_ref_sent = self._ref_sent
         self._copy_task: asyncio.Task[None] | None = None

@@ -27,6 +27,7 @@ from common.control import ControlRefused
 from common.events import EventLog
 from common.journal.record import CorruptRecord, Entry, TruncatedRecord, iter_records
 from common.journal.store import JournalStore
+from common.linksecurity import load_link_security
 from common.marklog import MarkLog
 from common.pairrecord import PairRecord, RecordSaver
 from common.pairstate import PairInput, PairState, Refused, Role, next_state
@@ -143,7 +144,9 @@ class SecondaryGroup:
 
     def _start_pulling(self) -> None:
         assert self._task_group is not None and self.config.primary is not None
-        self._pulling = self._task_group.create_task(pull_forever(self.config.primary, self))
+        self._pulling = self._task_group.create_task(
+            pull_forever(self.config.primary, self, load_link_security(self.config.link))
+        )
         self._tasks.append(self._pulling)
 
     def _start_destaging(self) -> None:

@@ -12,6 +12,8 @@
                                restore journal append + fdatasync, then `restored` moves
                                on (and rides on a later request)
 A lost link is retried with a bounded exponential backoff; the state stays what it was.
+With link.secret_file, connect is followed by the challenge-response (replication.auth)
+before Hello; with link.tls the connection is TLS and presents this site's certificate.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import time
 from typing import Protocol
 
 from common.config import Address
+from common.linksecurity import LinkSecurity
+from common.replication.auth import CHALLENGE_BYTES, PROOF_BYTES, AuthFailed, ClientHandshake
+from common.replication.auth import MAGIC as AUTH_MAGIC
 from common.replication.messages import (
     PROTOCOL_VERSION,
     BitmapTaken,
@@ -57,6 +62,7 @@ CONNECT_TIMEOUT_S = 5.0
 ANSWER_TIMEOUT_S = 30.0  # a long poll is at most a few seconds; silence beyond this is a dead link
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 5.0
+AUTH_TIMEOUT_S = 5.0  # for the primary's challenge and proof
 QUICK_RETRY_EVERY_S = 1.0  # at most one reconnect without a backoff per this many seconds
 
 
@@ -90,13 +96,13 @@ class LinkDown(Exception):
     pass
 
 
-async def pull_forever(primary: Address, sink: PullSink) -> None:
+async def pull_forever(primary: Address, sink: PullSink, security: LinkSecurity) -> None:
     backoff = BACKOFF_MIN_S
     quick_retry_at = -QUICK_RETRY_EVERY_S
     while True:
         welcomed: list[bool] = []
         try:
-            await _pull_once(primary, sink, welcomed)
+            await _pull_once(primary, sink, welcomed, security)
         except (OSError, LinkDown, RemoteProtocolError, TimeoutError) as exc:
             sink.link(False, _why(exc))
         except Exception as exc:  # a bad batch, a full restore journal...: not the daemon's end
@@ -112,13 +118,19 @@ async def pull_forever(primary: Address, sink: PullSink) -> None:
         backoff = min(backoff * 2, BACKOFF_MAX_S)
 
 
-async def _pull_once(primary: Address, sink: PullSink, welcomed: list[bool]) -> None:
+async def _pull_once(
+    primary: Address, sink: PullSink, welcomed: list[bool], security: LinkSecurity
+) -> None:
     # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
     # arrives as the read completes, and the daemon then never stops.
     async with asyncio.timeout(CONNECT_TIMEOUT_S):
-        reader, writer = await asyncio.open_connection(primary.host, primary.port)
+        reader, writer = await asyncio.open_connection(
+            primary.host, primary.port, ssl=security.client_tls
+        )
     core = ReplicationConnection(Side.SECONDARY)
     try:
+        if security.secret is not None:
+            await _authenticate(reader, writer, security.secret, security.client_tls is not None)
         generation, restored, applied = sink.position()
         state, written = sink.hello_state()
         hello = Hello(
@@ -132,7 +144,17 @@ async def _pull_once(primary: Address, sink: PullSink, welcomed: list[bool]) -> 
             written,
         )
         writer.write(core.send(hello))
-        answer = await _next_message(core, reader)
+        if security.secret is None:
+            await _first_answer(core, reader)
+        try:
+            answer = await _next_message(core, reader)
+        except LinkDown:
+            hint = (
+                "does its link.tls.ca trust this site's certificate?"
+                if security.client_tls is not None
+                else "does it require link.tls?"
+            )
+            raise LinkDown(f"the primary closed the link before answering Hello ({hint})") from None
         if isinstance(answer, Refuse):
             raise LinkDown(f"primary refused ({answer.code}): {answer.reason}")
         assert isinstance(answer, Welcome)
@@ -186,6 +208,45 @@ def _ask_journal(
         sink.hello_state()[1],
     )
     writer.write(core.send(request))
+
+
+async def _authenticate(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes, tls: bool
+) -> None:
+    """Prove this site holds the secret, and make the primary prove it (auth.py)."""
+    handshake = ClientHandshake(secret)
+    try:
+        async with asyncio.timeout(AUTH_TIMEOUT_S):
+            challenge = await reader.readexactly(CHALLENGE_BYTES)
+            writer.write(handshake.respond(challenge))
+            proof = await reader.readexactly(PROOF_BYTES)
+    except TimeoutError:
+        raise LinkDown(
+            "authentication failed: no challenge from the primary (is link.secret_file set there?)"
+        ) from None
+    except asyncio.IncompleteReadError:
+        suspects = "wrong shared secret"
+        if tls:
+            suspects += ", or a certificate it does not trust"
+        raise LinkDown(
+            f"authentication failed: the primary closed the link ({suspects}?)"
+        ) from None
+    except AuthFailed as exc:
+        raise LinkDown(f"authentication failed: {exc}") from None
+    try:
+        handshake.check_proof(proof)
+    except AuthFailed as exc:
+        raise LinkDown(f"authentication failed: {exc}") from None
+
+
+async def _first_answer(core: ReplicationConnection, reader: asyncio.StreamReader) -> None:
+    """A primary that requires a secret this site lacks answers Hello with a challenge:
+    say that, rather than "broke the protocol"."""
+    async with asyncio.timeout(ANSWER_TIMEOUT_S):
+        data = await reader.read(RECV_BYTES)
+    if data.startswith(AUTH_MAGIC):
+        raise LinkDown("the primary requires authentication: set link.secret_file on this site too")
+    core.receive_data(data)
 
 
 class SwapRefused(Exception):

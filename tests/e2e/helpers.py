@@ -314,10 +314,12 @@ def config_text(
     volumes: Iterable[Volume],
     journal_capacity: str = "64MiB",
     pair: Mapping[str, Any] | None = None,
+    link: Mapping[str, Any] | None = None,
 ) -> str:
     """A config in the ARCHITECTURE.md contract; ``peer_port`` is replication or primary.
 
-    ``pair`` becomes the optional ``pair:`` section, written as a JSON mapping (JSON is YAML)."""
+    ``pair`` and ``link`` become the optional sections, written as JSON mappings (JSON is
+    YAML)."""
     lines = [
         f"role: {role}",
         "group: jg0",
@@ -333,6 +335,8 @@ def config_text(
     lines += [f"  - {{name: {v.name}, path: {v.path}, size: {v.size}}}" for v in volumes]
     if pair is not None:
         lines.append(f"pair: {json.dumps(dict(pair))}")
+    if link is not None:
+        lines.append(f"link: {json.dumps(dict(link))}")
     return "\n".join(lines) + "\n"
 
 
@@ -350,6 +354,7 @@ class Daemons:
         name: str | None = None,
         primary_port: int | None = None,
         pair: Mapping[str, Any] | None = None,
+        link: Mapping[str, Any] | None = None,
     ) -> Daemon:
         """Write the config (fresh ports, paths under tmp_path) without starting anything."""
         name = name or f"{role}{sum(d.role == role for d in self.started) or ''}"
@@ -368,6 +373,7 @@ class Daemons:
                 control=site / f"{role}.sock",
                 volumes=vols.values(),
                 pair=pair,
+                link=link,
             )
         )
         daemon = Daemon(name, role, config_path, site / f"{name}.log", nbd_port, vols, peer_port)
