@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import errno
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ import uvloop
 
 from common import pairrecord
 from common.config import Config, ConfigError, check_volume_files, load_config
+from common.control import ControlError
 from common.linksecurity import load_link_security
 from common.pairrecord import PairRecord, PairRecordError
 from common.pairstate import Role
@@ -53,6 +55,10 @@ def _keep_big_buffers_in_the_heap() -> None:
 
 class StartupError(Exception):
     """The daemon cannot start (corrupt journal, unreadable state...): one line, exit 1."""
+
+
+# A listen address in use or not on this host: a startup failure, not a bug.
+_LISTEN_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -129,7 +135,36 @@ async def _serve(config: Config, serve_role: RoleService) -> Role | None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    switch_to = await serve_role(config, stop)
+    try:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"data_dir {config.data_dir}: {exc.strerror or exc}") from None
+    try:
+        switch_to = await serve_role(config, stop)
+    except BaseExceptionGroup as group:  # the service's TaskGroup wraps what failed in it
+        raise _startup_error(group) from None
     log.info("stopped" if switch_to is None else f"stopped: this site is now the {switch_to}")
     return switch_to
+
+
+def _startup_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one failure in ``group`` when it explains itself in one line (a StartupError or
+    a VolumeError); anything else, or more than one failure, stays the group: a traceback."""
+    leaves = _leaves(group)
+    if len(leaves) != 1:
+        return group
+    leaf = leaves[0]
+    if isinstance(leaf, StartupError | VolumeError):
+        return leaf
+    if isinstance(leaf, ControlError):  # the socket is taken, or cannot be made
+        return StartupError(str(leaf))
+    if isinstance(leaf, OSError) and leaf.errno in _LISTEN_ERRNOS:
+        return StartupError(leaf.strerror or str(leaf))  # asyncio's names the address
+    return group
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        leaves += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return leaves
