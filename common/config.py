@@ -104,6 +104,7 @@ OVERFLOW_WATCH_DEFAULT_S = 60.0  # HUR's data overflow watch default
 BITMAP_REGION_DEFAULT_BYTES = 64 << 10  # common.bitmap.REGION_BYTES_DEFAULT
 BITMAP_REGION_MIN_BYTES = 4 << 10
 HOOK_TIMEOUT_DEFAULT_S = 30.0
+SECONDS_MAX = 10**9  # about 31 years: any duration beyond is a typo
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +260,8 @@ def _parse_seconds(value: object, key: str) -> float:
     """A duration in seconds: a positive, finite int or float (a bool is not a number)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{key}: expected a number of seconds, got {_type_name(value)}")
+    if isinstance(value, int) and value > SECONDS_MAX:
+        raise ConfigError(f"{key}: {value} seconds is more than {SECONDS_MAX}")
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{key}: must be a positive number of seconds, got {value!r}")
     return float(value)
@@ -324,6 +327,10 @@ def _parse_path(value: object, key: str, ctx: _Context) -> Path:
     text = _expect_str(value, key)
     if not text or "\0" in text:
         raise ConfigError(f"{key}: bad path {text!r}")
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:
+        raise ConfigError(f"{key}: path {text!r} is not valid UTF-8") from None
     path = Path(text)
     return path if path.is_absolute() else ctx.base_dir / path
 
@@ -535,9 +542,29 @@ def _read_yaml(source: Path) -> object:
     if len(data) > CONFIG_FILE_MAX_BYTES:
         raise ConfigError(f"{source}: config is larger than {CONFIG_FILE_MAX_BYTES} bytes")
     try:
-        return yaml.safe_load(data)
+        return yaml.load(data, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: {_yaml_error_line(exc)}") from exc
+    except RecursionError:
+        raise ConfigError(f"{source}: YAML nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of thousands of digits
+        raise ConfigError(f"{source}: YAML value refused: {exc}") from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML says keys are
+    unique; PyYAML keeps the last, so a typo'd duplicate would silently win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _yaml_error_line(exc: yaml.YAMLError) -> str:

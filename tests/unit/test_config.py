@@ -384,8 +384,10 @@ def test_volume_list_errors(tmp_path: Path, volumes: str, expected: str) -> None
 
 def test_each_role_may_name_the_address_it_needs_after_a_swap(tmp_path: Path) -> None:
     """listen.replication on a secondary, primary: on a primary: optional, for a swap."""
-    text = edit(SECONDARY, '  nbd: "[::1]:10810"\n', '  nbd: "[::1]:10810"\n  replication: h:1\n')
-    assert load_text(tmp_path, text).replication_listen == Address("h", 1)
+    text = edit(
+        SECONDARY, '  nbd: "[::1]:10810"\n', '  nbd: "[::1]:10810"\n  replication: localhost:1\n'
+    )
+    assert load_text(tmp_path, text).replication_listen == Address("localhost", 1)
     text = edit(PRIMARY, "group: jg0\n", "group: jg0\nprimary: 127.0.0.2:7410\n")
     assert load_text(tmp_path, text).primary == Address("127.0.0.2", 7410)
 
