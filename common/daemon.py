@@ -13,11 +13,13 @@ import argparse
 import asyncio
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import NoReturn
 
 import uvloop
@@ -57,6 +59,8 @@ class StartupError(Exception):
     """The daemon cannot start (corrupt journal, unreadable state...): one line, exit 1."""
 
 
+LOCK_FILE = "lock"  # in data_dir: flock'ed by the daemon using it, holds its pid
+
 # A listen address in use or not on this host: a startup failure, not a bug.
 _LISTEN_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL})
 
@@ -92,10 +96,15 @@ def run(prog: str, role: str, serve_role: RoleService, argv: list[str] | None = 
     except ConfigError as exc:
         print(f"{prog}: config error: {exc}", file=sys.stderr)
         return 2
-    log.info("replication link: %s", security.describe())
     if site_role is not None and site_role.value != role:
         log.info("this site is the %s (persisted in pair.json)", site_role.value)
         _become(site_role, args.config)
+    try:
+        lock_fd = _lock_data_dir(config.data_dir)
+    except StartupError as exc:
+        print(f"{prog}: cannot start: {exc}", file=sys.stderr)
+        return 1
+    log.info("replication link: %s", security.describe())
     _keep_big_buffers_in_the_heap()
     try:
         switch_to = uvloop.run(_serve(config, serve_role))
@@ -106,8 +115,29 @@ def run(prog: str, role: str, serve_role: RoleService, argv: list[str] | None = 
         print(f"{prog}: cannot start: {exc}", file=sys.stderr)
         return 1
     if switch_to is not None:
-        _become(switch_to, args.config)
+        _become(switch_to, args.config)  # the lock goes with exec (O_CLOEXEC), taken again
+    os.close(lock_fd)
     return 0
+
+
+def _lock_data_dir(data_dir: Path) -> int:
+    """Hold data_dir/lock (flock) for the life of the process: a second daemon started on
+    the same data_dir would open the live journal and state files and corrupt them."""
+    path = data_dir / LOCK_FILE
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StartupError(f"data_dir {data_dir}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StartupError(f"another daemon (pid {holder}) is using data_dir {data_dir}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _site_role(config: Config) -> Role | None:

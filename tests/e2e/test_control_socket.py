@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import HOST, Daemon, Daemons, display, run_daemon_to_exit
+from tests.e2e.helpers import HOST, Daemon, Daemons, display, qemu_io, run_daemon_to_exit
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -175,3 +175,21 @@ def test_a_data_dir_that_cannot_be_made_is_refused(daemons: Daemons) -> None:
     in_the_way.write_text("")
     config = edit_config(site, "data_dir:", f"data_dir: {in_the_way / 'data'}")
     assert_cannot_start("primary", config, f"data_dir {in_the_way / 'data'}", "Not a directory")
+
+
+def test_a_second_daemon_on_the_same_data_dir_is_refused(daemons: Daemons) -> None:
+    """Other ports and control socket, same data_dir: it must not open the live journal."""
+    first = daemons.start_primary()
+    second = daemons.prepare("primary", name="second")
+    text = second.config_path.read_text()
+    first_data = f"data_dir: {first.config_path.parent / 'data'}\n"
+    second.config_path.write_text(
+        re.sub(r"(?m)^data_dir: .*\n", lambda _m: first_data, text, count=1)
+    )
+    done = run_daemon_to_exit("primary", second.config_path)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is using data_dir" in lines[0], done.stderr
+    assert f"pid {first.pid}" in lines[0]
+    assert first.running()
+    qemu_io(first.uri(), "write -P 0x11 0 64k")  # the first one is unharmed
