@@ -38,7 +38,20 @@ MAX_BATCH_ENVELOPE_BYTES: Final = 4096
 
 _MAX_STR_BYTES: Final = 4 * MAX_REASON_CHARS  # UTF-8 spends at most 4 bytes per character
 _MAX_MAP_ENTRIES: Final = 16  # the largest message has 9 keys
+# msgpack's limits are per container; nested containers multiply them. A frame holds at most
+# the message map, its keys and values, and per volume a map of two keys and two values.
+_MAX_OBJECTS: Final = 1 + 2 * _MAX_MAP_ENTRIES + MAX_VOLUMES * 5
 _BIN8, _BIN16, _BIN32 = struct.Struct(">BB"), struct.Struct(">BH"), struct.Struct(">BI")
+# The msgpack headers _check_object_count reads, by type byte (the fix* ranges aside): the
+# bytes after a scalar of fixed size; the bytes of the length of a str or bin, or of an ext
+# (whose type byte follows); the bytes of the count of an array or map.
+_FIXED_BYTES: Final = {
+    0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8, 0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8,
+    0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17,
+}  # fmt: skip
+_LENGTH_BYTES: Final = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}
+_EXT_LENGTH_BYTES: Final = {0xC7: 1, 0xC8: 2, 0xC9: 4}
+_COUNT_BYTES: Final = {0xDC: 2, 0xDD: 4, 0xDE: 2, 0xDF: 4}
 
 
 class RefuseCode(enum.StrEnum):
@@ -478,6 +491,7 @@ def decode(body: bytes | bytearray | memoryview, *, max_bin_bytes: int = U32_MAX
 
 
 def _unpack(body: bytes | bytearray | memoryview, max_bin_bytes: int) -> dict[str, object]:
+    _check_object_count(body)
     try:
         wire: object = msgpack.unpackb(
             body,
@@ -497,6 +511,43 @@ def _unpack(body: bytes | bytearray | memoryview, max_bin_bytes: int) -> dict[st
     if not isinstance(wire, dict):
         raise RemoteProtocolError(f"frame holds a msgpack {type(wire).__name__}, not a map")
     return wire
+
+
+def _check_object_count(body: bytes | bytearray | memoryview) -> None:
+    """Refuse a frame of more objects than any message has, before msgpack builds them.
+
+    Each one costs ~50-70 bytes in Python for as little as one on the wire (an empty array):
+    nested, 2 MiB of them would cost ~130 MiB to decode. Only the headers are read (a str or
+    bin is skipped by its length); anything else wrong is left for msgpack to report.
+    """
+    pending, pos, seen = 1, 0, 0  # objects announced but not yet read
+    while pending and pos < len(body):
+        seen += 1
+        if seen > _MAX_OBJECTS:
+            raise RemoteProtocolError(f"frame holds more than {_MAX_OBJECTS} msgpack objects")
+        pending -= 1
+        kind = body[pos]
+        pos += 1
+        if 0x80 <= kind <= 0x8F:
+            pending += 2 * (kind & 0x0F)
+        elif 0x90 <= kind <= 0x9F:
+            pending += kind & 0x0F
+        elif 0xA0 <= kind <= 0xBF:
+            pos += kind & 0x1F
+        elif kind in _FIXED_BYTES:
+            pos += _FIXED_BYTES[kind]
+        elif kind in _COUNT_BYTES:
+            size = _COUNT_BYTES[kind]
+            count = int.from_bytes(body[pos : pos + size], "big")
+            pending += 2 * count if kind >= 0xDE else count
+            pos += size
+        elif kind in _LENGTH_BYTES:
+            size = _LENGTH_BYTES[kind]
+            pos += size + int.from_bytes(body[pos : pos + size], "big")
+        elif kind in _EXT_LENGTH_BYTES:
+            size = _EXT_LENGTH_BYTES[kind]
+            pos += size + 1 + int.from_bytes(body[pos : pos + size], "big")
+        # else a fixint, nil, a bool, or 0xC1 (which msgpack refuses)
 
 
 def _unique_keys(pairs: list[tuple[object, object]]) -> dict[object, object]:
