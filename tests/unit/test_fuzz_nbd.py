@@ -34,6 +34,7 @@ from common.nbd.protocol import (
     Request,
     RequestRefused,
 )
+from tests.unit.mutations import mutate
 
 MAX_PAYLOAD = 4096  # small, so that short streams cross the payload limit both ways
 EXPORTS = {
@@ -361,21 +362,7 @@ def sessions(draw: st.DrawFn) -> bytes:
 
 @st.composite
 def mutated(draw: st.DrawFn, streams: st.SearchStrategy[bytes]) -> bytes:
-    data = bytearray(draw(streams))
-    for _ in range(draw(st.integers(1, 4))):
-        pos = draw(st.integers(0, len(data)))
-        kind = draw(st.sampled_from(["flip", "insert", "delete", "truncate", "repeat"]))
-        if kind == "flip" and pos < len(data):
-            data[pos] ^= 1 << draw(st.integers(0, 7))
-        elif kind == "insert":
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=12))
-        elif kind == "delete":
-            del data[pos : pos + draw(st.integers(1, 12))]
-        elif kind == "repeat":
-            data[pos:pos] = data[pos : pos + draw(st.integers(1, 40))]
-        else:
-            del data[pos:]
-    return bytes(data)
+    return mutate(draw, draw(streams), max_run=12)
 
 
 chunkings = st.lists(st.integers(1, 700), min_size=1, max_size=6)

@@ -54,6 +54,7 @@ from common.replication.protocol import (
     Side,
     State,
 )
+from tests.unit.mutations import mutate
 
 # Small, so that short streams reach every limit. ROOMY holds a whole healthy session in one
 # frame's worth of buffer, so that it can be fed in one piece (a peer that sends more than one
@@ -367,21 +368,7 @@ chunkings = st.lists(st.integers(1, 300), min_size=1, max_size=5)
 
 @st.composite
 def mutated(draw: st.DrawFn, stream: bytes) -> bytes:
-    data = bytearray(stream)
-    for _ in range(draw(st.integers(1, 4))):
-        pos = draw(st.integers(0, len(data)))
-        kind = draw(st.sampled_from(["flip", "insert", "delete", "truncate", "repeat"]))
-        if kind == "flip" and pos < len(data):
-            data[pos] ^= 1 << draw(st.integers(0, 7))
-        elif kind == "insert":
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=8))
-        elif kind == "delete":
-            del data[pos : pos + draw(st.integers(1, 8))]
-        elif kind == "repeat":
-            data[pos:pos] = data[pos : pos + draw(st.integers(1, 40))]
-        else:
-            del data[pos:]
-    return bytes(data)
+    return mutate(draw, stream, max_run=8)
 
 
 # -- random and mutated streams ------------------------------------------------------------------
