@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from common.hooks import HookRunner
 from common.journal.store import JournalCorrupt, JournalStore
 from common.pairrecord import PairRecord, PairRecordError
 from common.pairstate import Role
+from common.statefile import write_bytes_atomic
 from common.volume import Volume
 
 log = logging.getLogger("journalpair")
@@ -56,6 +58,36 @@ def open_journal(directory: Path, capacity_bytes: int) -> JournalStore:
         f", cut {report.bytes_cut} bytes of torn tail" if report.bytes_cut else "",
     )
     return store
+
+
+def open_journal_or_set_aside(directory: Path, capacity_bytes: int) -> tuple[JournalStore, str]:
+    """The master journal; when it is damaged beyond a torn tail, it is renamed aside (kept
+    for a post-mortem) and a fresh one opened, and the second value says why (else "").
+    The caller must then treat every region as changed (the lost records cannot be listed)
+    and call journal_loss_handled() once that is persisted: until then the why is kept in
+    a file beside the journal, so that a kill in between does not forget it. A daemon that
+    refused to start instead would loop under its supervisor, its hosts down."""
+    marker = directory.with_name(directory.name + ".lost")
+    try:
+        store = open_journal(directory, capacity_bytes)
+    except StartupError as exc:
+        aside = directory.with_name(f"{directory.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        why = f"{exc} (moved to {aside.name})"
+        try:
+            write_bytes_atomic(marker, why.encode())
+            directory.rename(aside)
+        except OSError as move_exc:
+            raise StartupError(f"{exc}; cannot move it aside: {move_exc}") from None
+        log.error("%s; moved to %s, starting with an empty journal", exc, aside)
+        store = open_journal(directory, capacity_bytes)
+    try:
+        return store, marker.read_text(errors="replace").strip()
+    except FileNotFoundError:
+        return store, ""
+
+
+def journal_loss_handled(directory: Path) -> None:
+    directory.with_name(directory.name + ".lost").unlink(missing_ok=True)
 
 
 def event_log(config: Config, role: Role) -> EventLog:

@@ -58,6 +58,7 @@ from common.replication.messages import (
     Welcome,
 )
 from common.runmarker import LastStop
+from common.service import journal_loss_handled
 from common.volume import Volume
 from primaryd.copier import CopyAborted, CopyProgress, Ranges, copy_volumes
 from primaryd.feeder import FeederServer
@@ -113,6 +114,7 @@ class PrimaryGroup:
         self._bitmap_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self.last_stop = LastStop.CLEAN  # set by the service before start()
+        self.journal_lost = ""  # set by the service: why the master journal was set aside
         self.secondary: Hello | None = None
         self.link_peer = ""
         self.link_since = time.time()
@@ -151,7 +153,15 @@ class PrimaryGroup:
             host,
             port,
         )
-        if self.last_stop is LastStop.SYSTEM_CRASH and journals_writes(self.record.state):
+        if self.journal_lost:
+            if self.record.state is not PairState.SMPL:
+                self._suspend_with_every_region_marked(
+                    f"master journal lost: {self.journal_lost}: full resync needed",
+                    "the master journal was unreadable and set aside: records the secondary "
+                    "had not restored are gone; suspending the pair, every region marked",
+                )
+            journal_loss_handled(self.store.directory)
+        elif self.last_stop is LastStop.SYSTEM_CRASH and journals_writes(self.record.state):
             self._after_system_crash()
         elif not self.journal.check_tail():
             log.warning("the last stop was unclean: writes of its last batch were re-sent")
@@ -739,16 +749,26 @@ class PrimaryGroup:
         """The machine went down (power loss, panic): writes not yet fdatasync'ed may have
         reached the P-VOL while their records did not reach the journal, and nothing tells
         which. Every region is marked for the resync, and the pair is suspended (PSUE)."""
-        log.error(
+        self._suspend_with_every_region_marked(
+            "primary system crash: full resync needed",
             "this primary restarted after a system crash (new boot id): the journal may miss "
-            "writes that reached the volumes; suspending the pair, every region marked for resync"
+            "writes that reached the volumes; suspending the pair, every region marked for "
+            "resync",
         )
-        state = next_state(Role.PRIMARY, self.record.state, PairInput.LINK_LOST)
+
+    def _suspend_with_every_region_marked(self, reason: str, why: str) -> None:
+        """What changed since the secondary's last position is unknown: mark everything,
+        PSUE (a state that is already suspended stays, its bitmaps now full)."""
+        log.error("%s", why)
         self.journal.mode = Mode.BITMAP
         for bitmap in self.bitmaps.values():
             bitmap.mark_all()
         self.store.reset(self.store.next_seq)
-        self._transition(state, "primary system crash: full resync needed")
+        if journals_writes(self.record.state):
+            state = next_state(Role.PRIMARY, self.record.state, PairInput.LINK_LOST)
+            self._transition(state, reason)
+        else:
+            self._save_bitmaps()
 
     def _journal_full(self) -> None:
         self._suspend(self.record.next_state(PairInput.JOURNAL_FULL), "journal full")

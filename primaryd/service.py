@@ -17,7 +17,7 @@ from common.service import (
     hook_runner,
     load_record,
     on_the_secondary,
-    open_journal,
+    open_journal_or_set_aside,
     open_volumes,
     until_either,
 )
@@ -34,11 +34,14 @@ async def serve(config: Config, stop: asyncio.Event) -> Role | None:
         )
     volumes = open_volumes(config, read_only=False)
     record = load_record(config, Role.PRIMARY)
-    store = open_journal(config.data_dir / "journal", config.journal.capacity)
+    store, journal_lost = open_journal_or_set_aside(
+        config.data_dir / "journal", config.journal.capacity
+    )
     events = event_log(config, Role.PRIMARY)
     hooks = hook_runner(config, events, Role.PRIMARY)
     group = PrimaryGroup(config, volumes, store, record, events)
     group.last_stop = mark_running(config.data_dir)
+    group.journal_lost = journal_lost
     if group.last_stop is not LastStop.CLEAN:
         log.warning("the last stop was not clean (%s)", group.last_stop.value)
     nbd = NbdServer(volumes, journal=group.journal)
