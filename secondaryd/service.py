@@ -8,22 +8,48 @@ import logging
 
 from common.config import Config
 from common.daemon import StartupError
+from common.events import EventLog
+from common.journal.store import JournalStore
 from common.nbd.server import NbdServer
-from common.pairstate import Role
+from common.pairrecord import PairRecord, RecordSaver
+from common.pairstate import PairState, Role
 from common.service import (
     close_volumes,
     control_server,
     event_log,
     hook_runner,
+    journal_loss_handled,
     load_record,
     on_the_primary,
-    open_journal,
+    open_journal_or_set_aside,
     open_volumes,
     until_either,
 )
 from secondaryd.group import SecondaryGroup
 
 log = logging.getLogger("journalpair")
+
+
+def _leave_the_pair(
+    config: Config, record: PairRecord, store: JournalStore, events: EventLog, why: str
+) -> None:
+    """The restore journal was damaged and set aside: records restored but not applied are
+    gone, and the S-VOLs may hold a half-applied window only it could finish. So this site
+    is no longer a copy: SMPL, generation forgotten. Its Hello then makes a paired primary
+    suspend (PSUE) with every region marked, and a resync copies everything. An SSWS site
+    keeps serving its hosts (its restore journal held nothing it needs)."""
+    if record.state in (PairState.SMPL, PairState.SSWS):
+        return
+    old = record.state
+    record.state = PairState.SMPL
+    record.reason = f"restore journal lost: {why}: resync on the primary copies everything"
+    record.generation = ""
+    record.start_seq = store.next_seq
+    record.applied_seq = record.destage_intent_seq = store.last_seq
+    record.svol_consistent = False
+    RecordSaver(config.data_dir).save_now(record)
+    log.error("%s", record.reason)
+    events.emit(old.value, record.state.value, record.reason)
 
 
 async def serve(config: Config, stop: asyncio.Event) -> Role | None:
@@ -34,8 +60,12 @@ async def serve(config: Config, stop: asyncio.Event) -> Role | None:
         )
     volumes = open_volumes(config, read_only=False)
     record = load_record(config, Role.SECONDARY)
-    store = open_journal(config.data_dir / "restore", config.journal.capacity)
+    restore_dir = config.data_dir / "restore"
+    store, journal_lost = open_journal_or_set_aside(restore_dir, config.journal.capacity)
     events = event_log(config, Role.SECONDARY)
+    if journal_lost:
+        _leave_the_pair(config, record, store, events, journal_lost)
+        journal_loss_handled(restore_dir)
     hooks = hook_runner(config, events, Role.SECONDARY)
     group = SecondaryGroup(config, volumes, store, record, events)
     group.recover()  # before anything is served: the S-VOLs are an exact prefix again

@@ -52,3 +52,28 @@ def test_a_corrupt_master_journal_suspends_the_pair_and_a_resync_repairs_it(
     wait_state(primary, "PAIR", 60)
     wait_state(secondary, "PAIR", 60)
     assert volumes_equal(primary, secondary)
+
+
+def test_a_corrupt_restore_journal_makes_the_secondary_leave_the_pair_for_a_full_copy(
+    daemons: Daemons,
+) -> None:
+    primary, secondary = daemons.start_pair()
+    create_pair(primary, secondary)
+    qemu_io(primary.uri(), "write -P 0x41 1M 1M")
+    secondary.stop()
+    data_dir = secondary.config_path.parent / "data"
+    segment = sorted((data_dir / "restore").glob("*.seg"))[-1]
+    _flip_byte(segment, 2)  # the segment header's magic: not a torn tail
+
+    secondary.start()  # it starts, no longer claiming to be a copy
+    state = display(secondary)
+    assert state["state"] == "SMPL", state
+    assert state["reason"].startswith("restore journal lost:"), state["reason"]
+    assert list(data_dir.glob("restore.corrupt-*")), "the damaged journal is kept aside"
+    wait_state(primary, "PSUE", 30)  # its Hello says SMPL: the primary marks everything
+    assert display(primary)["bitmap"]["dirty_bytes"] == primary.volume().size
+
+    pairctl(primary, "resync")
+    wait_state(primary, "PAIR", 60)
+    wait_state(secondary, "PAIR", 60)
+    assert volumes_equal(primary, secondary)
