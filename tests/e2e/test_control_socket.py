@@ -19,7 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import HOST, Daemon, Daemons, display, qemu_io, run_daemon_to_exit
+from tests.e2e.helpers import (
+    HOST,
+    Daemon,
+    Daemons,
+    display,
+    qemu_io,
+    run_daemon_to_exit,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -80,6 +88,8 @@ def control_path(daemon: Daemon) -> Path:
 
 def assert_private_and_the_only_way_in(daemon: Daemon, ports: set[int]) -> None:
     path = control_path(daemon)
+    # start() returns once NBD accepts; the control socket is bound a moment later.
+    wait_until(path.exists, timeout_s=10, what=f"{path} to be bound")
     st = path.stat()
     assert stat.S_ISSOCK(st.st_mode), f"{path} is not a socket"
     assert stat.S_IMODE(st.st_mode) == 0o600, f"{path} has mode {stat.S_IMODE(st.st_mode):04o}"
