@@ -13,7 +13,6 @@ every access.
 from __future__ import annotations
 
 import struct
-import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -34,7 +33,7 @@ from common.nbd.protocol import (
     Request,
     RequestRefused,
 )
-from tests.unit.mutations import mutate
+from tests.unit.fuzzing import mutate, peak_traced
 
 MAX_PAYLOAD = 4096  # small, so that short streams cross the payload limit both ways
 EXPORTS = {
@@ -454,22 +453,12 @@ def _transmitting(max_payload: int) -> FakeAdapter:
     return adapter
 
 
-def _peak_traced(action: Callable[[], None]) -> int:
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        action()
-        return tracemalloc.get_traced_memory()[1] - before
-    finally:
-        tracemalloc.stop()
-
-
 @pytest.mark.parametrize("cmd", [c.Cmd.WRITE, c.Cmd.READ, c.Cmd.WRITE_ZEROES, 0xBEEF])
 def test_a_4_gib_request_is_refused_without_allocating_it(cmd: int) -> None:
     adapter = _transmitting(c.MAX_PAYLOAD_BYTES)
     # The peer sends the header and 1 MiB of its claimed payload.
     stream = request(cmd, 0, 9, 0, 2**32 - 1) + bytes(1 << 20)
-    peak = _peak_traced(lambda: adapter.receive(stream))
+    peak = peak_traced(lambda: adapter.receive(stream))
     assert peak < 256 << 10
     refused = adapter.run.events[1]
     assert isinstance(refused, RequestRefused) and refused.handle == 9
@@ -479,7 +468,7 @@ def test_a_4_gib_request_is_refused_without_allocating_it(cmd: int) -> None:
 def test_a_4_gib_option_is_refused_on_sight() -> None:
     adapter = FakeAdapter()
     stream = struct.pack(">I", 1) + struct.pack(">QII", c.IHAVEOPT, c.Opt.GO, 2**32 - 1)
-    peak = _peak_traced(lambda: adapter.receive(stream))
+    peak = peak_traced(lambda: adapter.receive(stream))
     assert peak < 64 << 10
     assert adapter.run.error is not None and "too large" in adapter.run.error
 

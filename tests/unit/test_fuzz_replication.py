@@ -15,8 +15,7 @@ conversation going on a mutated stream, and replays a healthy one exactly.
 from __future__ import annotations
 
 import struct
-import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -54,7 +53,7 @@ from common.replication.protocol import (
     Side,
     State,
 )
-from tests.unit.mutations import mutate
+from tests.unit.fuzzing import mutate, peak_traced
 
 # Small, so that short streams reach every limit. ROOMY holds a whole healthy session in one
 # frame's worth of buffer, so that it can be fed in one piece (a peer that sends more than one
@@ -608,16 +607,6 @@ def test_every_field_of_every_message_retyped_dropped_or_wrapped() -> None:
 # -- lengths and shapes that would cost memory if the core believed them -------------------------
 
 
-def _peak_traced(action: Callable[[], object]) -> int:
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        action()
-        return tracemalloc.get_traced_memory()[1] - before
-    finally:
-        tracemalloc.stop()
-
-
 @pytest.mark.parametrize("side", list(Side))
 @pytest.mark.parametrize("length", [2**32 - 1, 2**31, DEFAULT_LIMITS.max_frame_bytes + 1])
 def test_an_oversize_length_prefix_is_refused_without_allocating(side: Side, length: int) -> None:
@@ -629,7 +618,7 @@ def test_an_oversize_length_prefix_is_refused_without_allocating(side: Side, len
         with pytest.raises(RemoteProtocolError, match="frame of"):
             conn.next_event()
 
-    assert _peak_traced(receive) < 64 << 10
+    assert peak_traced(receive) < 64 << 10
     assert conn.buffered_bytes <= len(data)
 
 
@@ -698,4 +687,4 @@ def test_decoding_a_frame_costs_memory_in_proportion_to_its_size(
 
     # The receive buffer and a few hundred KiB of objects: no message needs more. Building
     # every object would cost 7 (floats) to 75 (empty maps) times the frame.
-    assert _peak_traced(receive) <= 2 * len(data) + (512 << 10)
+    assert peak_traced(receive) <= 2 * len(data) + (512 << 10)

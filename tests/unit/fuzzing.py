@@ -1,6 +1,10 @@
-"""Byte-stream damage for the fuzz tests of the protocol cores (hypothesis draws)."""
+"""Shared by the fuzz tests of the protocol cores: byte-stream damage (hypothesis draws)
+and the peak memory an action allocates."""
 
 from __future__ import annotations
+
+import tracemalloc
+from collections.abc import Callable
 
 from hypothesis import strategies as st
 
@@ -25,3 +29,14 @@ def mutate(draw: st.DrawFn, stream: bytes, max_run: int) -> bytes:
         else:
             del data[pos:]
     return bytes(data)
+
+
+def peak_traced(action: Callable[[], object]) -> int:
+    """Bytes allocated at the peak of `action`, above what was allocated before it."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        action()
+        return tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
