@@ -220,6 +220,7 @@ async def _authenticate(
             challenge = await reader.readexactly(CHALLENGE_BYTES)
             writer.write(handshake.respond(challenge))
             proof = await reader.readexactly(PROOF_BYTES)
+        handshake.check_proof(proof)
     except TimeoutError:
         raise LinkDown(
             "authentication failed: no challenge from the primary (is link.secret_file set there?)"
@@ -231,10 +232,6 @@ async def _authenticate(
         raise LinkDown(
             f"authentication failed: the primary closed the link ({suspects}?)"
         ) from None
-    except AuthFailed as exc:
-        raise LinkDown(f"authentication failed: {exc}") from None
-    try:
-        handshake.check_proof(proof)
     except AuthFailed as exc:
         raise LinkDown(f"authentication failed: {exc}") from None
 
