@@ -20,8 +20,8 @@ Relative paths (data_dir, control, volumes[].path, and a pair.hook executable gi
 slash) are resolved against the directory holding the config file, not the daemon's working
 directory, so a config means the same wherever the daemon is started from.
 
-Optional sections (``pair``, ``link``) take their dataclass's defaults when absent, so
-Config.pair and Config.link are always there.
+Optional sections (``pair``, ``link``, ``nbd``) take their dataclass's defaults when absent,
+so Config.pair, Config.link and Config.nbd are always there.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "JournalConfig",
+    "NbdConfig",
     "PairConfig",
     "Role",
     "VolumeConfig",
@@ -92,6 +93,9 @@ class VolumeConfig:
     name: str
     path: Path
     size: int
+    # Hosts may only read it over NBD, in every state and on both sites (replication still
+    # writes the S-VOL).
+    read_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +149,31 @@ class LinkConfig:
         return self.secret_file is not None or self.tls_cert is not None
 
 
+NBD_MAX_CONNECTIONS_DEFAULT = 128
+NBD_MAX_CONNECTIONS_MAX = 1 << 20
+NBD_HANDSHAKE_TIMEOUT_DEFAULT_S = 10.0
+NBD_STALL_TIMEOUT_DEFAULT_S = 30.0
+NBD_ALLOW_MAX = 1024
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class NbdConfig:
+    """The optional ``nbd:`` section: which clients the NBD server admits and how long it
+    waits for one (the same keys on both roles: a secondary serves hosts after a takeover)."""
+
+    # Connections served at once; one more is closed as soon as it is accepted.
+    max_connections: int = NBD_MAX_CONNECTIONS_DEFAULT
+    # From accept to the end of the option haggling (NBD_OPT_GO / EXPORT_NAME).
+    handshake_timeout_s: float = NBD_HANDSHAKE_TIMEOUT_DEFAULT_S
+    # How long a client may sit mid-request (part of a header or of a write payload) or not
+    # read the replies owed to it; a client with nothing in flight may idle for ever.
+    stall_timeout_s: float = NBD_STALL_TIMEOUT_DEFAULT_S
+    # Client networks admitted; None admits every address.
+    allow: tuple[IpNetwork, ...] | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     source: Path
@@ -159,6 +188,7 @@ class Config:
     volumes: tuple[VolumeConfig, ...]
     pair: PairConfig = PairConfig()
     link: LinkConfig = LinkConfig()
+    nbd: NbdConfig = NbdConfig()
 
 
 # --- value parsers --------------------------------------------------------------------------
@@ -271,6 +301,34 @@ def _parse_bool(value: object, key: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {_type_name(value)} {value!r}")
     return value
+
+
+def _parse_max_connections(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}: expected an integer, got {_type_name(value)}")
+    if not 1 <= value <= NBD_MAX_CONNECTIONS_MAX:
+        raise ConfigError(f"{key}: must be 1..{NBD_MAX_CONNECTIONS_MAX}, got {value}")
+    return value
+
+
+def _parse_allow(value: object, key: str) -> tuple[IpNetwork, ...]:
+    """Addresses (``10.0.0.5``, ``::1``) and networks (``10.0.0.0/24``, ``fd00::/64``)."""
+    if not isinstance(value, list):
+        raise ConfigError(
+            f"{key}: expected a list of addresses or networks, got {_type_name(value)}"
+        )
+    if not value:
+        raise ConfigError(f"{key}: empty list admits nobody (leave the key out to admit everyone)")
+    if len(value) > NBD_ALLOW_MAX:
+        raise ConfigError(f"{key}: more than {NBD_ALLOW_MAX} entries")
+    networks: list[IpNetwork] = []
+    for index, item in enumerate(value):
+        text = _expect_str(item, f"{key}[{index}]")
+        try:
+            networks.append(ipaddress.ip_network(text, strict=True))
+        except ValueError as exc:
+            raise ConfigError(f"{key}[{index}]: bad address or network {text!r}: {exc}") from None
+    return tuple(networks)
 
 
 def _parse_bitmap_region(value: object, key: str) -> int:
@@ -437,6 +495,7 @@ _VOLUME_KEYS: dict[str, _Key] = {
     "name": _Key(_plain(_parse_name), "name"),
     "path": _Key(_parse_path, "path"),
     "size": _Key(_plain(_parse_volume_size), "size"),
+    "read_only": _Key(_plain(_parse_bool), "read_only", required=False, default=False),
 }
 
 _JOURNAL_KEYS: dict[str, _Key] = {
@@ -490,6 +549,28 @@ _LINK_KEYS: dict[str, _Key] = {
     "allow_insecure": _Key(_plain(_parse_bool), "allow_insecure", required=False, default=False),
 }
 
+_NBD_KEYS: dict[str, _Key] = {
+    "max_connections": _Key(
+        _plain(_parse_max_connections),
+        "max_connections",
+        required=False,
+        default=NBD_MAX_CONNECTIONS_DEFAULT,
+    ),
+    "handshake_timeout_s": _Key(
+        _plain(_parse_seconds),
+        "handshake_timeout_s",
+        required=False,
+        default=NBD_HANDSHAKE_TIMEOUT_DEFAULT_S,
+    ),
+    "stall_timeout_s": _Key(
+        _plain(_parse_seconds),
+        "stall_timeout_s",
+        required=False,
+        default=NBD_STALL_TIMEOUT_DEFAULT_S,
+    ),
+    "allow": _Key(_plain(_parse_allow), "allow", required=False, default=None),
+}
+
 _TOP_KEYS: dict[str, _Key] = {
     "role": _Key(_plain(_parse_role), "role"),
     "group": _Key(_plain(_parse_name), "group"),
@@ -508,6 +589,7 @@ _TOP_KEYS: dict[str, _Key] = {
     "volumes": _Key(_parse_volumes, "volumes"),
     "pair": _Key(_section(_PAIR_KEYS, PairConfig), "pair", required=False, default=PairConfig()),
     "link": _Key(_section(_LINK_KEYS, LinkConfig), "link", required=False, default=LinkConfig()),
+    "nbd": _Key(_section(_NBD_KEYS, NbdConfig), "nbd", required=False, default=NbdConfig()),
 }
 
 

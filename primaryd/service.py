@@ -44,7 +44,12 @@ async def serve(config: Config, stop: asyncio.Event) -> Role | None:
     group.journal_lost = journal_lost
     if group.last_stop is not LastStop.CLEAN:
         log.warning("the last stop was not clean (%s)", group.last_stop.value)
-    nbd = NbdServer(volumes, journal=group.journal)
+    nbd = NbdServer(
+        volumes,
+        journal=group.journal,
+        always_read_only=[v.name for v in config.volumes if v.read_only],
+        limits=config.nbd,
+    )
     group.host_access = lambda allowed: (
         nbd.set_writable(group.journal) if allowed else nbd.set_read_only()
     )

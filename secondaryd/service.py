@@ -69,7 +69,12 @@ async def serve(config: Config, stop: asyncio.Event) -> Role | None:
     hooks = hook_runner(config, events, Role.SECONDARY)
     group = SecondaryGroup(config, volumes, store, record, events)
     group.recover()  # before anything is served: the S-VOLs are an exact prefix again
-    nbd = NbdServer(volumes, read_only=True)
+    nbd = NbdServer(
+        volumes,
+        read_only=True,
+        always_read_only=[v.name for v in config.volumes if v.read_only],
+        limits=config.nbd,
+    )
     group.on_writable.append(nbd.set_writable)
     group.on_read_only.append(nbd.set_read_only)
     if group.writable:

@@ -187,6 +187,14 @@ class NbdServerConnection:
     def buffered_bytes(self) -> int:
         return self._end - self._start
 
+    @property
+    def mid_request(self) -> bool:
+        """Part of a request has arrived and the rest has not (a header, a WRITE payload,
+        or the payload of an oversized WRITE being skipped). False between requests."""
+        return self.phase is Phase.TRANSMISSION and (
+            self._end > self._start or self._discard_bytes > 0
+        )
+
     def data_to_send(self) -> list[Outgoing]:
         out, self._out = self._out, []
         return out

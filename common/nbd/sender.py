@@ -36,6 +36,7 @@ class ReplySender:
         self._queued_bytes = 0
         self._transport_busy = False
         self._backlogged = False
+        self.drained_count = 0  # times the client took every byte queued: progress
         self.volume: Volume | None = None  # set once the client has chosen an export
         sock = transport.get_extra_info("socket")
         self._socket_fd = sock.fileno() if sock is not None else -1
@@ -63,6 +64,7 @@ class ReplySender:
 
     def transport_resumed(self) -> None:
         self._transport_busy = False
+        self.drained_count += 1
         self._pump()
 
     def _pump(self) -> None:

@@ -3,6 +3,16 @@
 Page-cache I/O runs inline on the loop; fdatasync (FLUSH, FUA) goes to the
 volume's group syncer in an executor, so one client's flush never stalls the
 others. Replies for one batch of received bytes go out with one writelines.
+
+Hostile clients (common.nbd.guard decides, this module acts):
+
+    accept ─► refused (nbd.allow, nbd.max_connections)? ─► abort, no greeting, no buffer
+        │
+        ▼ NbdConnection (receive buffer allocated only now)
+    every WATCH_TICK_S: each connection's ClientWatch ─► overdue? ─► log (limited), abort
+
+uvloop (libuv) survives EMFILE in accept by itself: it accepts and closes the pending
+connections with a reserve descriptor, and keeps listening.
 """
 
 from __future__ import annotations
@@ -10,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Protocol, cast
 
+from common.config import NbdConfig
 from common.nbd import constants as c
+from common.nbd.guard import ClientWatch, LogLimiter, refusal
 from common.nbd.protocol import (
     NEED_DATA,
     Disconnect,
@@ -42,6 +54,7 @@ _TRIM, _WRITE_ZEROES = c.Cmd.TRIM, c.Cmd.WRITE_ZEROES
 JOURNAL_BATCH_REQUESTS = 256
 STOP_DRAIN_S = 10.0  # on SIGTERM, how long clients get to read the replies owed to them
 _SENDFILE_MIN_BYTES = 128 << 10  # below this one pread + write is cheaper than a syscall dance
+WATCH_TICK_MAX_S = 1.0  # how often deadlines are checked: at most this, less for short timeouts
 
 
 class WriteJournal(Protocol):
@@ -71,28 +84,47 @@ class WriteJournal(Protocol):
 class Export:
     """A volume as served over NBD."""
 
-    def __init__(self, volume: Volume, journal: WriteJournal | None, read_only: bool) -> None:
+    def __init__(
+        self,
+        volume: Volume,
+        journal: WriteJournal | None,
+        read_only: bool,
+        *,
+        always_read_only: bool = False,
+    ) -> None:
         self.volume = volume
         self.journal = journal
         self.syncer = GroupSyncer(volume.sync)
+        # volumes[].read_only: hosts never write it, whatever the pair state.
+        self.always_read_only = always_read_only
         self.info = ExportInfo(
             volume.name,
             volume.size,
-            read_only or volume.read_only,
+            read_only or self.host_read_only,
             description=f"journalpair {volume.name}",
         )
 
+    @property
+    def host_read_only(self) -> bool:
+        """Read-only even when the pair state lets hosts write."""
+        return self.always_read_only or self.volume.read_only
+
 
 class NbdConnection(asyncio.BufferedProtocol):
+    # Set in connection_made once the client is admitted: a refused client costs no buffer.
+    _core: NbdServerConnection
+    watch: ClientWatch
+
     def __init__(self, server: NbdServer) -> None:
         self._server = server
-        self._core = NbdServerConnection({n: e.info for n, e in server.exports.items()})
         self._export: Export | None = None
         self._transport: asyncio.Transport | None = None
         self.peer = "?"
         self._pending: set[asyncio.Task[None]] = set()
         self._sender: ReplySender | None = None
         self._closing = False
+        self._received_bytes = 0
+        self._dropped = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCPTransport is not an asyncio.Transport subclass, but has its API.
@@ -100,14 +132,55 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._transport = tcp
         peer = tcp.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        server = self._server
+        why = refusal(
+            peer[0] if peer else "?",
+            len(server.connections),
+            server.limits.max_connections,
+            server.limits.allow,
+        )
+        if why is not None:
+            self._dropped = True
+            tcp.abort()  # before any byte: the greeting is not even built
+            server.refused(self.peer, why)
+            return
+        self._core = NbdServerConnection({n: e.info for n, e in server.exports.items()})
+        limits = server.limits
+        self.watch = ClientWatch(
+            asyncio.get_running_loop().time(), limits.handshake_timeout_s, limits.stall_timeout_s
+        )
         self._sender = ReplySender(tcp, self._on_reply_backlog)
-        self._server.connections.add(self)
+        server.connections.add(self)
         self._flush_out()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._dropped:
+            self._server.connections.discard(self)
+            return
         self._server.connections.discard(self)
         if self._core.phase is not Phase.CLOSED:
             log.info("client %s gone (%s)", self.peer, exc or "connection closed")
+
+    def overdue(self, now: float) -> str | None:
+        """Why the watch says this client must go now (see common.nbd.guard), or None."""
+        core, sender, transport = self._core, self._sender, self._transport
+        if self._dropped or sender is None or transport is None or transport.is_closing():
+            return None
+        return self.watch.overdue(
+            now,
+            handshaking=core.phase in (Phase.CLIENT_FLAGS, Phase.OPTIONS),
+            busy=core.mid_request or not sender.idle,
+            progress=(
+                self._received_bytes,
+                sender.drained_count,
+                transport.get_write_buffer_size(),
+            ),
+        )
+
+    def drop(self) -> None:
+        """Close at once, without answering (the client is not playing its part)."""
+        self._dropped = True
+        self.abort()
 
     def close(self) -> None:
         """Stop reading requests; close once every reply owed has been handed over."""
@@ -148,7 +221,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         return self._core.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._closing:
+        self._received_bytes += nbytes
+        if self._closing or self._dropped:
             return  # closed by the server (e.g. set_read_only): no request runs any more
         core = self._core
         core.buffer_updated(nbytes)
@@ -179,7 +253,8 @@ class NbdConnection(asyncio.BufferedProtocol):
                     self.close()
                     return
         except RemoteProtocolError as exc:
-            log.warning("client %s broke the protocol: %s; dropping it", self.peer, exc)
+            self._server.log_drop(self.peer, f"broke the protocol: {exc}")
+            self._dropped = True
             self._flush_out()
             assert self._transport is not None
             self._transport.close()  # no waiting for a peer that broke the rules
@@ -330,18 +405,62 @@ class NbdServer:
         journal: WriteJournal | None = None,
         *,
         read_only: bool = False,
+        always_read_only: Collection[str] = (),
+        limits: NbdConfig | None = None,
     ) -> None:
-        self.exports = {name: Export(v, journal, read_only) for name, v in volumes.items()}
+        """``always_read_only``: names of the volumes hosts may never write (config
+        volumes[].read_only), whatever set_writable says later."""
+        self.exports = {
+            name: Export(v, journal, read_only, always_read_only=name in always_read_only)
+            for name, v in volumes.items()
+        }
+        self.limits = limits or NbdConfig()
         self.connections: set[NbdConnection] = set()
         self.pending: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
+        self._watch_timer: asyncio.TimerHandle | None = None
+        self._refusals = LogLimiter()
+        self._drops = LogLimiter()
+
+    def refused(self, peer: str, why: str) -> None:
+        if self._refusals.allow(asyncio.get_running_loop().time()):
+            log.warning("client %s refused: %s", peer, why)
+
+    def log_drop(self, peer: str, why: str) -> None:
+        if self._drops.allow(asyncio.get_running_loop().time()):
+            log.warning("client %s %s; dropping it", peer, why)
+
+    def _watch(self) -> None:
+        """Drop the clients past a deadline; log what the limiters held back."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in list(self.connections):
+            why = conn.overdue(now)
+            if why is not None:
+                self.log_drop(conn.peer, why)
+                conn.drop()
+        for limiter, what in ((self._refusals, "refused"), (self._drops, "dropped")):
+            count = limiter.summary(now)
+            if count:
+                log.warning(
+                    "%d more clients %s in the last %.0f s (not logged one by one)",
+                    count,
+                    what,
+                    limiter.interval_s,
+                )
+        self._watch_timer = loop.call_later(self._tick_s(), self._watch)
+
+    def _tick_s(self) -> float:
+        shortest = min(self.limits.handshake_timeout_s, self.limits.stall_timeout_s)
+        return max(0.05, min(WATCH_TICK_MAX_S, shortest / 4))
 
     def set_writable(self, journal: WriteJournal) -> None:
         """Hosts may write from now on (takeover): new connections see a writable export,
-        existing ones keep what they negotiated (NBD flags are fixed per connection)."""
+        existing ones keep what they negotiated (NBD flags are fixed per connection). A
+        volume configured read-only stays so."""
         for export in self.exports.values():
             export.journal = journal
-            export.info = dataclasses.replace(export.info, read_only=export.volume.read_only)
+            export.info = dataclasses.replace(export.info, read_only=export.host_read_only)
 
     def set_read_only(self) -> None:
         """Hosts may no longer write (an S-VOL leaving SSWS). A connection keeps the flags it
@@ -357,6 +476,7 @@ class NbdServer:
     async def start(self, host: str, port: int) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: NbdConnection(self), host, port)
+        self._watch_timer = loop.call_later(self._tick_s(), self._watch)
         sockname = self._server.sockets[0].getsockname()
         return sockname[0], sockname[1]
 
@@ -364,6 +484,8 @@ class NbdServer:
         """Stop listening, answer what is in flight, close every connection."""
         if self._server is not None:
             self._server.close()
+        if self._watch_timer is not None:
+            self._watch_timer.cancel()
         for conn in list(self.connections):
             conn.close()
         if self.pending:
