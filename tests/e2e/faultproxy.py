@@ -82,8 +82,11 @@ class _Wakeup:
         self._event = asyncio.Event()
 
     async def wait(self, timeout_s: float | None = None) -> None:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that comes
+        # as the event fires, and a pipe cancelled by cut() then runs on: cut() hangs.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._event.wait()
 
 
 def _linger_zero(sock: Any) -> None:
