@@ -128,6 +128,10 @@ _REQUEST_BYTES = _REQUEST.size
 # request (at most 32 MiB of WRITE payload) and shrinks back when that is done.
 _RECV_BUFFER_BYTES = 256 << 10
 _RECV_MIN_FREE_BYTES = 64 << 10
+# Until the handshake is done the buffer is small: a client that connects and never gets to
+# transmission (a flood of them) costs this much, not _RECV_BUFFER_BYTES. An option of up to
+# MAX_OPTION_BYTES still fits: the buffer grows to the size wanted.
+_HANDSHAKE_BUFFER_BYTES = 4 << 10
 
 
 class NbdServerConnection:
@@ -138,7 +142,7 @@ class NbdServerConnection:
     ) -> None:
         self._exports = exports
         self._max_payload = max_payload
-        self._buf = bytearray(_RECV_BUFFER_BYTES)
+        self._buf = bytearray(_HANDSHAKE_BUFFER_BYTES)
         self._start = 0  # unparsed bytes are self._buf[self._start:self._end]
         self._end = 0
         self._want = 4  # bytes from _start the parser needs to make progress
@@ -173,7 +177,10 @@ class NbdServerConnection:
         lands in place and reaches the volume without a copy in Python.
         """
         avail = self._end - self._start
-        free_wanted = max(self._want - avail, _RECV_MIN_FREE_BYTES)
+        if self.phase is Phase.TRANSMISSION:
+            free_wanted = max(self._want - avail, _RECV_MIN_FREE_BYTES)
+        else:
+            free_wanted = max(self._want - avail, 1)
         if len(self._buf) - self._end < free_wanted:
             self._make_room(avail, free_wanted)
         return memoryview(self._buf)[self._end :]
@@ -226,10 +233,11 @@ class NbdServerConnection:
         # earlier are documented as invalid after this.
         buf = self._buf
         needed = avail + free_wanted
-        if needed <= len(buf) <= max(4 * needed, _RECV_BUFFER_BYTES):
+        floor = _RECV_BUFFER_BYTES if self.phase is Phase.TRANSMISSION else _HANDSHAKE_BUFFER_BYTES
+        if needed <= len(buf) <= max(4 * needed, floor):
             buf[:avail] = buf[self._start : self._end]
         else:
-            grown = bytearray(max(needed, _RECV_BUFFER_BYTES))
+            grown = bytearray(max(needed, floor))
             grown[:avail] = buf[self._start : self._end]
             self._buf = grown
         self._start, self._end = 0, avail

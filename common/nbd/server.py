@@ -158,8 +158,12 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._server.connections.discard(self)
             return
         self._server.connections.discard(self)
-        if self._core.phase is not Phase.CLOSED:
-            log.info("client %s gone (%s)", self.peer, exc or "connection closed")
+        phase = self._core.phase
+        why = exc or "connection closed"
+        if phase is Phase.TRANSMISSION:
+            log.info("client %s gone (%s)", self.peer, why)
+        elif phase is not Phase.CLOSED:  # a flood of connect-and-go: limited
+            self._server.log_drop(self.peer, f"gone during the handshake ({why})", logging.INFO)
 
     def overdue(self, now: float) -> str | None:
         """Why the watch says this client must go now (see common.nbd.guard), or None."""
@@ -253,7 +257,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                     self.close()
                     return
         except RemoteProtocolError as exc:
-            self._server.log_drop(self.peer, f"broke the protocol: {exc}")
+            self._server.log_drop(self.peer, f"broke the protocol: {exc}; dropping it")
             self._dropped = True
             self._flush_out()
             assert self._transport is not None
@@ -426,9 +430,10 @@ class NbdServer:
         if self._refusals.allow(asyncio.get_running_loop().time()):
             log.warning("client %s refused: %s", peer, why)
 
-    def log_drop(self, peer: str, why: str) -> None:
+    def log_drop(self, peer: str, why: str, level: int = logging.WARNING) -> None:
+        """One line per client dropped, or gone, before it was any use; limited (a flood)."""
         if self._drops.allow(asyncio.get_running_loop().time()):
-            log.warning("client %s %s; dropping it", peer, why)
+            log.log(level, "client %s %s", peer, why)
 
     def _watch(self) -> None:
         """Drop the clients past a deadline; log what the limiters held back."""
@@ -437,7 +442,7 @@ class NbdServer:
         for conn in list(self.connections):
             why = conn.overdue(now)
             if why is not None:
-                self.log_drop(conn.peer, why)
+                self.log_drop(conn.peer, f"{why}; dropping it")
                 conn.drop()
         for limiter, what in ((self._refusals, "refused"), (self._drops, "dropped")):
             count = limiter.summary(now)

@@ -4,13 +4,16 @@ clock passed in (no sleeping)."""
 from __future__ import annotations
 
 import ipaddress
+import struct
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from common.config import Config, ConfigError, NbdConfig, load_config
+from common.nbd import constants as c
 from common.nbd.guard import ClientWatch, LogLimiter, refusal
+from common.nbd.protocol import NEED_DATA, ExportChosen, ExportInfo, NbdServerConnection
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -190,3 +193,19 @@ def test_log_limiter_logs_a_burst_then_counts_then_summarises_once() -> None:
     assert limiter.summary(10.0) == 9_997
     assert limiter.summary(20.0) == 0
     assert limiter.allow(30.0)  # a new interval: full lines again
+
+
+# --- memory per connection --------------------------------------------------------------------
+
+
+def test_a_connection_that_has_not_finished_its_handshake_holds_a_small_buffer() -> None:
+    """A flood of connections that never handshake costs 4 KiB each, not the 256 KiB a
+    connection in transmission keeps for in-place WRITE payloads."""
+    core = NbdServerConnection({"vol0": ExportInfo("vol0", 1 << 20, read_only=False)})
+    assert len(core.get_buffer()) <= 4096
+    core.receive_data(struct.pack(">I", c.FLAG_C_FIXED_NEWSTYLE | c.FLAG_C_NO_ZEROES))
+    assert core.next_event() is NEED_DATA
+    assert len(core.get_buffer()) <= 4096
+    core.receive_data(struct.pack(">QII", c.IHAVEOPT, c.Opt.EXPORT_NAME, 4) + b"vol0")
+    assert isinstance(core.next_event(), ExportChosen)
+    assert len(core.get_buffer()) >= 64 << 10  # transmission: room for big requests again
