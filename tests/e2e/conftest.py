@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.faultproxy import FaultProxy
 from tests.e2e.helpers import Daemon, Daemons
 
 _DAEMONS = pytest.StashKey[Daemons]()
@@ -33,6 +34,17 @@ def primary(daemons: Daemons) -> Daemon:
 def secondary(daemons: Daemons) -> Daemon:
     """A secondaryd (no primary reachable) serving vol0 read-only."""
     return daemons.start_secondary()
+
+
+@pytest.fixture
+def proxied(daemons: Daemons) -> Iterator[list[FaultProxy]]:
+    """FaultProxies a test started (helpers.pair_through_proxy); closed before the daemons stop."""
+    proxies: list[FaultProxy] = []
+    try:
+        yield proxies
+    finally:
+        for proxy in proxies:
+            proxy.close()
 
 
 @pytest.hookimpl(wrapper=True)

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from tests.e2e.faultproxy import FaultProxy
+
 KiB = 1 << 10
 MiB = 1 << 20
 HOST = "127.0.0.1"
@@ -548,3 +550,33 @@ def create_pair(primary: Daemon, secondary: Daemon, timeout_s: float = 60.0) -> 
     pairctl(primary, "create")
     wait_state(primary, "PAIR", timeout_s)
     wait_state(secondary, "PAIR", timeout_s)
+
+
+def transitions(daemon: Daemon) -> list[tuple[str, str]]:
+    """Every (old, new) state the daemon went through, from `pairctl events`."""
+    lines = pairctl(daemon, "events").stdout.splitlines()
+    return [(event["old"], event["new"]) for event in map(json.loads, lines)]
+
+
+def pair_through_proxy(
+    daemons: Daemons,
+    proxies: list[FaultProxy],
+    volumes: Sequence[tuple[str, int]] = (("vol0", 64 * MiB),),
+    *,
+    pair: Mapping[str, Any],
+    create: bool = True,
+) -> tuple[Daemon, Daemon, FaultProxy]:
+    """A primary, and a secondary that pulls through a FaultProxy (added to ``proxies``):
+
+    secondaryd ──► proxy ──► primaryd's replication port       paired unless not ``create``
+    """
+    primary = daemons.prepare("primary", volumes, pair=pair)
+    primary.start()
+    proxy = FaultProxy(HOST, primary.peer_port).start()
+    proxies.append(proxy)
+    secondary = daemons.prepare("secondary", volumes, primary_port=proxy.port, pair=pair)
+    secondary.start()
+    wait_until(lambda: display(primary)["link"]["up"], 15, "the secondary to connect")
+    if create:
+        create_pair(primary, secondary)
+    return primary, secondary, proxy

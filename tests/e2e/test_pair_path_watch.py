@@ -9,21 +9,20 @@ a cut shorter than path_watch_s, or a slow link ─► PAIR throughout, the S-VO
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.e2e.faultproxy import FaultProxy
 from tests.e2e.helpers import (
-    HOST,
     Daemon,
     Daemons,
     MiB,
-    create_pair,
     display,
+    pair_through_proxy,
     pairctl,
     qemu_io,
+    transitions,
     volumes_equal,
     wait_caught_up,
     wait_state,
@@ -36,41 +35,18 @@ SIZE = 64 * MiB
 PATH_WATCH_S = 2
 
 
-@pytest.fixture
-def proxied() -> Iterator[list[FaultProxy]]:
-    proxies: list[FaultProxy] = []
-    yield proxies
-    for proxy in proxies:
-        proxy.close()
-
-
-def pair_through_proxy(
-    daemons: Daemons, proxies: list[FaultProxy], **pair: Any
+def pair_with_path_watch(
+    daemons: Daemons, proxied: list[FaultProxy], **pair: Any
 ) -> tuple[Daemon, Daemon, FaultProxy]:
     settings = {"path_watch_s": PATH_WATCH_S, **pair}
-    primary = daemons.prepare("primary", (("vol0", SIZE),), pair=settings)
-    primary.start()
-    proxy = FaultProxy(HOST, primary.peer_port).start()
-    proxies.append(proxy)
-    secondary = daemons.prepare(
-        "secondary", (("vol0", SIZE),), primary_port=proxy.port, pair=settings
-    )
-    secondary.start()
-    wait_until(lambda: display(primary)["link"]["up"], 15, "the secondary to connect")
-    create_pair(primary, secondary)
-    return primary, secondary, proxy
-
-
-def states(daemon: Daemon) -> list[tuple[str, str]]:
-    lines = pairctl(daemon, "events").stdout.splitlines()
-    return [(e["old"], e["new"]) for e in map(json.loads, lines)]
+    return pair_through_proxy(daemons, proxied, (("vol0", SIZE),), pair=settings)
 
 
 @pytest.mark.parametrize("fault", ["cut", "blackhole"])
 def test_a_link_lost_past_path_watch_suspends_both_sides_and_resync_recovers(
     daemons: Daemons, proxied: list[FaultProxy], fault: str
 ) -> None:
-    primary, secondary, proxy = pair_through_proxy(daemons, proxied)
+    primary, secondary, proxy = pair_with_path_watch(daemons, proxied)
     qemu_io(primary.uri(), "write -P 0x11 0 4M")
     wait_caught_up(primary)
     getattr(proxy, fault)()
@@ -89,13 +65,13 @@ def test_a_link_lost_past_path_watch_suspends_both_sides_and_resync_recovers(
     wait_state(primary, "PAIR", 60)
     wait_caught_up(primary)
     assert volumes_equal(primary, secondary)
-    assert ("PAIR", "PSUE") in states(primary) and ("PAIR", "PSUE") in states(secondary)
+    assert ("PAIR", "PSUE") in transitions(primary) and ("PAIR", "PSUE") in transitions(secondary)
 
 
 def test_auto_resync_brings_the_pair_back_when_the_link_returns(
     daemons: Daemons, proxied: list[FaultProxy]
 ) -> None:
-    primary, secondary, proxy = pair_through_proxy(daemons, proxied, auto_resync=True)
+    primary, secondary, proxy = pair_with_path_watch(daemons, proxied, auto_resync=True)
     proxy.blackhole()
     qemu_io(primary.uri(), "write -P 0x44 0 3M")
     wait_state(primary, "PSUE", 15)
@@ -110,7 +86,7 @@ def test_auto_resync_brings_the_pair_back_when_the_link_returns(
 def test_a_short_cut_and_a_slow_link_keep_the_pair(
     daemons: Daemons, proxied: list[FaultProxy]
 ) -> None:
-    primary, secondary, proxy = pair_through_proxy(daemons, proxied, path_watch_s=10)
+    primary, secondary, proxy = pair_with_path_watch(daemons, proxied, path_watch_s=10)
     proxy.cut()
     qemu_io(primary.uri(), "write -P 0x55 0 2M")
     proxy.restore()  # well within path_watch_s: the secondary reconnects and catches up
@@ -120,4 +96,4 @@ def test_a_short_cut_and_a_slow_link_keep_the_pair(
     wait_caught_up(primary, 60)
     assert display(primary)["state"] == "PAIR"
     assert volumes_equal(primary, secondary)
-    assert all("PSUE" not in pair for pair in states(primary) + states(secondary))
+    assert all("PSUE" not in pair for pair in transitions(primary) + transitions(secondary))

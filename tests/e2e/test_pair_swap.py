@@ -12,8 +12,12 @@ Each site's config names both addresses: listen.replication and primary: (the ot
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import pytest
 
+from tests.e2e.faultproxy import FaultProxy
 from tests.e2e.helpers import (
     HOST,
     Daemon,
@@ -33,13 +37,22 @@ from tests.e2e.test_pair_crash import VOLUMES, Writer, assert_prefix_state, read
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 
-def swappable_pair(daemons: Daemons) -> tuple[Daemon, Daemon]:
-    """Site A (primary) and site B (secondary), each able to take the other role."""
-    a = daemons.prepare("primary", VOLUMES)
+def swappable_pair(
+    daemons: Daemons,
+    proxies: list[FaultProxy] | None = None,
+    pair: Mapping[str, Any] | None = None,
+) -> tuple[Daemon, Daemon]:
+    """Site A (primary) and site B (secondary), each able to take the other role; with
+    ``proxies``, B reaches A through a FaultProxy (added to it), A reaches B directly."""
+    a = daemons.prepare("primary", VOLUMES, pair=pair)
     b_replication = free_port()
     a.config_path.write_text(a.config_path.read_text() + f"primary: {HOST}:{b_replication}\n")
     a.start()
-    b = daemons.prepare("secondary", VOLUMES, primary_port=a.peer_port)
+    a_replication = a.peer_port
+    if proxies is not None:
+        proxies.append(FaultProxy(HOST, a.peer_port).start())
+        a_replication = proxies[-1].port
+    b = daemons.prepare("secondary", VOLUMES, primary_port=a_replication, pair=pair)
     nbd_line = f"  nbd: {HOST}:{b.nbd_port}\n"
     text = b.config_path.read_text()
     b.config_path.write_text(
@@ -114,3 +127,4 @@ def test_resync_swap_after_a_takeover_makes_the_old_primary_the_secondary(
     wait_caught_up(b)
     assert volumes_equal(a, b)
     assert display(b)["bitmap"]["dirty_bytes"] == 0
+
