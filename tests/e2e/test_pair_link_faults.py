@@ -23,6 +23,7 @@ from tests.e2e.helpers import (
     Daemon,
     Daemons,
     MiB,
+    create_pair,
     display,
     pair_through_proxy,
     pairctl,
@@ -34,6 +35,7 @@ from tests.e2e.helpers import (
     wait_until,
 )
 from tests.e2e.test_pair_crash import VOLUMES, Writer
+from tests.e2e.test_pair_swap import role_and_state, swappable_pair
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -141,3 +143,30 @@ def test_a_cut_during_a_resync(
         short_fault(proxy, "cut", secondary)
     recover_and_check(primary, secondary, writer)
     assert never_suspended(primary, secondary) != longer_than_path_watch
+
+
+def test_a_takeover_with_the_link_cut_is_ssws_and_needs_resync_swap(
+    daemons: Daemons, proxied: list[FaultProxy]
+) -> None:
+    a, b = swappable_pair(daemons, proxied, pair={"path_watch_s": LONG_FAULT_PATH_WATCH_S})
+    create_pair(a, b)
+    writer = Writer(a, seed=23)
+    writer.start()
+    wait_until(lambda: len(writer.acked) > 200, 30, "writes")
+    proxied[-1].cut()
+    wait_until(lambda: not display(b)["link"]["up"], 10, "B to see the link down")
+    proc = pairctl(b, "takeover", check=False)
+    assert proc.returncode == 2, proc.stderr  # the primary does not answer: SSWS
+    assert display(b)["state"] == "SSWS"
+    qemu_io(b.uri("vol0"), "write -P 0x77 1M 64k")  # production on B now
+    wait_state(a, "PSUE", 20)  # A's hosts keep writing: both sites written, a split brain
+    writer.finish()
+    proxied[-1].restore()
+    wait_until(lambda: display(a)["split_brain"], 30, "A to hear that B took over")
+    refused = pairctl(a, "resync", check=False)
+    assert refused.returncode != 0 and "split brain" in refused.stderr, refused.stderr
+    pairctl(b, "resync", "--swap")
+    wait_until(lambda: role_and_state(b) == ("primary", "PAIR"), 60, "B to be the primary")
+    wait_until(lambda: role_and_state(a) == ("secondary", "PAIR"), 60, "A to be the secondary")
+    wait_caught_up(b)
+    assert volumes_equal(a, b)
