@@ -42,7 +42,7 @@ from common.replication.messages import (
 )
 from common.volume import Volume
 from secondaryd.destager import Destager
-from secondaryd.puller import SwapRefused, pull_forever
+from secondaryd.puller import LinkDown, SwapRefused, pull_forever
 from secondaryd.writable import BitmapMarker
 
 log = logging.getLogger("journalpair.secondary")
@@ -106,9 +106,12 @@ class SecondaryGroup:
         self.last_answer = time.monotonic()  # the primary's last message (path watch)
 
     def recover(self) -> None:
-        if not self.record.generation and self.store.last_seq >= self.store.first_seq:
+        held = self.store.last_seq >= self.store.first_seq
+        if not self.record.generation and (held or self.record.applied_seq != self.store.last_seq):
             # A swap made this site the secondary: a restore journal from an earlier stint
-            # here must not reach the volumes; the new primary's generation starts afresh.
+            # here must not reach the volumes, and its position is where destaging starts
+            # (an empty one at seq N is not at the 0 the swap persisted); the new primary's
+            # generation starts afresh.
             self._drop_restore_journal()
         self.destager.recover()
 
@@ -346,6 +349,7 @@ class SecondaryGroup:
         return self.record.state.value, written
 
     async def welcomed(self, welcome: Welcome) -> int:
+        self._not_switching()
         self.last_answer = time.monotonic()
         self._following = True
         state = _state_named(welcome.state)
@@ -376,6 +380,16 @@ class SecondaryGroup:
         swapped = not self.record.generation and self.record.state is PairState.PAIR
         return swapped and state in (PairState.PAIR, PairState.PFUL)
 
+    def _not_switching(self) -> None:
+        """A swap made this site the primary; it restarts as primaryd in a moment. Until
+        then the old primary (a primaryd for a moment more) is not followed: its Welcome has
+        no generation ("none"), and taking that for one to join would persist it, so the new
+        primary would not start a generation of its own (it keys on generation "") and would
+        offer its old master journal from seq 1; nor are this site's bitmaps handed over:
+        the new primary copies from them."""
+        if self.switch_to is not None:
+            raise LinkDown("this site is becoming the primary: not following the old one")
+
     def bitmap_reports(self, welcome: Welcome) -> list[ReportBitmap]:
         if self.writable or welcome.state == PairState.SMPL.value:
             return []  # SSWS: the S-VOLs still change; they are handed over when SSWS ends
@@ -398,6 +412,7 @@ class SecondaryGroup:
             self.save_bitmaps()
 
     async def received(self, batch: JournalBatch) -> None:
+        self._not_switching()
         self.last_answer = time.monotonic()
         if not self._following:
             self.primary_last_seq = batch.last_seq

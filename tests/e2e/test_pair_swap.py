@@ -127,4 +127,3 @@ def test_resync_swap_after_a_takeover_makes_the_old_primary_the_secondary(
     wait_caught_up(b)
     assert volumes_equal(a, b)
     assert display(b)["bitmap"]["dirty_bytes"] == 0
-
