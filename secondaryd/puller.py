@@ -100,15 +100,15 @@ async def pull_forever(primary: Address, sink: PullSink, security: LinkSecurity)
     backoff = BACKOFF_MIN_S
     quick_retry_at = -QUICK_RETRY_EVERY_S
     while True:
-        welcomed: list[bool] = []
+        pulled: list[bool] = []
         try:
-            await _pull_once(primary, sink, welcomed, security)
+            await _pull_once(primary, sink, pulled, security)
         except (OSError, LinkDown, RemoteProtocolError, TimeoutError) as exc:
             sink.link(False, _why(exc))
         except Exception as exc:  # a bad batch, a full restore journal...: not the daemon's end
             log.exception("pulling failed; the link is dropped and retried")
             sink.link(False, f"pulling failed: {type(exc).__name__}: {exc}")
-        if welcomed:  # the link worked: a drop (a new generation, a restart) retries soon
+        if pulled:  # the link worked: a drop (a new generation, a restart) retries soon
             backoff = BACKOFF_MIN_S
             now = time.monotonic()
             if now - quick_retry_at >= QUICK_RETRY_EVERY_S:
@@ -119,8 +119,10 @@ async def pull_forever(primary: Address, sink: PullSink, security: LinkSecurity)
 
 
 async def _pull_once(
-    primary: Address, sink: PullSink, welcomed: list[bool], security: LinkSecurity
+    primary: Address, sink: PullSink, pulled: list[bool], security: LinkSecurity
 ) -> None:
+    """One link, until it drops. `pulled` gets an entry at the first batch: a link that
+    is refused right after Welcome (needs_copy, say) did not work, and backs off."""
     # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
     # arrives as the read completes, and the daemon then never stops.
     async with asyncio.timeout(CONNECT_TIMEOUT_S):
@@ -159,7 +161,6 @@ async def _pull_once(
             raise LinkDown(f"primary refused ({answer.code}): {answer.reason}")
         assert isinstance(answer, Welcome)
         from_seq = await sink.welcomed(answer)
-        welcomed.append(True)
         for report in sink.bitmap_reports(answer):
             writer.write(core.send(report))
             answer = await _next_message(core, reader)
@@ -180,6 +181,8 @@ async def _pull_once(
             if isinstance(answer, Refuse):
                 raise LinkDown(f"primary refused ({answer.code}): {answer.reason}")
             assert isinstance(answer, JournalBatch)
+            if not pulled:
+                pulled.append(True)
             from_seq += answer.count
             if answer.count and sink.next_request() is None:
                 # Ask for the next batch before storing this one: the primary reads and
