@@ -27,7 +27,8 @@ from common.bitmap import BitmapError, DifferenceBitmap, load_bitmaps, save_bitm
 from common.config import Config
 from common.control import ControlRefused
 from common.events import EventLog
-from common.journal.store import JournalStore
+from common.journal.record import CorruptRecord, TruncatedRecord
+from common.journal.store import JournalCorrupt, JournalStore
 from common.linksecurity import load_link_security
 from common.marklog import MarkLog
 from common.pairrecord import PairRecord, RecordSaver
@@ -100,7 +101,12 @@ class PrimaryGroup:
         )
         self.marks = MarkLog(config.data_dir / "bitmaps", self.bitmaps)
         self.journal = MasterJournal(
-            store, volumes, self.bitmaps, on_full=self._journal_full, marks=self.marks
+            store,
+            volumes,
+            self.bitmaps,
+            on_full=self._journal_full,
+            marks=self.marks,
+            on_failed=self._journal_failed,
         )
         if self.marks.replay() and is_suspended(record.state):
             self.journal.host_marks += 1  # host writes marked just before an unclean stop
@@ -337,6 +343,17 @@ class PrimaryGroup:
             self._suspend(
                 self.record.next_state(PairInput.LINK_LOST), "the secondary is not paired (SMPL)"
             )
+        elif hello.failure and journals_writes(self.record.state):
+            log.error(
+                "the secondary at %s failed: %s; suspending the pair, its unrestored records "
+                "marked for the resync",
+                peer,
+                hello.failure,
+            )
+            self._suspend(
+                self.record.next_state(PairInput.LINK_LOST),
+                f"secondary failure: {hello.failure}",
+            )
         elif (
             hello.state == PairState.SSWS.value
             and hello.generation == self.record.generation
@@ -443,6 +460,13 @@ class PrimaryGroup:
             self._suspend(
                 self.record.next_state(PairInput.LINK_LOST),
                 f"cannot read a P-VOL to send the copy: {exc}",
+            )
+            return self._status_batch(request)
+        except (JournalCorrupt, CorruptRecord, TruncatedRecord) as exc:
+            self._suspend_with_every_region_marked(
+                f"master journal damaged: {exc}",
+                f"master journal damaged while reading seq {request.from_seq} for the "
+                f"secondary: {exc}; suspending the pair, every region marked for resync",
             )
             return self._status_batch(request)
         return self._status_batch(request, records, count)
@@ -773,11 +797,27 @@ class PrimaryGroup:
     def _journal_full(self) -> None:
         self._suspend(self.record.next_state(PairInput.JOURNAL_FULL), "journal full")
 
+    def _journal_failed(self, why: str) -> None:
+        """The journal disk failed a write or an fdatasync (full, I/O error): replication
+        stops, host I/O does not (invariant 4)."""
+        log.error("%s: suspending the pair; host writes go on, marked for the resync", why)
+        self._suspend(self.record.next_state(PairInput.LINK_LOST), f"journal disk error: {why}")
+
     def _mark_unrestored(self) -> None:
         """Records the secondary has not made durable go to the bitmap before the journal is
-        dropped (invariant 2)."""
-        for entry in self.store.iter_entries(self.restored_seq + 1):
-            self.bitmaps[entry.volume].mark(entry.offset, entry.length)
+        dropped (invariant 2). Records that cannot be read back leave nothing to go by:
+        every region is marked."""
+        try:
+            for entry in self.store.iter_entries(self.restored_seq + 1):
+                self.bitmaps[entry.volume].mark(entry.offset, entry.length)
+        except (JournalCorrupt, OSError) as exc:
+            log.error(
+                "cannot read the journal back to mark what the secondary lacks (%s): every "
+                "region is marked for the resync",
+                exc,
+            )
+            for bitmap in self.bitmaps.values():
+                bitmap.mark_all()
 
     def _transition(self, state: PairState, reason: str, **extra: Any) -> None:
         old = self.record.state

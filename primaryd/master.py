@@ -16,7 +16,10 @@
     feeder ─► read(): the records for a ReadJournal, references filled in
 
 A full journal never fails a host write: on_full() is called (the group suspends the pair,
-PFUS) and the write is marked in the bitmap instead.
+PFUS) and the write is marked in the bitmap instead. Nor does a journal disk that fails
+(ENOSPC, EIO on a write or an fdatasync): on_failed() is called (PSUE, the records the
+secondary has not restored go to the bitmaps, the journal is emptied) and the host I/O goes
+on; only the volume's own I/O errors reach hosts.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class MasterJournal:
         bitmaps: Mapping[str, DifferenceBitmap],
         on_full: Callable[[], None],
         marks: MarkLog,
+        on_failed: Callable[[str], None],
     ) -> None:
         self.store = store
         self.volumes = volumes
@@ -71,6 +75,7 @@ class MasterJournal:
         self.marks = marks
         self.mode = Mode.OFF
         self._on_full = on_full
+        self._on_failed = on_failed
         self._syncer = GroupSyncer(prepare=self._prepare_sync)
         self._appended: asyncio.Future[None] | None = None
         self.records_appended = 0
@@ -99,11 +104,24 @@ class MasterJournal:
 
     def flush_records(self) -> None:
         if self.store.pending_bytes:
-            self.store.write_pending()
+            try:
+                self.store.write_pending()
+            except OSError as exc:
+                self._failed(f"cannot write the master journal: {exc}")
         self.marks.flush()
 
     async def sync(self) -> None:
-        await self._syncer.sync()
+        """FLUSH / FUA: the records so far are durable. A failed fdatasync suspends the pair
+        (after one, the kernel may have dropped the pages: a retry proves nothing); the
+        records' regions are then in the saved bitmaps, so the host's flush holds."""
+        try:
+            await self._syncer.sync()
+        except OSError as exc:
+            self._failed(f"cannot fdatasync the master journal: {exc}")
+
+    def _failed(self, why: str) -> None:
+        if self.mode is Mode.JOURNAL:  # once: the store is emptied by the suspension
+            self._on_failed(why)
 
     def check_tail(self) -> bool:
         """At start: do the volumes hold what the newest records say? If not (killed between
@@ -229,6 +247,9 @@ class MasterJournal:
         record = encode_record(seq, volume, op, offset, length, payload, time.time_ns(), flags)
         try:
             store.append(seq, record)
+        except OSError as exc:  # nothing appended: _record marks the write instead
+            self._failed(f"cannot write the master journal at seq {seq}: {exc}")
+            return False
         except JournalFull:
             log.warning(
                 "journal full (%d of %d bytes) at seq %d: suspending the pair",

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from common.journal.record import FLAG_REF, Entry, Op
 from common.journal.store import JournalStore
@@ -47,8 +47,10 @@ class Destager:
         volumes: Mapping[str, Volume],
         record: PairRecord,
         saver: RecordSaver,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
+        self.on_error = on_error  # destaging stopped: a bad record, or an S-VOL disk error
         self.volumes = volumes
         self.record = record
         self._saver = saver
@@ -102,9 +104,13 @@ class Destager:
                         await self.checkpoint()
                 if not await self._kicked_within(IDLE_CHECKPOINT_S):
                     await self.checkpoint()
-            except DestageError as exc:
+            except (DestageError, OSError) as exc:
+                # An OSError is an S-VOL write or fdatasync that failed (a full or failing
+                # disk): retrying an fdatasync proves nothing, so destaging stops here too.
                 self.error = str(exc)
-                log.error("destaging stopped: %s", exc)
+                log.error("destaging stopped at seq %d: %s", self.applied_seq, exc)
+                if self.on_error is not None:
+                    self.on_error(self.error)
                 return
 
     async def _kicked_within(self, seconds: float) -> bool:

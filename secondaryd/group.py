@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from common.bitmap import load_bitmaps, save_bitmaps
 from common.config import Config
@@ -30,7 +30,7 @@ from common.journal.store import JournalStore
 from common.linksecurity import load_link_security
 from common.marklog import MarkLog
 from common.pairrecord import PairRecord, RecordSaver
-from common.pairstate import PairInput, PairState, Refused, Role, next_state
+from common.pairstate import PairInput, PairState, Refused, Role, is_suspended, next_state
 from common.replication.messages import (
     JournalBatch,
     ReportBitmap,
@@ -72,7 +72,11 @@ class SecondaryGroup:
         self.record = record
         self.events = events
         self.saver = RecordSaver(config.data_dir)
-        self.destager = Destager(store, volumes, record, self.saver)
+        self.destager = Destager(store, volumes, record, self.saver, self._destaging_failed)
+        # Why this site can no longer store or apply the journal; told to the primary in the
+        # next Hello (it suspends), cleared once it has suspended.
+        self.storage_failure = ""
+        self._damaged_seq = 0  # first seq of the last batch that failed its checks
         self.restored_seq = store.last_seq
         self.primary_last_seq = store.last_seq
         self.primary_clock_offset_ns = 0
@@ -353,6 +357,9 @@ class SecondaryGroup:
         self.last_answer = time.monotonic()
         self._following = True
         state = _state_named(welcome.state)
+        if self.storage_failure and state is not None and is_suspended(state):
+            log.info("the primary suspended the pair (%s) after this site's failure", state.value)
+            self.storage_failure = ""
         new_generation = welcome.generation != self.record.generation
         if self.writable and not (new_generation and state is PairState.COPY):
             return self.restored_seq + 1  # SSWS: the link carries status only
@@ -414,6 +421,8 @@ class SecondaryGroup:
     async def received(self, batch: JournalBatch) -> None:
         self._not_switching()
         self.last_answer = time.monotonic()
+        if self.storage_failure:  # drop the link: the next Hello tells the primary
+            raise LinkDown(f"secondary failure: {self.storage_failure}")
         if not self._following:
             self.primary_last_seq = batch.last_seq
             return
@@ -423,28 +432,41 @@ class SecondaryGroup:
             self._ignored_records += batch.count
             return
         if batch.count:
-            # One batch is synced while the next is fetched: `restored` (which lets the
-            # primary free space) moves only once its records are durable here.
-            straight = self._continues_straight(batch)
-            if not straight:
-                if self._syncing is not None:
-                    await self._syncing
-                straight = self._copying_straight(batch)
-            if straight:
-                entries = _checked_entries(batch)
-                self.destager.apply(entries)
-                self._straight_upto = entries[-1].seq
-                if self._syncing is None or self._syncing.done():
-                    self._syncing = asyncio.ensure_future(self._sync_applied())
-            else:
-                self.store.append_blob(batch.first_seq, batch.records, batch.count)
-                self._syncing = asyncio.ensure_future(self._sync_restore_journal())
+            try:
+                await self._store(batch)
+            except OSError as exc:
+                self._storage_failed(f"cannot store the journal from seq {batch.first_seq}: {exc}")
+                raise LinkDown(f"secondary failure: {self.storage_failure}") from None
+            except CorruptRecord as exc:
+                self._damaged_batch(batch, exc)
         self.primary_last_seq = batch.last_seq
         self.primary_clock_offset_ns = batch.primary_time_ns - time.time_ns()
         self.copy_done_bytes, self.copy_total_bytes = batch.copy_done_bytes, batch.copy_total_bytes
         state = _state_named(batch.state)
         if state is not None:
             await self._follow(state)
+
+    async def _store(self, batch: JournalBatch) -> None:
+        """Into the restore journal, or straight onto the S-VOLs during COPY; OSError when
+        the disk fails."""
+        # One batch is synced while the next is fetched: `restored` (which lets the
+        # primary free space) moves only once its records are durable here.
+        straight = self._continues_straight(batch)
+        if not straight:
+            if self._syncing is not None:
+                await self._syncing
+            if self.storage_failure:  # that sync failed
+                raise LinkDown(f"secondary failure: {self.storage_failure}")
+            straight = self._copying_straight(batch)
+        if straight:
+            entries = _checked_entries(batch)
+            self.destager.apply(entries)
+            self._straight_upto = entries[-1].seq
+            if self._syncing is None or self._syncing.done():
+                self._syncing = asyncio.ensure_future(self._sync_applied())
+        else:
+            self.store.append_blob(batch.first_seq, batch.records, batch.count)
+            self._syncing = asyncio.ensure_future(self._sync_restore_journal())
 
     def link(self, up: bool, why: str) -> None:
         if up and not self._following:
@@ -529,7 +551,8 @@ class SecondaryGroup:
         record.written_while_split = False
         self.marker.marks = 0
         await self.saver.save(record)
-        if self._destaging is None and self._task_group is not None:
+        if self._task_group is not None and (self._destaging is None or self._destaging.done()):
+            self.destager.error = None  # stopped by a disk error, repaired since
             self._start_destaging()
 
     def _mark_unapplied(self) -> None:
@@ -580,9 +603,13 @@ class SecondaryGroup:
         """After batches went straight onto the S-VOLs: volumes durable, then applied_seq
         persisted, then the (empty) restore journal moves past them, then `restored`;
         again while more were written meanwhile."""
-        while self._straight_upto > self.restored_seq:
+        while self._straight_upto > self.restored_seq and not self.storage_failure:
             last_seq = self._straight_upto
-            await asyncio.get_running_loop().run_in_executor(None, self.destager.sync_volumes)
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self.destager.sync_volumes)
+            except OSError as exc:
+                self._storage_failed(f"cannot fdatasync the S-VOLs: {exc}")
+                return
             record = self.record
             record.applied_seq = record.destage_intent_seq = last_seq
             await self.saver.save(record)
@@ -592,10 +619,44 @@ class SecondaryGroup:
 
     async def _sync_restore_journal(self) -> None:
         upto = self.store.last_seq
-        ticket = self.store.prepare_sync()
-        await asyncio.get_running_loop().run_in_executor(None, ticket.run)
+        try:
+            ticket = self.store.prepare_sync()
+            await asyncio.get_running_loop().run_in_executor(None, ticket.run)
+        except OSError as exc:
+            self._storage_failed(f"cannot write the restore journal durably: {exc}")
+            return
         self.restored_seq = upto
         self.destager.kick()
+
+    def _storage_failed(self, why: str) -> None:
+        """The restore journal or an S-VOL disk failed (full, I/O error): this site stops
+        taking the journal, suspends (PSUE) and tells the primary in its next Hello, which
+        suspends too and marks what this site has not restored (invariant 4: never the
+        hosts' problem). Records restored before the failure stay and are applied."""
+        if not self.storage_failure:
+            log.error(
+                "%s: suspending the pair (PSUE); the primary marks what this site lacks; "
+                "repair the disk, then resync on the primary",
+                why,
+            )
+        self.storage_failure = why
+        if self.record.state in (PairState.COPY, PairState.PAIR, PairState.PFUL):
+            self._mirror(PairState.PSUE, f"secondary failure: {why}")
+
+    def _damaged_batch(self, batch: JournalBatch, exc: CorruptRecord) -> NoReturn:
+        """A batch that fails its checks is fetched again once (the link may have damaged
+        it); damaged twice at the same seq, the primary's journal holds the damage: the
+        pair suspends (the primary marks every region it cannot read back)."""
+        why = f"the primary sent a damaged record from seq {batch.first_seq}: {exc}"
+        if self._damaged_seq != batch.first_seq:
+            self._damaged_seq = batch.first_seq
+            log.warning("%s; fetching it again", why)
+            raise LinkDown(why)
+        self._storage_failed(f"{why} (twice)")
+        raise LinkDown(f"secondary failure: {self.storage_failure}")
+
+    def _destaging_failed(self, error: str) -> None:
+        self._storage_failed(f"cannot apply the journal to the S-VOLs: {error}")
 
     async def _follow(self, state: PairState) -> None:
         """Take the state the primary gives this site."""

@@ -1,6 +1,7 @@
 """The pull loop: connect to the primary, say Hello, then READ_JOURNAL until the link drops.
 
-    connect ─► Hello(group, generation, restored, applied, volumes, state, svol_written)
+    connect ─► Hello(group, generation, restored, applied, volumes, state, svol_written,
+                     failure: why this site can no longer store or apply what it pulls)
             ◄─ Welcome(generation, start_seq, state) ─► sink.welcomed(): same generation
                goes on from restored+1; another one resets the restore journal to start_seq
             ◄─ Refuse(code, reason) ─► logged, shown in display, retried with backoff
@@ -69,6 +70,7 @@ QUICK_RETRY_EVERY_S = 1.0  # at most one reconnect without a backoff per this ma
 class PullSink(Protocol):
     group: str
     volumes: tuple[VolumeDesc, ...]
+    storage_failure: str  # "" or why the restore journal / S-VOL disk failed (for Hello)
 
     def position(self) -> tuple[str, int, int]:
         """(generation, restored_seq, applied_seq)"""
@@ -144,6 +146,7 @@ async def _pull_once(
             sink.volumes,
             state,
             written,
+            sink.storage_failure,
         )
         writer.write(core.send(hello))
         if security.secret is None:

@@ -719,7 +719,10 @@ class JournalStore:
             self._drop_oldest(recycle=False)
         self._next_seq = next_seq
         self._durable_seq = next_seq - 1
-        self._start_segment(next_seq)
+        try:
+            self._start_segment(next_seq)
+        except OSError as exc:  # a full or failing disk: the next append tries again
+            log.warning("%s: no segment for seq %d yet: %s", self.log_name, next_seq, exc)
 
     def _drop_oldest(self, *, recycle: bool) -> int:
         seg = self._segments[0]

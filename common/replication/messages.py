@@ -158,7 +158,9 @@ class Hello(_Message):
 
     state is the secondary's pair state: a primary that still journals learns from "SSWS" that
     the secondary took over. svol_written says hosts wrote the S-VOLs while SSWS (with the
-    primary's own writes while suspended, that is a split brain).
+    primary's own writes while suspended, that is a split brain). failure says why the
+    secondary can no longer store or apply the journal (its restore journal or S-VOL disk
+    failed): a primary that still journals suspends (PSUE); "" = no failure.
     """
 
     version: int
@@ -169,6 +171,7 @@ class Hello(_Message):
     volumes: tuple[VolumeDesc, ...]
     state: str = "SMPL"
     svol_written: bool = False
+    failure: str = ""
 
     def _validate(self) -> None:
         _version(self.version)
@@ -178,6 +181,7 @@ class Hello(_Message):
         _volumes("volumes", self.volumes)
         _text("state", self.state, empty=False)
         _bool("svol_written", self.svol_written)
+        _text("failure", self.failure, max_chars=MAX_REASON_CHARS, empty=True)
 
 
 @dataclass(frozen=True, slots=True)

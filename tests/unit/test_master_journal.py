@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import random
 import time
 import tracemalloc
@@ -43,14 +44,22 @@ class Primary:
     bitmaps: dict[str, DifferenceBitmap]
     master: MasterJournal = field(init=False)
     full_calls: int = 0
+    failures: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         marks = MarkLog(self.data_dir, self.bitmaps)
-        self.master = MasterJournal(self.store, self.volumes, self.bitmaps, self._on_full, marks)
+        self.master = MasterJournal(
+            self.store, self.volumes, self.bitmaps, self._on_full, marks, self._on_failed
+        )
 
     def _on_full(self) -> None:
         self.full_calls += 1
         self.master.mode = Mode.BITMAP  # as the group does when it suspends the pair (PFUS)
+
+    def _on_failed(self, why: str) -> None:
+        self.failures.append(why)
+        self.master.mode = Mode.BITMAP  # as the group does when it suspends the pair (PSUE)
+        self.store.reset(self.store.next_seq)
 
     @property
     def journal_dir(self) -> Path:
@@ -570,3 +579,34 @@ def test_references_recovered_after_a_kill_are_still_filled_in(tmp_path: Path) -
     with opened_primary(tmp_path) as restarted:  # what a SIGKILL leaves: the files
         (entry,) = _sent(restarted)
         assert (entry.flags, bytes(entry.payload)) == (FLAG_BASE, b"\x11" * (64 * KiB))
+
+
+class FullDiskStore(JournalStore):
+    """A real store whose file writes fail with ENOSPC once `disk_full` is set (the e2e test
+    test_pair_disk_faults.py fills a real tmpfs; this pins the master journal's part)."""
+
+    disk_full = False
+
+    def write_pending(self) -> int:
+        if self.disk_full and self.pending_bytes:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write_pending()
+
+
+def test_a_journal_disk_error_never_reaches_the_host_and_marks_the_writes(
+    tmp_path: Path,
+) -> None:
+    with opened_primary(tmp_path, segment_bytes=64 * KiB, store_cls=FullDiskStore) as p:
+        assert isinstance(p.store, FullDiskStore)
+        p.master.wrote("vol0", 0, b"a" * 4096)
+        p.master.flush_records()
+        p.store.disk_full = True
+        p.master.wrote("vol0", 8 * KiB, b"b" * 4096)
+        p.master.flush_records()  # fails inside: the group is told, the host is not
+        assert len(p.failures) == 1 and "No space left on device" in p.failures[0]
+        assert p.master.mode is Mode.BITMAP
+        for i in range(40):  # rolls segments: appends would write, and fail, if journaled
+            p.master.wrote("vol1", i * 16 * KiB, b"c" * 16 * KiB)
+            p.master.flush_records()
+        assert len(p.failures) == 1, "told once"
+        assert p.bitmaps["vol1"].dirty_bytes == 40 * 16 * KiB
