@@ -24,14 +24,18 @@ Memory: one bit per 64 KiB region is 2 KiB per GiB of volume.
 
 from __future__ import annotations
 
+import logging
 import re
 import struct
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import crc32c
 
 from common import statefile
+
+log = logging.getLogger("journalpair.bitmap")
 
 __all__ = ["REGION_BYTES_DEFAULT", "REGION_BYTES_MIN", "BitmapError", "DifferenceBitmap"]
 
@@ -357,9 +361,27 @@ def load_bitmaps(
     `region_bytes` (one saved with another size is converted)."""
     (data_dir / "bitmaps").mkdir(exist_ok=True)
     return {
-        name: DifferenceBitmap.load_or_new(bitmap_path(data_dir, name), size, region_bytes)[0]
+        name: _load_or_mark_all(bitmap_path(data_dir, name), size, region_bytes)
         for name, size in volume_sizes.items()
     }
+
+
+def _load_or_mark_all(path: Path, volume_size: int, region_bytes: int) -> DifferenceBitmap:
+    """A damaged bitmap file lists no region we can trust: it is renamed aside and every
+    region is marked (the next resync copies the whole volume), rather than refusing to
+    start (a loop under a supervisor) or trusting a clean one (a resync that skips)."""
+    try:
+        return DifferenceBitmap.load_or_new(path, volume_size, region_bytes)[0]
+    except BitmapError as exc:
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        try:
+            path.rename(aside)
+        except OSError as move_exc:
+            raise BitmapError(f"{exc}; cannot move it aside: {move_exc}") from None
+        log.error("%s; moved to %s: every region of the volume is marked", exc, aside.name)
+        bitmap = DifferenceBitmap(volume_size, region_bytes)
+        bitmap.mark_all()
+        return bitmap
 
 
 def save_bitmaps(data_dir: Path, bitmaps: Mapping[str, DifferenceBitmap]) -> None:

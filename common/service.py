@@ -15,7 +15,8 @@ from common.daemon import StartupError
 from common.events import EventLog
 from common.hooks import HookRunner
 from common.journal.store import JournalCorrupt, JournalStore
-from common.pairrecord import PairRecord, PairRecordError
+from common.pairrecord import FILE_NAME as PAIR_FILE_NAME
+from common.pairrecord import PairRecord, PairRecordError, RecordSaver
 from common.pairstate import Role
 from common.statefile import write_bytes_atomic
 from common.volume import Volume
@@ -31,10 +32,26 @@ def open_volumes(config: Config, *, read_only: bool) -> dict[str, Volume]:
 
 
 def load_record(config: Config, role: Role) -> PairRecord:
+    """The persisted pair state. A damaged file is renamed aside and the site starts SMPL:
+    what it held (generation, positions, SSWS) cannot be trusted, so the pair must be
+    created again (a full copy). Refusing to start would loop under a supervisor, hosts
+    down."""
     try:
         record = PairRecord.load(config.data_dir, role)
     except PairRecordError as exc:
-        raise StartupError(str(exc)) from None
+        path = config.data_dir / PAIR_FILE_NAME
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        try:
+            path.rename(aside)
+        except OSError as move_exc:
+            raise StartupError(f"{exc}; cannot move it aside: {move_exc}") from None
+        log.error(
+            "%s; moved to %s: this site starts SMPL (not paired); create the pair again",
+            exc,
+            aside.name,
+        )
+        record = PairRecord(role=role, reason=f"pair state lost: {exc} (moved to {aside.name})")
+        RecordSaver(config.data_dir).save_now(record)
     if record.role is not role:
         raise StartupError(
             f"{config.data_dir}: this site is the {record.role.value} of group {config.group} "

@@ -327,22 +327,25 @@ class PrimaryGroup:
         self.link_peer, self.link_since = peer, time.time()
         self.restored_seq, self.applied_seq = hello.restored_seq, hello.applied_seq
         self.peer_state, self.peer_written = hello.state, hello.svol_written
-        if hello.state == PairState.SMPL.value and self.record.state in (
-            PairState.PAIR,
-            PairState.PFUL,
-        ):
-            # Not paired there (a new or wiped secondary site): nothing of its volumes is known.
-            log.error(
-                "the secondary at %s is SMPL while this pair is %s: suspending, every region "
-                "marked; resync copies the whole volumes",
-                peer,
-                self.record.state.value,
-            )
-            for bitmap in self.bitmaps.values():
-                bitmap.mark_all()
-            self._suspend(
-                self.record.next_state(PairInput.LINK_LOST), "the secondary is not paired (SMPL)"
-            )
+        if hello.state == PairState.SMPL.value and self.record.state is not PairState.SMPL:
+            # Not paired there (a new or wiped secondary site, or its pair state was lost):
+            # nothing of its volumes is known, so a resync must copy them whole. (Right after
+            # a create every region is marked already, and the copy waits for its reports.)
+            if any(b.dirty_bytes < b.volume_size for b in self.bitmaps.values()):
+                log.error(
+                    "the secondary at %s is SMPL while this pair is %s: every region marked; "
+                    "resync copies the whole volumes",
+                    peer,
+                    self.record.state.value,
+                )
+                for bitmap in self.bitmaps.values():
+                    bitmap.mark_all()
+                self._save_bitmaps()
+            if self.record.state in (PairState.PAIR, PairState.PFUL):
+                self._suspend(
+                    self.record.next_state(PairInput.LINK_LOST),
+                    "the secondary is not paired (SMPL)",
+                )
         elif hello.failure and journals_writes(self.record.state):
             log.error(
                 "the secondary at %s failed: %s; suspending the pair, its unrestored records "

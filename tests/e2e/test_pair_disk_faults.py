@@ -261,3 +261,68 @@ def test_a_record_damaged_on_the_primary_disk_suspends_the_pair_with_every_regio
     wait_state(primary, "PAIR", 60)
     wait_state(secondary, "PAIR", 60)
     assert volumes_equal(primary, secondary)
+
+
+def _truncate_half(path: Path) -> None:
+    with path.open("r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("side", ["primary", "secondary"])
+def test_a_truncated_pair_state_file_starts_the_site_smpl_and_a_full_copy_follows(
+    daemons: Daemons, side: str
+) -> None:
+    primary, secondary = daemons.start_pair()
+    create_pair(primary, secondary)
+    qemu_io(primary.uri(), "write -P 0x51 0 1M")
+    pairctl(primary, "split")
+    qemu_io(primary.uri(), "write -P 0x52 4M 1M")
+    site = primary if side == "primary" else secondary
+    site.stop()
+    data_dir = site.config_path.parent / "data"
+    _truncate_half(data_dir / "pair.json")
+
+    site.start()  # it starts, no longer claiming to be paired
+    state = display(site)
+    assert state["state"] == "SMPL", state
+    assert state["reason"].startswith("pair state lost: "), state["reason"]
+    assert list(data_dir.glob("pair.json.corrupt-*")), "the damaged file is kept aside"
+    wait_link_up(primary)
+    if side == "primary":
+        pairctl(primary, "create")  # the pair is made again: a whole copy
+    else:
+        # Its Hello says SMPL: nothing of the S-VOL is known, the primary marks everything.
+        wait_until(
+            lambda: display(primary)["bitmap"]["dirty_bytes"] == primary.volume().size,
+            30,
+            "the primary to mark every region",
+        )
+        pairctl(primary, "resync")
+    wait_state(primary, "PAIR", 60)
+    wait_state(secondary, "PAIR", 60)
+    assert volumes_equal(primary, secondary)
+
+
+@pytest.mark.parametrize("side", ["primary", "secondary"])
+def test_a_truncated_bitmap_marks_every_region_and_the_resync_copies_them(
+    daemons: Daemons, side: str
+) -> None:
+    primary, secondary = daemons.start_pair()
+    create_pair(primary, secondary)
+    pairctl(primary, "split", "--rw")  # both sides may mark
+    wait_state(secondary, "SSWS", 30)
+    qemu_io(primary.uri(), "write -P 0x61 0 1M")
+    qemu_io(secondary.uri(), "write -P 0x62 8M 1M")
+    site = primary if side == "primary" else secondary
+    site.stop()
+    bitmap = site.config_path.parent / "data" / "bitmaps" / "vol0.bitmap"
+    _truncate_half(bitmap)
+
+    site.start()
+    assert list(bitmap.parent.glob("vol0.bitmap.corrupt-*")), "the damaged file is kept aside"
+    assert "every region of the volume is marked" in site.log_text()
+    wait_link_up(primary)
+    pairctl(primary, "resync", "--discard-secondary")
+    wait_state(primary, "PAIR", 60)
+    wait_state(secondary, "PAIR", 60)
+    assert volumes_equal(primary, secondary)
