@@ -2,8 +2,9 @@
 SHELL := /bin/bash
 VENV := .venv
 BENCH_ARGS ?=
+DURATION ?= 600
 
-.PHONY: setup test lint run bench clean
+.PHONY: setup test lint run bench soak clean
 
 setup:
 	@bash scripts/setup.sh
@@ -23,6 +24,11 @@ run: setup
 # one table, one JSON under bench-results/. Shorter: BENCH_ARGS='--runtime 2 --reps 1 --no-pipeline'
 bench: setup
 	$(VENV)/bin/python scripts/bench.py $(BENCH_ARGS)
+
+# the mixed fault scenarios (tests/e2e/disaster.py) in a loop for DURATION (600, 30m, 1h);
+# one line a round, then the counts; exit 1 on any mismatch or failed round
+soak: setup
+	$(VENV)/bin/python scripts/soak.py --duration $(DURATION)
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build

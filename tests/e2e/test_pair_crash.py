@@ -16,9 +16,7 @@ import json
 import os
 import random
 import signal
-import struct
 import threading
-import zlib
 from pathlib import Path
 
 import nbd
@@ -27,7 +25,6 @@ import pytest
 from tests.e2e.helpers import (
     Daemon,
     Daemons,
-    MiB,
     close_handle,
     create_pair,
     display,
@@ -36,33 +33,16 @@ from tests.e2e.helpers import (
     wait_caught_up,
     wait_until,
 )
+from tests.e2e.writes import BLOCK, SLOTS_PER_VOLUME, VOLUMES, block, block_number, slot_location
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
-
-BLOCK = 4096
-SLOTS_PER_VOLUME = 512
-VOLUMES = (("vol0", 8 * MiB), ("vol1", 8 * MiB))
-_HEADER = struct.Struct("<QII")  # n, slot, crc32 of the rest
-
-
-def slot_location(slot: int) -> tuple[str, int]:
-    """Slots alternate between the two volumes, spread over each (a 16 KiB stride)."""
-    volume = VOLUMES[slot % 2][0]
-    return volume, (slot // 2) * 4 * BLOCK
-
-
-def block(n: int, slot: int) -> bytes:
-    body = random.Random(n).randbytes(BLOCK - _HEADER.size)
-    return _HEADER.pack(n, slot, zlib.crc32(body)) + body
 
 
 def parse(data: bytes, slot: int) -> int:
     """The write number a slot holds (0 = never written); a torn or foreign block fails."""
-    if data == bytes(BLOCK):
-        return 0
-    n, found_slot, crc = _HEADER.unpack_from(data)
-    assert found_slot == slot and crc == zlib.crc32(data[_HEADER.size :]), f"slot {slot} torn"
-    return int(n)
+    n = block_number(data, slot)
+    assert n is not None, f"slot {slot} torn"
+    return n
 
 
 class Writer(threading.Thread):
