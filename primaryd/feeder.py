@@ -6,7 +6,9 @@
               ── ReportBitmap ───► group.report_bitmap() ──► BitmapTaken | Refuse
               ── SwapRequest ────► group.swap()          ──► SwapAnswer | Refuse
 One request is outstanding at a time (the core enforces it), so one task per connection
-answers it. A peer that breaks the protocol is logged and dropped; others carry on.
+answers it. Bytes received, and an answer's bytes leaving the send queue (drained()), are
+contact for the path watch: one answer of up to 16 MiB takes seconds on a slow link.
+A peer that breaks the protocol is logged and dropped; others carry on.
 
 With `link.secret_file`, a connection starts with the challenge (common.replication.auth)
 and nothing reaches the core before the peer proved it has the secret; with `link.tls`,
@@ -16,8 +18,12 @@ the listener is TLS and requires the peer's certificate.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import ssl
+import sys
+import termios
 from collections.abc import Awaitable
 from typing import Protocol, cast
 
@@ -56,6 +62,9 @@ class JournalSource(Protocol):
     async def swap(self, request: SwapRequest) -> SwapAnswer | Refuse: ...
     def link_closed(self, peer: str) -> None: ...
 
+    def heard(self) -> None:
+        """Bytes came from the secondary (the path watch counts only silence)."""
+
 
 class FeederConnection(asyncio.Protocol):
     def __init__(self, server: FeederServer) -> None:
@@ -70,6 +79,7 @@ class FeederConnection(asyncio.Protocol):
         tls = server.security.server_tls
         self._tls = None if tls is None else TlsPipe(tls)
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._unsent_seen = 0  # unsent_bytes() at the last drained() call
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
@@ -115,7 +125,28 @@ class FeederConnection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
+    def unsent_bytes(self) -> int:
+        """Bytes written to the secondary and not yet taken by it: asyncio's buffer plus the
+        kernel's send queue (which alone holds megabytes on a fast local socket)."""
+        if self._transport is None:
+            return 0
+        unsent = self._transport.get_write_buffer_size()
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4))
+                unsent += int.from_bytes(queued, sys.byteorder, signed=True)
+        return unsent
+
+    def drained(self) -> bool:
+        """The secondary took bytes of an answer since the last call: a long answer crossing
+        a slow link is contact, not silence."""
+        unsent, seen = self.unsent_bytes(), self._unsent_seen
+        self._unsent_seen = unsent
+        return unsent < seen
+
     def data_received(self, data: bytes) -> None:
+        self._server.source.heard()
         if self._tls is not None:
             data = self._decrypt(data)
             if not data:
@@ -226,6 +257,10 @@ class FeederServer:
         self._server = await loop.create_server(lambda: FeederConnection(self), host, port)
         sockname = self._server.sockets[0].getsockname()
         return sockname[0], sockname[1]
+
+    def drained(self) -> bool:
+        """Some connection's answer moved on towards the secondary since the last call."""
+        return any([conn.drained() for conn in self.connections])
 
     def drop_all(self, why: str) -> None:
         """Close every link, e.g. after create: the secondary says Hello again."""

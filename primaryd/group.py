@@ -128,7 +128,7 @@ class PrimaryGroup:
         self.applied_seq = 0
         self.peer_state = ""  # the secondary's state, as its last Hello said
         self.peer_written = False  # hosts wrote the S-VOLs while SSWS (its last Hello)
-        self.last_contact = time.monotonic()  # the secondary's last request (path watch)
+        self.last_contact = time.monotonic()  # the secondary's last bytes (path watch)
         self._pful_since = time.monotonic()  # PFUL since (overflow watch)
         self._reported: set[str] = set()  # volumes whose bitmap came in this generation
         # Hosts may write the P-VOLs (True) or not (a swap is under way); set by the service.
@@ -420,6 +420,9 @@ class PrimaryGroup:
                 self._all_reported.set()
         return BitmapTaken(report.volume)
 
+    def heard(self) -> None:
+        self.last_contact = time.monotonic()
+
     def link_closed(self, peer: str) -> None:
         if peer == self.link_peer:
             self.secondary = None
@@ -515,6 +518,8 @@ class PrimaryGroup:
         journal flows: PSUE, the journal goes to the bitmaps (it would only fill up)."""
         while True:
             await asyncio.sleep(WATCH_S)
+            if self.feeder.drained():
+                self.last_contact = time.monotonic()  # an answer still crossing a slow link
             silent_s = time.monotonic() - self.last_contact
             if journals_writes(self.record.state) and silent_s > self.config.pair.path_watch_s:
                 link = "is down" if self.secondary is None else "is up but silent"

@@ -66,6 +66,7 @@ class SecondaryGroup:
     ) -> None:
         self.config = config
         self.group = config.group
+        self.path_watch_s = config.pair.path_watch_s
         self.volumes_by_name = volumes
         self.volumes = tuple(VolumeDesc(v.name, v.size) for v in volumes.values())
         self.store = store
@@ -107,7 +108,7 @@ class SecondaryGroup:
         self.link_up = False
         self.link_why = "not connected yet"
         self.link_since = time.time()
-        self.last_answer = time.monotonic()  # the primary's last message (path watch)
+        self.last_answer = time.monotonic()  # the primary's last bytes (path watch)
 
     def recover(self) -> None:
         held = self.store.last_seq >= self.store.first_seq
@@ -467,6 +468,9 @@ class SecondaryGroup:
         else:
             self.store.append_blob(batch.first_seq, batch.records, batch.count)
             self._syncing = asyncio.ensure_future(self._sync_restore_journal())
+
+    def heard(self) -> None:
+        self.last_answer = time.monotonic()  # a 16 MiB answer on a slow link is not silence
 
     def link(self, up: bool, why: str) -> None:
         if up and not self._following:

@@ -12,6 +12,10 @@
                                records and no swap step waits), then sink.received():
                                restore journal append + fdatasync, then `restored` moves
                                on (and rides on a later request)
+Every read that brings bytes calls sink.heard() (the path watch): an answer of many MiB
+crossing a slow link is contact, only silence is not. The primary hears nothing while an
+answer crosses, so AnswerSizer keeps each one within a quarter of path_watch_s at the rate
+the last full answer came in (1 MiB first, up to 16 MiB).
 A lost link is retried with a bounded exponential backoff; the state stays what it was.
 With link.secret_file, connect is followed by the challenge-response (replication.auth)
 before Hello; with link.tls the connection is TLS and presents this site's certificate.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from common.config import Address
@@ -54,6 +59,13 @@ log = logging.getLogger("journalpair.pull")
 
 BATCH_ENTRIES_MAX = 16384
 BATCH_BYTES_MAX = 16 << 20
+BATCH_BYTES_MIN = 256 << 10
+BATCH_BYTES_FIRST = 1 << 20  # until an answer has shown what the link carries
+BATCH_GROWTH_MAX = 4  # an answer may ask for at most this many times the last limit
+# An answer should cross the link in this share of path_watch_s: while it crosses, the
+# primary hears no request (bytes in the buffers along the way leave its queue long before
+# they arrive), and a slow but working link must not look silent.
+ANSWER_SHARE_OF_PATH_WATCH = 0.25
 LONG_POLL_MS = 1000
 # Short: the primary learns `applied` from requests only (COPY -> PAIR, lag), and a
 # request sent ahead of storing a batch carries the position before it.
@@ -71,6 +83,7 @@ class PullSink(Protocol):
     group: str
     volumes: tuple[VolumeDesc, ...]
     storage_failure: str  # "" or why the restore journal / S-VOL disk failed (for Hello)
+    path_watch_s: float  # pair.path_watch_s: an answer must cross the link well within it
 
     def position(self) -> tuple[str, int, int]:
         """(generation, restored_seq, applied_seq)"""
@@ -93,9 +106,42 @@ class PullSink(Protocol):
     async def received(self, batch: JournalBatch) -> None: ...
     def link(self, up: bool, why: str) -> None: ...
 
+    def heard(self) -> None:
+        """Bytes came from the primary: the link works, even while one long answer is still
+        crossing a slow link (the path watch counts only silence)."""
+
 
 class LinkDown(Exception):
     pass
+
+
+class AnswerSizer:
+    """How many bytes a ReadJournal asks for: what the link carried per second in the last
+    full answer (first to last byte), times answer_s, within BATCH_BYTES_MIN..MAX. Short
+    answers (the journal held little) say nothing about the link and change nothing."""
+
+    def __init__(self, answer_s: float) -> None:
+        self.answer_s = answer_s
+        self.max_bytes = BATCH_BYTES_FIRST
+
+    def measured(self, nbytes: int, seconds: float | None) -> None:
+        """``seconds`` from the answer's first bytes to its last; None: it was read at once
+        from what had come in meanwhile, which tells nothing of the link's rate."""
+        if seconds is None or nbytes < self.max_bytes // 2:
+            return
+        fits = nbytes * self.answer_s / seconds if seconds > 0 else BATCH_BYTES_MAX
+        ceiling = min(BATCH_BYTES_MAX, self.max_bytes * BATCH_GROWTH_MAX)
+        self.max_bytes = int(max(BATCH_BYTES_MIN, min(ceiling, fits)))
+
+
+class _Timed:
+    """When the bytes of the message being read began to arrive (monotonic seconds)."""
+
+    def __init__(self) -> None:
+        self.first_bytes_at: float | None = None
+
+    def seconds(self) -> float | None:
+        return None if self.first_bytes_at is None else time.monotonic() - self.first_bytes_at
 
 
 async def pull_forever(primary: Address, sink: PullSink, security: LinkSecurity) -> None:
@@ -152,7 +198,7 @@ async def _pull_once(
         if security.secret is None:
             await _first_answer(core, reader)
         try:
-            answer = await _next_message(core, reader)
+            answer = await _next_message(core, reader, sink.heard)
         except LinkDown:
             hint = (
                 "does its link.tls.ca trust this site's certificate?"
@@ -166,31 +212,34 @@ async def _pull_once(
         from_seq = await sink.welcomed(answer)
         for report in sink.bitmap_reports(answer):
             writer.write(core.send(report))
-            answer = await _next_message(core, reader)
+            answer = await _next_message(core, reader, sink.heard)
             if isinstance(answer, Refuse):
                 raise LinkDown(f"primary refused ({answer.code}): {answer.reason}")
             assert isinstance(answer, BitmapTaken)
             sink.bitmap_taken(report)
         sink.link(True, f"connected to {primary.host}:{primary.port}")
+        sizer = AnswerSizer(sink.path_watch_s * ANSWER_SHARE_OF_PATH_WATCH)
+        timed = _Timed()
         asked_ahead = False  # the next ReadJournal went out before the last batch was stored
         while True:
             if not asked_ahead:
                 asked = sink.next_request()
                 if asked is not None:
-                    await _ask(core, reader, writer, *asked)
-                _ask_journal(core, writer, sink, from_seq)
-            answer = await _next_message(core, reader)
+                    await _ask(core, reader, writer, sink, *asked)
+                _ask_journal(core, writer, sink, from_seq, sizer.max_bytes)
+            answer = await _next_message(core, reader, sink.heard, timed)
             asked_ahead = False
             if isinstance(answer, Refuse):
                 raise LinkDown(f"primary refused ({answer.code}): {answer.reason}")
             assert isinstance(answer, JournalBatch)
             if not pulled:
                 pulled.append(True)
+            sizer.measured(len(answer.records), timed.seconds())
             from_seq += answer.count
             if answer.count and sink.next_request() is None:
                 # Ask for the next batch before storing this one: the primary reads and
                 # sends it while this side writes, instead of each waiting for the other.
-                _ask_journal(core, writer, sink, from_seq)
+                _ask_journal(core, writer, sink, from_seq, sizer.max_bytes)
                 asked_ahead = True
             await sink.received(answer)
     finally:
@@ -198,7 +247,11 @@ async def _pull_once(
 
 
 def _ask_journal(
-    core: ReplicationConnection, writer: asyncio.StreamWriter, sink: PullSink, from_seq: int
+    core: ReplicationConnection,
+    writer: asyncio.StreamWriter,
+    sink: PullSink,
+    from_seq: int,
+    max_bytes: int,
 ) -> None:
     _generation, restored, applied = sink.position()
     # While the destager works, ask again soon: the primary learns `applied` only from
@@ -207,7 +260,7 @@ def _ask_journal(
     request = ReadJournal(
         from_seq,
         BATCH_ENTRIES_MAX,
-        BATCH_BYTES_MAX,
+        max_bytes,
         wait_ms,
         restored,
         applied,
@@ -260,12 +313,13 @@ async def _ask(
     core: ReplicationConnection,
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
+    sink: PullSink,
     request: SwapRequest,
     answered: asyncio.Future[SwapAnswer],
 ) -> None:
     try:
         writer.write(core.send(request))
-        answer = await _next_message(core, reader)
+        answer = await _next_message(core, reader, sink.heard)
     except BaseException as exc:
         if not answered.done():
             answered.set_exception(SwapRefused(f"the link dropped: {_why(exc)}"))
@@ -277,15 +331,27 @@ async def _ask(
     answered.set_result(answer)
 
 
-async def _next_message(core: ReplicationConnection, reader: asyncio.StreamReader) -> Message:
+async def _next_message(
+    core: ReplicationConnection,
+    reader: asyncio.StreamReader,
+    heard: Callable[[], None],
+    timed: _Timed | None = None,
+) -> Message:
+    started = False
     while True:
         event = core.next_event()
         if isinstance(event, ConnectionClosed):
             raise LinkDown("the primary closed the link")
         if not isinstance(event, NeedData):
+            if timed is not None and not started:
+                timed.first_bytes_at = None  # it was read along with the last one
             return event
         async with asyncio.timeout(ANSWER_TIMEOUT_S):
             data = await reader.read(RECV_BYTES)
+        if data:
+            heard()
+            if timed is not None and not started:
+                started, timed.first_bytes_at = True, time.monotonic()
         core.receive_data(data)
 
 
