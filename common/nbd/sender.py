@@ -46,6 +46,11 @@ class ReplySender:
     def idle(self) -> bool:
         return not self._queue and not self._transport_busy
 
+    @property
+    def backlogged(self) -> bool:
+        """Over QUEUE_HIGH_BYTES and not yet back to QUEUE_LOW_BYTES: take no more requests."""
+        return self._backlogged
+
     def send(self, items: list[Outgoing]) -> None:
         if not self._queue and not self._transport_busy and not self._transport.is_closing():
             for item in items:

@@ -54,6 +54,9 @@ _TRIM, _WRITE_ZEROES = c.Cmd.TRIM, c.Cmd.WRITE_ZEROES
 JOURNAL_BATCH_REQUESTS = 256
 STOP_DRAIN_S = 10.0  # on SIGTERM, how long clients get to read the replies owed to them
 _SENDFILE_MIN_BYTES = 128 << 10  # below this one pread + write is cheaper than a syscall dance
+# READ reply bytes made before the sender gets them and the backlog is checked: without a
+# check inside one receive, a 256 KiB buffer of 127 KiB READs makes ~1.2 GiB of replies.
+REPLY_CHUNK_BYTES = 4 << 20
 WATCH_TICK_MAX_S = 1.0  # how often deadlines are checked: at most this, less for short timeouts
 
 
@@ -125,6 +128,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._closing = False
         self._received_bytes = 0
         self._dropped = False
+        self._held = False  # requests left in the receive buffer until the backlog drains
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCPTransport is not an asyncio.Transport subclass, but has its API.
@@ -218,6 +222,8 @@ class NbdConnection(asyncio.BufferedProtocol):
             return
         if backlogged:
             self._transport.pause_reading()
+        elif self._held:  # not from inside the sender's pump: on the next loop turn
+            asyncio.get_running_loop().call_soon(self._serve_held)
         else:
             self._transport.resume_reading()
 
@@ -228,23 +234,36 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._received_bytes += nbytes
         if self._closing or self._dropped:
             return  # closed by the server (e.g. set_read_only): no request runs any more
+        self._core.buffer_updated(nbytes)
+        self._serve_buffered()
+
+    def _serve_buffered(self) -> None:
+        """Run the requests in the receive buffer; stop early, leaving the rest there, when
+        the replies made reach the backlog limit (a burst of reads nobody reads back)."""
         core = self._core
-        core.buffer_updated(nbytes)
         batch: list[Request] = []
+        owed = 0  # bytes of READ replies made since the sender last saw them
         try:
             while True:
                 event = core.next_event()
                 if isinstance(event, Request):
                     batch.append(event)
-                    if len(batch) < JOURNAL_BATCH_REQUESTS:
+                    if event.cmd is _READ:
+                        owed += event.length
+                    if len(batch) < JOURNAL_BATCH_REQUESTS and owed < REPLY_CHUNK_BYTES:
                         continue
+                    self._run_batch(batch)
+                    batch = []
+                    if owed >= REPLY_CHUNK_BYTES:
+                        owed = 0
+                        if self._backlogged_after_flush():
+                            return
+                    continue
                 if batch:
                     self._run_batch(batch)
                     batch = []
                 if event is NEED_DATA:
                     break
-                if isinstance(event, Request):
-                    continue
                 if isinstance(event, ExportChosen):
                     self._export = self._server.exports[event.export.name]
                     if self._sender is not None:
@@ -264,6 +283,29 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._transport.close()  # no waiting for a peer that broke the rules
             return
         self._flush_out()
+
+    def _backlogged_after_flush(self) -> bool:
+        """Hand the replies made so far to the sender; True (and the connection is held:
+        reading paused, the rest of the requests left buffered) if that filled the backlog."""
+        self._flush_out()
+        if self._sender is None or not self._sender.backlogged:
+            return False
+        self._held = True
+        assert self._transport is not None
+        self._transport.pause_reading()  # the sender's callback did too; made plain here
+        return True
+
+    def _serve_held(self) -> None:
+        """The backlog drained: run the requests left buffered, then read again."""
+        transport = self._transport
+        if not self._held or self._closing or transport is None or transport.is_closing():
+            return
+        self._held = False
+        self._serve_buffered()
+        if self._held or self._closing or self._dropped or transport.is_closing():
+            return
+        if self._sender is None or not self._sender.backlogged:
+            transport.resume_reading()
 
     def _flush_out(self) -> None:
         if self._sender is not None:

@@ -29,6 +29,8 @@ import pytest
 
 from common.config import NBD_MAX_CONNECTIONS_DEFAULT
 from common.nbd.guard import LOG_BURST_LINES
+from common.nbd.sender import QUEUE_HIGH_BYTES
+from common.nbd.server import REPLY_CHUNK_BYTES
 from tests.e2e.helpers import HOST, Daemon, Daemons, KiB, MiB, close_handle, read_at, wait_until
 from tests.e2e.nbdsetup import log_lines, rss_bytes, start_with_nbd
 from tests.e2e.test_nbd_raw_socket import (
@@ -204,6 +206,105 @@ def test_idle_client_with_nothing_in_flight_is_kept_past_the_stall_timeout(
     assert_bystander_works(bystander)  # idle just as long, between its two uses
     named = [ln for ln in log_lines(guarded, offset) if f":{client.port} " in ln]
     assert not any("dropping" in ln for ln in named), named
+
+
+# --- a burst of reads never read back ---------------------------------------------------------
+
+# Just under the size the server sends from the file: each reply is read into memory.
+BURST_READ_BYTES = 127 * KiB
+BURST_READS = 20_000  # 640 KB of headers: ~2.4 GiB of replies asked for
+# Memory one connection may hold for replies (common.nbd.sender and .server): the queue up to
+# its high mark, plus one chunk of replies made past it before the check, plus the chunk the
+# transport took before it was busy; the receive buffer (256 KiB) and allocator slack and the
+# bystander's I/O fit in the rest. Without the check inside one receive: ~700 MiB measured.
+BURST_RSS_GROWTH_MAX_BYTES = QUEUE_HIGH_BYTES + 2 * REPLY_CHUNK_BYTES + 16 * MiB
+
+
+class PeakRss(threading.Thread):
+    """Samples a process's VmRSS until stopped; keeps the highest value."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.peak = rss_bytes(pid)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.005):
+            try:
+                self.peak = max(self.peak, rss_bytes(self.pid))
+            except FileNotFoundError:  # the daemon died: the test says so
+                return
+
+
+def send_until_refused(client: RawClient, data: bytes, quiet_s: float = 0.3) -> int:
+    """Send what the kernel takes without blocking; return once it has taken nothing for
+    quiet_s (the server stopped reading) or everything is sent. Returns the bytes sent."""
+    client.sock.setblocking(False)
+    sent, last_progress = 0, time.monotonic()
+    while sent < len(data) and time.monotonic() - last_progress < quiet_s:
+        try:
+            sent += client.sock.send(data[sent : sent + 256 * KiB])
+            last_progress = time.monotonic()
+        except BlockingIOError:
+            time.sleep(0.005)
+    client.sock.settimeout(DROP_TIMEOUT_S)
+    return sent
+
+
+def read_burst(client: RawClient, reads: int) -> bytes:
+    return b"".join(
+        client.request_header(CMD_READ, (i % 8) * 128 * KiB, BURST_READ_BYTES, cookie=i)
+        for i in range(reads)
+    )
+
+
+def test_burst_of_reads_never_read_back_keeps_memory_bounded_until_dropped(
+    guarded: Daemon, bystander: nbd.NBD
+) -> None:
+    offset = len(guarded.log_text())
+    rss_before = rss_bytes(guarded.pid)
+    peak = PeakRss(guarded.pid)
+    peak.start()
+    client = TightClient(guarded.nbd_port)
+    try:
+        client.handshake()
+        sent = send_until_refused(client, read_burst(client, BURST_READS))
+        assert_bystander_works(bystander)  # while the hostile client is held
+        drop_line(guarded, offset, client, "stalled mid-request")
+    finally:
+        client.close()
+        peak.stop.set()
+        peak.join(5)
+    grown = peak.peak - rss_before
+    print(f"\n{sent // 28} READ headers taken; RSS grew by {grown / MiB:.1f} MiB at the peak")
+    assert grown < BURST_RSS_GROWTH_MAX_BYTES, f"grew by {grown / MiB:.1f} MiB"
+    assert_bystander_works(bystander)
+
+
+def test_reads_held_back_by_the_backlog_are_all_answered_in_order_once_read(
+    guarded: Daemon, bystander: nbd.NBD
+) -> None:
+    """The requests left in the receive buffer while the backlog was full are served when
+    the client reads again: every reply arrives, in order, with the right bytes."""
+    reads = 2 * QUEUE_HIGH_BYTES // BURST_READ_BYTES  # twice the backlog limit
+    rss_before = rss_bytes(guarded.pid)
+    client = TightClient(guarded.nbd_port)
+    try:
+        client.handshake()
+        client.sock.sendall(read_burst(client, reads))
+        wait_until(  # the server holds a backlog: the rest of the requests wait buffered
+            lambda: rss_bytes(guarded.pid) - rss_before > QUEUE_HIGH_BYTES // 2,
+            timeout_s=STALL_S / 2,
+            what="the reply backlog to build up",
+            interval_s=0.005,
+        )
+        for cookie in range(reads):
+            assert client.simple_reply() == (0, cookie)
+            assert client.recv_exact(BURST_READ_BYTES) == PATTERN * BURST_READ_BYTES, cookie
+    finally:
+        client.close()
+    assert_bystander_works(bystander)
 
 
 # --- 10,000 connections -----------------------------------------------------------------------
