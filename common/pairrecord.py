@@ -44,6 +44,9 @@ class PairRecord:
     # Hosts wrote this site's volumes while the pair was split (primary: suspended; secondary:
     # SSWS). Both sites written is a split brain: resync then needs to be told who wins.
     written_while_split: bool = False
+    # Secondary: the id of the primary site it is paired with (common.siteid); "" = not
+    # known yet. A primary with another id is not followed.
+    peer_site_id: str = ""
 
     @classmethod
     def load(cls, data_dir: Path, role: Role) -> PairRecord:

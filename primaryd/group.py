@@ -60,6 +60,7 @@ from common.replication.messages import (
 )
 from common.runmarker import LastStop
 from common.service import journal_loss_handled
+from common.siteid import site_id
 from common.volume import Volume
 from primaryd.copier import CopyAborted, CopyProgress, Ranges, copy_volumes
 from primaryd.feeder import FeederServer
@@ -111,6 +112,7 @@ class PrimaryGroup:
         if self.marks.replay() and is_suspended(record.state):
             self.journal.host_marks += 1  # host writes marked just before an unclean stop
         self._save_bitmaps()
+        self.site_id = site_id(config.data_dir)  # a paired secondary follows only this site
         self.feeder = FeederServer(self, load_link_security(config.link))
         self.copy = CopyProgress()
         self.journal.on_ref_sent = self._ref_sent
@@ -388,6 +390,7 @@ class PrimaryGroup:
             last_seq=self.store.last_seq,
             state=self._secondary_state().value,
             volumes=self._volume_descs(),
+            site_id=self.site_id,
         )
 
     def report_bitmap(self, report: ReportBitmap) -> BitmapTaken | Refuse:

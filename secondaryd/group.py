@@ -355,6 +355,7 @@ class SecondaryGroup:
 
     async def welcomed(self, welcome: Welcome) -> int:
         self._not_switching()
+        self._check_primary_site(welcome)
         self.last_answer = time.monotonic()
         self._following = True
         state = _state_named(welcome.state)
@@ -379,6 +380,26 @@ class SecondaryGroup:
         if state is not None:
             await self._follow(state)
         return self.restored_seq + 1
+
+    def _check_primary_site(self, welcome: Welcome) -> None:
+        """Paired, this site follows only the primary site it was paired with: another
+        primaryd claiming the group at that address (a rebuilt host, a copied config) must
+        not make it leave the pair, or a takeover would no longer be possible."""
+        record = self.record
+        known = record.peer_site_id
+        if not welcome.site_id or record.state is PairState.SMPL:
+            return
+        if not known:
+            record.peer_site_id = welcome.site_id
+            self.saver.save_now(record)
+            return
+        if welcome.site_id != known:
+            raise LinkDown(
+                f"refused the primary: it is site {welcome.site_id}, this site is paired "
+                f"with site {known} (another primaryd claims group {self.group}); this site "
+                f"stays {record.state.value}. To pair with the new one: stop secondaryd, "
+                f"move {self.config.data_dir}/pair.json aside, start it, create the pair"
+            )
 
     def _can_join(self, welcome: Welcome, state: PairState | None) -> bool:
         """A new generation is joined from its start: a copy (COPY), or, right after a
@@ -549,6 +570,7 @@ class SecondaryGroup:
         self.destager.reset(welcome.start_seq - 1)
         record = self.record
         record.generation = welcome.generation
+        record.peer_site_id = welcome.site_id
         record.start_seq = welcome.start_seq
         record.applied_seq = record.destage_intent_seq = welcome.start_seq - 1
         record.svol_consistent = False

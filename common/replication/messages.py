@@ -290,7 +290,8 @@ class Welcome(_Message):
     starts, after a copy); first_seq..last_seq is what the master journal holds (empty when
     first_seq == last_seq + 1). state (here and in JournalBatch) is the pair state the
     secondary is to show: the primary's, as the secondary names it (PSUS is SSUS there; SSWS
-    after split --rw), see common.pairstate.secondary_view.
+    after split --rw), see common.pairstate.secondary_view. site_id is the primary site's
+    identity (common.siteid): a paired secondary follows no other ("" = unknown).
     """
 
     version: int
@@ -301,6 +302,7 @@ class Welcome(_Message):
     last_seq: int
     state: str
     volumes: tuple[VolumeDesc, ...]
+    site_id: str = ""
 
     def _validate(self) -> None:
         _version(self.version)
@@ -315,6 +317,7 @@ class Welcome(_Message):
             raise LocalProtocolError(f"start_seq {self.start_seq} > last_seq {self.last_seq} + 1")
         _text("state", self.state, empty=False)
         _volumes("volumes", self.volumes)
+        _text("site_id", self.site_id, empty=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,8 @@
 
 primaryd ◄── Hello(group, generation, restored, applied) ── secondaryd
    │ another group ─► Refuse(group): logged on both sides, no pair can be created
+   │ another primaryd claiming the group at the primary's address (Welcome.site_id) ─► not
+   │   followed: the secondary stays paired and can still take over
    │ READ_JOURNAL from a seq already released ─► Refuse(needs_copy), never a later seq
    │ secondary stopped (SIGSTOP) ─► journal fills ─► PFUS, host writes carry on
    └ secondary restarted (SIGTERM, start) ─► resumes where it was, no second copy
@@ -101,6 +103,35 @@ def test_secondary_of_another_group_is_refused_and_says_why(daemons: Daemons) ->
     assert "no secondary is connected" in proc.stderr
     assert display(primary)["state"] == "SMPL"
     assert display(primary)["link"]["up"] is False
+
+
+def test_a_second_primary_claiming_the_group_is_not_followed(daemons: Daemons) -> None:
+    primary, secondary = daemons.start_pair()
+    create_pair(primary, secondary)
+    qemu_io(primary.uri(), "write -P 0x5a 1M 1M")
+    wait_caught_up(primary)
+    primary.kill()  # the primary site is lost...
+    # ...and a blank primaryd of the same group comes up at its replication address.
+    intruder = daemons.prepare("primary", name="intruder")
+    set_config(
+        intruder,
+        "  replication",
+        f"127.0.0.1:{intruder.peer_port}",
+        f"127.0.0.1:{primary.peer_port}",
+    )
+    intruder.start()
+
+    link = wait_until(
+        lambda: (lk := display(secondary)["link"])["why"].startswith("refused the primary") and lk,
+        30,
+        "the secondary to refuse the other primaryd",
+    )
+    assert "another primaryd claims group jg0" in link["why"], link
+    assert display(secondary)["state"] == "PAIR"  # it did not leave the pair
+    proc = pairctl(secondary, "takeover", check=False)
+    assert proc.returncode == 2, proc.stderr  # SSWS: the data the pair held is there
+    assert read_at(secondary.volume().path, 1 * MiB, 1 * MiB) == b"\x5a" * MiB
+    assert display(intruder)["state"] == "SMPL"
 
 
 def test_position_the_journal_no_longer_holds_is_needs_copy_never_a_gap(
