@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.disaster import direct, prepare_swappable_sites, role_and_state
 from tests.e2e.faultproxy import FaultProxy
 from tests.e2e.helpers import (
     HOST,
@@ -24,7 +25,6 @@ from tests.e2e.helpers import (
     Daemons,
     create_pair,
     display,
-    free_port,
     pairctl,
     qemu_io,
     volumes_equal,
@@ -32,7 +32,8 @@ from tests.e2e.helpers import (
     wait_state,
     wait_until,
 )
-from tests.e2e.test_pair_crash import VOLUMES, Writer, assert_prefix_state, read_slots
+from tests.e2e.test_pair_crash import Writer, assert_prefix_state, read_slots
+from tests.e2e.writes import VOLUMES
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -42,33 +43,20 @@ def swappable_pair(
     proxies: list[FaultProxy] | None = None,
     pair: Mapping[str, Any] | None = None,
 ) -> tuple[Daemon, Daemon]:
-    """Site A (primary) and site B (secondary), each able to take the other role; with
-    ``proxies``, B reaches A through a FaultProxy (added to it), A reaches B directly."""
-    a = daemons.prepare("primary", VOLUMES, pair=pair)
-    b_replication = free_port()
-    a.config_path.write_text(a.config_path.read_text() + f"primary: {HOST}:{b_replication}\n")
+    """Site A (primary) and site B (secondary), each able to take the other role, started;
+    with ``proxies``, B reaches A through a FaultProxy (added to it), A reaches B directly."""
+
+    def through_proxy(port: int) -> int:
+        assert proxies is not None
+        proxies.append(FaultProxy(HOST, port).start())
+        return proxies[-1].port
+
+    route = through_proxy if proxies is not None else direct
+    a, b = prepare_swappable_sites(daemons, VOLUMES, pair=pair, route_to_a=route)
     a.start()
-    a_replication = a.peer_port
-    if proxies is not None:
-        proxies.append(FaultProxy(HOST, a.peer_port).start())
-        a_replication = proxies[-1].port
-    b = daemons.prepare("secondary", VOLUMES, primary_port=a_replication, pair=pair)
-    nbd_line = f"  nbd: {HOST}:{b.nbd_port}\n"
-    text = b.config_path.read_text()
-    b.config_path.write_text(
-        text.replace(nbd_line, nbd_line + f"  replication: {HOST}:{b_replication}\n")
-    )
     b.start()
     wait_until(lambda: display(a)["link"]["up"], 15, "the secondary to connect")
     return a, b
-
-
-def role_and_state(daemon: Daemon) -> tuple[str, str] | None:
-    try:
-        shown = display(daemon)
-    except AssertionError:  # restarting in its new role: no control socket for a moment
-        return None
-    return shown["role"], shown["state"]
 
 
 def test_takeover_while_the_primary_answers_swaps_roles_without_losing_a_write(
