@@ -6,7 +6,7 @@
         round 2 ...                        (the roles alternate with each disaster)
         a round that raises or finds a mismatch: its lab is killed and KEPT (path printed),
         a fresh lab-2/ takes over; a lab that ends cleanly is removed
-      until --duration is up (the current round finishes)
+      until --duration is up, or SIGTERM / SIGINT (the current round finishes)
       summary: rounds, faults by kind, writes acknowledged and lost, RPO, mismatches
                ─► stdout and summary.json; exit 1 on any mismatch or failed round
 
@@ -22,6 +22,7 @@ import json
 import random
 import re
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -161,8 +162,16 @@ def main() -> int:
     soak = Soak(workdir, seed, args.scenarios)
     started = time.monotonic()
     number = 0
+    stop = []  # SIGTERM or SIGINT: end after the current round, with the summary
+
+    def request_stop(signum: int, _frame: object) -> None:
+        print(f"soak: {signal.Signals(signum).name}: stopping after this round", flush=True)
+        stop.append(signum)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
     try:
-        while time.monotonic() - started < args.duration:
+        while time.monotonic() - started < args.duration and not stop:
             number += 1
             soak.round(number)
     finally:
