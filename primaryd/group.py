@@ -244,6 +244,7 @@ class PrimaryGroup:
         state = self.record.next_state(PairInput.RESYNC)
         self._check_secondary_volumes("resync")
         self._check_split_brain(discard_secondary)
+        self._swap_off("resync")
         marked = self._dirty_bytes()
         self._new_generation(marked)
         reason = f"resync {by}: {marked} bytes marked here"
@@ -429,6 +430,7 @@ class PrimaryGroup:
     def link_closed(self, peer: str) -> None:
         if peer == self.link_peer:
             self.secondary = None
+            self._swap_off("the link to the secondary dropped")
             self.link_since = time.time()
 
     async def read_journal(self, request: ReadJournal) -> JournalBatch | Refuse:
@@ -600,6 +602,10 @@ class PrimaryGroup:
         # TAKEOVER: no host write after this point, so the secondary can apply all of them.
         self.host_access(False)
         self.journal.flush_records()
+        if self._swap_timer is not None:
+            # An earlier takeover's timer would let hosts write in the middle of this one,
+            # and those acknowledged writes would be lost at its COMMIT.
+            self._swap_timer.cancel()
         loop = asyncio.get_running_loop()
         self._swap_timer = loop.call_later(SWAP_COMMIT_S, self._swap_abandoned)
         log.warning(
@@ -615,6 +621,18 @@ class PrimaryGroup:
         log.error(
             "the takeover (swap) was not committed in %.0f s: hosts write here again", SWAP_COMMIT_S
         )
+        self.host_access(True)
+
+    def _swap_off(self, why: str) -> None:
+        """A takeover swap that can no longer commit (its link dropped, the pair suspended
+        or resyncs) leaves this site the primary, serving its hosts at once (HUR): the
+        secondary becomes the primary only with this site's answer to COMMIT, which a
+        new link can no longer get (no takeover under way here)."""
+        if self._swap_timer is None:
+            return
+        self._swap_timer.cancel()
+        self._swap_timer = None
+        log.warning("the takeover (swap) is off (%s): hosts write here again", why)
         self.host_access(True)
 
     def _become_secondary(self, state: PairState, reason: str) -> None:
@@ -722,6 +740,7 @@ class PrimaryGroup:
         the journal is emptied, later writes are marked (invariant 2)."""
         if self._copy_task is not None and self._copy_task is not asyncio.current_task():
             self._copy_task.cancel()
+        self._swap_off(f"the pair suspends: {reason}")
         self.journal.mode = Mode.BITMAP
         self._mark_unrestored()
         self.store.reset(self.store.next_seq)

@@ -14,7 +14,10 @@ every scenario ends in a documented state with the S-VOLs equal to the P-VOLs af
 
 from __future__ import annotations
 
+import subprocess
+import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -46,6 +49,8 @@ SLOW_RATE = 3 * MiB
 SLOW_DELAY_S = 0.2
 # The short faults run with a path watch longer than the secondary's reconnect backoff; the
 # long ones with a short path watch, to be quick.
+SWAP_LINK_DELAY_S = 0.5  # each way: a swap step takes a second, long enough to cut in it
+SERVING_AGAIN_S = 20.0  # far below SWAP_COMMIT_S (120 s), the most a lost swap used to block
 SHORT_FAULT_PATH_WATCH_S = 5.0
 LONG_FAULT_PATH_WATCH_S = 1.5
 FAULTS = ("cut", "blackhole")
@@ -200,3 +205,63 @@ def test_a_slow_link_under_a_write_burst_keeps_the_pair(
     wait_caught_up(primary, 60)
     assert never_suspended(primary, secondary)
     assert volumes_equal(primary, secondary), "S-VOL differs from P-VOL"
+
+
+class InBackground(threading.Thread):
+    """A pairctl call in a thread, so that the test can cut the link while it runs."""
+
+    def __init__(self, call: Callable[[], subprocess.CompletedProcess[str]]) -> None:
+        super().__init__(daemon=True)
+        self.call = call
+        self.proc: subprocess.CompletedProcess[str] | None = None
+        self.start()
+
+    def run(self) -> None:
+        self.proc = self.call()
+
+    def result(self) -> subprocess.CompletedProcess[str]:
+        self.join(90)
+        assert self.proc is not None, "the background pairctl did not finish"
+        return self.proc
+
+    def ended_early(self) -> bool:
+        assert self.proc is None, f"it ended before the cut: {self.proc}"
+        return False
+
+
+def host_writes(daemon: Daemon) -> bool:
+    return qemu_io(daemon.uri("vol1"), "write -P 0x44 2M 64k", check=False).returncode == 0
+
+
+def test_a_cut_in_the_middle_of_a_takeover_leaves_the_primary_serving(
+    daemons: Daemons, proxied: list[FaultProxy]
+) -> None:
+    """A has stopped host writes for the swap, the link is cut before COMMIT: the takeover
+    is refused on B, A stays the primary and serves its hosts again at once (not after
+    SWAP_COMMIT_S); PSUE on both; resync brings PAIR back, roles unchanged."""
+    a, b = swappable_pair(daemons, proxied, pair={"path_watch_s": LONG_FAULT_PATH_WATCH_S})
+    create_pair(a, b)
+    writer = Writer(a, seed=24)
+    writer.start()
+    wait_until(lambda: len(writer.acked) > 200, 30, "writes")
+    proxied[-1].set_delay(SWAP_LINK_DELAY_S)
+    takeover = InBackground(lambda: pairctl(b, "takeover", check=False))
+    stopped = "host writes stopped"
+    wait_until(lambda: stopped in a.log_text() or takeover.ended_early(), 30, "A to stop writes")
+    proxied[-1].cut()
+    proc = takeover.result()
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # refused: nothing swapped
+    writer.finish_after_kill()  # A closed its hosts' connections when it stopped writes
+    wait_until(lambda: host_writes(a), SERVING_AGAIN_S, "A's hosts to write again")
+    assert display(b)["role"] == "secondary"
+    assert not host_writes(b), "B must stay a read-only secondary"
+    wait_state(a, "PSUE", 20)
+    wait_state(b, "PSUE", 20)
+    proxied[-1].restore()
+    wait_until(lambda: display(a)["link"]["up"], 30, "the link to come back")
+    pairctl(a, "resync")
+    wait_state(a, "PAIR", 60)
+    wait_caught_up(a)
+    assert role_and_state(a) == ("primary", "PAIR")
+    assert role_and_state(b) == ("secondary", "PAIR")
+    assert volumes_equal(a, b)
