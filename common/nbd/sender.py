@@ -24,7 +24,8 @@ from common.volume import Volume
 
 log = logging.getLogger("journalpair.nbd")
 
-QUEUE_HIGH_BYTES = 64 << 20  # stop reading requests while this much reply data waits
+# Stop reading requests while this much reply data waits (queued here or in the transport).
+QUEUE_HIGH_BYTES = 64 << 20
 QUEUE_LOW_BYTES = 16 << 20
 
 
@@ -112,10 +113,12 @@ class ReplySender:
             self._transport.write(volume.read(item.offset + sent, item.length - sent))
 
     def _update_backlog(self) -> None:
-        if not self._backlogged and self._queued_bytes > QUEUE_HIGH_BYTES:
+        # The transport's buffer counts too: _pump moves the whole queue into it at once.
+        backlog = self._queued_bytes + self._transport.get_write_buffer_size()
+        if not self._backlogged and backlog > QUEUE_HIGH_BYTES:
             self._backlogged = True
             self._on_backlog(True)
-        elif self._backlogged and self._queued_bytes <= QUEUE_LOW_BYTES:
+        elif self._backlogged and backlog <= QUEUE_LOW_BYTES:
             self._backlogged = False
             self._on_backlog(False)
 
