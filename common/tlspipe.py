@@ -1,4 +1,5 @@
-"""TLS as a pipe of bytes (ssl.MemoryBIO): the server side of the replication link.
+"""TLS as a pipe of bytes (ssl.MemoryBIO): the server side of the replication link and of
+NBD connections after NBD_OPT_STARTTLS.
 
     transport bytes ─► receive() ─► handshake, then plaintext out ─► the protocol core
     protocol bytes  ─► wrap()    ─► TLS records ─► transport.write()
@@ -13,6 +14,7 @@ failure is an ssl.SSLError in the caller's hands.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from typing import Any
 
@@ -27,7 +29,7 @@ class TlsPipe:
         self.established = False
         self.closed = False  # the peer sent close_notify
 
-    def receive(self, data: bytes) -> bytes:
+    def receive(self, data: bytes | memoryview) -> bytes:
         """The plaintext that `data` completes (b"" during the handshake). ssl.SSLError
         when the peer fails the handshake (then to_send() may hold an alert for it)."""
         self._incoming.write(data)
@@ -57,8 +59,23 @@ class TlsPipe:
             self._tls.write(data)
         return self._outgoing.read()
 
+    def write(self, data: bytes | memoryview) -> None:
+        """Encrypt `data` (after the handshake); to_send() then holds the records."""
+        self._tls.write(data)
+
     def to_send(self) -> bytes:
         return self._outgoing.read()
+
+    def close(self) -> bytes:
+        """close_notify, to send before closing the connection (b"" before the handshake)."""
+        if self.established:
+            # SSLWantReadError: the peer's close_notify is not awaited.
+            with contextlib.suppress(ssl.SSLError):
+                self._tls.unwrap()
+        return self._outgoing.read()
+
+    def version(self) -> str:
+        return (self._tls.version() if self.established else None) or "?"
 
     def peer_name(self) -> str:
         """The commonName of the peer's verified certificate ("?" when it has none)."""

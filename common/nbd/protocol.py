@@ -4,6 +4,17 @@
                                                        │ (the adapter does the I/O)
     data_to_send() ◄── reply_ok / reply_error / reply_read / reply_block_status
 
+TLS (proto.md "TLS support"), when the adapter has a certificate:
+
+    OPTIONS ── NBD_OPT_STARTTLS ─► ACK queued, event StartTls ─► TLS_HANDSHAKE
+        (the adapter sends the ACK in plaintext, then runs the TLS handshake; any
+         plaintext byte that reaches the core now is a protocol error)
+    TLS_HANDSHAKE ── tls_established() ─► OPTIONS again, every byte through TLS
+
+With TlsMode.REQUIRE every option but STARTTLS and ABORT is answered
+NBD_REP_ERR_TLS_REQD until then (event TlsRequired), and NBD_OPT_EXPORT_NAME, which
+cannot be answered with an error, closes the connection.
+
 The core validates everything a peer can get wrong (magic, option lengths,
 command flags, ranges, read-only, sizes) and answers those itself; a request
 event always describes a valid operation. No clock, no disk, no await.
@@ -85,18 +96,40 @@ class Disconnect:
     why: str
 
 
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """The ACK to NBD_OPT_STARTTLS is queued: send it in plaintext, then run the TLS server
+    handshake and call tls_established(); from then on every byte goes through TLS."""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsRequired:
+    """An option answered NBD_REP_ERR_TLS_REQD: the client has not started TLS (for logs)."""
+
+    option: int
+
+
+class TlsMode(Enum):
+    """How NBD_OPT_STARTTLS is answered (the spec's server modes)."""
+
+    OFF = auto()  # NOTLS: STARTTLS is refused with NBD_REP_ERR_POLICY
+    OPTIONAL = auto()  # SELECTIVETLS with no TLS-only export: the client chooses
+    REQUIRE = auto()  # FORCEDTLS: nothing but STARTTLS and ABORT before TLS
+
+
 class _NeedData:
     def __repr__(self) -> str:
         return "NEED_DATA"
 
 
 NEED_DATA = _NeedData()
-Event = ExportChosen | Request | RequestRefused | Disconnect
+Event = ExportChosen | Request | RequestRefused | Disconnect | StartTls | TlsRequired
 
 
 class Phase(Enum):
     CLIENT_FLAGS = auto()
     OPTIONS = auto()
+    TLS_HANDSHAKE = auto()  # STARTTLS acknowledged, the adapter runs the handshake
     TRANSMISSION = auto()
     CLOSED = auto()
 
@@ -127,6 +160,7 @@ _REQUEST_BYTES = _REQUEST.size
 # The receive buffer: requests are parsed in place; it grows to hold one whole
 # request (at most 32 MiB of WRITE payload) and shrinks back when that is done.
 _RECV_BUFFER_BYTES = 256 << 10
+_PLAINTEXT_AFTER_STARTTLS = "plaintext bytes after NBD_OPT_STARTTLS, before the TLS handshake"
 _RECV_MIN_FREE_BYTES = 64 << 10
 # Until the handshake is done the buffer is small: a client that connects and never gets to
 # transmission (a flood of them) costs this much, not _RECV_BUFFER_BYTES. An option of up to
@@ -138,10 +172,16 @@ class NbdServerConnection:
     """One client connection, from the greeting to the disconnect."""
 
     def __init__(
-        self, exports: Mapping[str, ExportInfo], *, max_payload: int = c.MAX_PAYLOAD_BYTES
+        self,
+        exports: Mapping[str, ExportInfo],
+        *,
+        max_payload: int = c.MAX_PAYLOAD_BYTES,
+        tls: TlsMode = TlsMode.OFF,
     ) -> None:
         self._exports = exports
         self._max_payload = max_payload
+        self._tls_mode = tls
+        self.tls_active = False
         self._buf = bytearray(_HANDSHAKE_BUFFER_BYTES)
         self._start = 0  # unparsed bytes are self._buf[self._start:self._end]
         self._end = 0
@@ -216,6 +256,10 @@ class NbdServerConnection:
                 return self._next_request()
             if self.phase is Phase.CLOSED:
                 return NEED_DATA
+            if self.phase is Phase.TLS_HANDSHAKE:
+                if self._end > self._start:
+                    raise RemoteProtocolError(_PLAINTEXT_AFTER_STARTTLS)
+                return NEED_DATA
             if self.phase is Phase.CLIENT_FLAGS:
                 if self._end - self._start < 4:
                     self._want = 4
@@ -276,7 +320,22 @@ class NbdServerConnection:
         self._start += _OPT_HEADER.size
         return self._option(opt, self._take(length))
 
+    def tls_established(self) -> None:
+        """The adapter completed the TLS handshake that StartTls asked for."""
+        if self.phase is not Phase.TLS_HANDSHAKE:
+            raise LocalProtocolError(f"tls_established() in phase {self.phase.name}")
+        self.tls_active = True
+        self.phase = Phase.OPTIONS
+
     def _option(self, opt: int, data: bytes) -> Event | None:
+        if (
+            self._tls_mode is TlsMode.REQUIRE
+            and not self.tls_active
+            and opt not in (c.Opt.STARTTLS, c.Opt.ABORT)
+        ):
+            return self._refuse_without_tls(opt)
+        if opt == c.Opt.STARTTLS:
+            return self._opt_starttls(opt, data)
         if opt == c.Opt.EXPORT_NAME:
             export = self._exports.get(data.decode("utf-8", "replace"))
             if export is None:
@@ -306,6 +365,32 @@ class NbdServerConnection:
             return None
         self._opt_error(opt, c.Rep.ERR_UNSUP, f"option {opt} not supported")
         return None
+
+    def _refuse_without_tls(self, opt: int) -> TlsRequired:
+        if opt == c.Opt.EXPORT_NAME:  # it cannot be answered with an error: close
+            raise RemoteProtocolError("NBD_OPT_EXPORT_NAME without TLS, and TLS is required")
+        self._opt_error(opt, c.Rep.ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS")
+        return TlsRequired(opt)
+
+    def _opt_starttls(self, opt: int, data: bytes) -> StartTls | None:
+        if self._tls_mode is TlsMode.OFF:
+            self._opt_error(opt, c.Rep.ERR_POLICY, "TLS is not configured on this server")
+            return None
+        if data:
+            self._opt_error(opt, c.Rep.ERR_INVALID, "STARTTLS takes no data")
+            return None
+        if self.tls_active:
+            self._opt_error(opt, c.Rep.ERR_INVALID, "TLS is already running")
+            return None
+        if self._end > self._start:  # sent before our ACK: they would be read as plaintext
+            raise RemoteProtocolError(_PLAINTEXT_AFTER_STARTTLS)
+        self._opt_reply(opt, c.Rep.ACK)
+        # What was negotiated in plaintext may have been injected by a man in the middle
+        # (nbdkit's CVE-2021-3716): the client negotiates it again under TLS.
+        self.structured = False
+        self._meta_export, self._meta_selected = None, False
+        self.phase = Phase.TLS_HANDSHAKE
+        return StartTls()
 
     def _opt_reply(self, opt: int, rep: int, payload: bytes = b"") -> None:
         self._out.append(_OPT_REPLY.pack(c.OPTION_REPLY_MAGIC, opt, rep, len(payload)) + payload)
