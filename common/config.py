@@ -157,11 +157,15 @@ NBD_ALLOW_MAX = 1024
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+NbdTlsMode = Literal["require", "optional"]
+NBD_TLS_MODES: tuple[NbdTlsMode, ...] = ("require", "optional")
+
 
 @dataclass(frozen=True, slots=True)
 class NbdConfig:
-    """The optional ``nbd:`` section: which clients the NBD server admits and how long it
-    waits for one (the same keys on both roles: a secondary serves hosts after a takeover)."""
+    """The optional ``nbd:`` section: which clients the NBD server admits, how long it
+    waits for one, and TLS (the same keys on both roles: a secondary serves hosts after a
+    takeover; common.nbd.tls turns the tls_* fields into a server context)."""
 
     # Connections served at once; one more is closed as soon as it is accepted.
     max_connections: int = NBD_MAX_CONNECTIONS_DEFAULT
@@ -172,6 +176,18 @@ class NbdConfig:
     stall_timeout_s: float = NBD_STALL_TIMEOUT_DEFAULT_S
     # Client networks admitted; None admits every address.
     allow: tuple[IpNetwork, ...] | None = None
+    # TLS (NBD_OPT_STARTTLS): this server's certificate and key; with tls_ca, clients must
+    # present a certificate signed by it.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    # require: every option but STARTTLS and ABORT is refused until TLS is up (the spec's
+    # FORCEDTLS); optional: a client may start TLS or not.
+    tls_mode: NbdTlsMode = "require"
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,6 +345,12 @@ def _parse_allow(value: object, key: str) -> tuple[IpNetwork, ...]:
         except ValueError as exc:
             raise ConfigError(f"{key}[{index}]: bad address or network {text!r}: {exc}") from None
     return tuple(networks)
+
+
+def _parse_nbd_tls_mode(value: object, key: str) -> NbdTlsMode:
+    if value not in NBD_TLS_MODES:
+        raise ConfigError(f"{key}: must be require or optional, got {value!r}")
+    return value
 
 
 def _parse_bitmap_region(value: object, key: str) -> int:
@@ -549,6 +571,14 @@ _LINK_KEYS: dict[str, _Key] = {
     "allow_insecure": _Key(_plain(_parse_bool), "allow_insecure", required=False, default=False),
 }
 
+_NBD_TLS_KEYS: dict[str, _Key] = {
+    "cert": _Key(_parse_path, "tls_cert"),
+    "key": _Key(_parse_path, "tls_key"),
+    "ca": _Key(_parse_path, "tls_ca", required=False, default=None),
+    "mode": _Key(_plain(_parse_nbd_tls_mode), "tls_mode", required=False, default="require"),
+}
+_NBD_NO_TLS = {"tls_cert": None, "tls_key": None, "tls_ca": None, "tls_mode": "require"}
+
 _NBD_KEYS: dict[str, _Key] = {
     "max_connections": _Key(
         _plain(_parse_max_connections),
@@ -569,6 +599,7 @@ _NBD_KEYS: dict[str, _Key] = {
         default=NBD_STALL_TIMEOUT_DEFAULT_S,
     ),
     "allow": _Key(_plain(_parse_allow), "allow", required=False, default=None),
+    "tls": _Key(_section(_NBD_TLS_KEYS), None, required=False, default=_NBD_NO_TLS),
 }
 
 _TOP_KEYS: dict[str, _Key] = {

@@ -28,6 +28,7 @@ from common import pairrecord
 from common.config import Config, ConfigError, check_volume_files, load_config
 from common.control import ControlError
 from common.linksecurity import load_link_security
+from common.nbd import tls as nbd_tls
 from common.pairrecord import PairRecord, PairRecordError
 from common.pairstate import Role
 from common.volume import VolumeError
@@ -93,6 +94,7 @@ def run(prog: str, role: str, serve_role: RoleService, argv: list[str] | None = 
             raise ConfigError(f"role: config says {config.role}, this is {prog}")
         check_volume_files(config)
         security = load_link_security(config.link)
+        nbd_tls.load_nbd_tls(config.nbd)  # checked here; each role's service loads it again
     except ConfigError as exc:
         print(f"{prog}: config error: {exc}", file=sys.stderr)
         return 2
@@ -105,6 +107,7 @@ def run(prog: str, role: str, serve_role: RoleService, argv: list[str] | None = 
         print(f"{prog}: cannot start: {exc}", file=sys.stderr)
         return 1
     log.info("replication link: %s", security.describe())
+    log.info("NBD: %s", nbd_tls.describe(config.nbd))
     _keep_big_buffers_in_the_heap()
     try:
         switch_to = uvloop.run(_serve(config, serve_role))

@@ -44,22 +44,31 @@ def load_link_security(link: LinkConfig) -> LinkSecurity:
     secret = None if link.secret_file is None else _read_secret(link.secret_file)
     if link.tls_cert is None or link.tls_key is None or link.tls_ca is None:
         return LinkSecurity(secret)
-    server = _tls_context(ssl.Purpose.CLIENT_AUTH, link.tls_cert, link.tls_key, link.tls_ca)
-    client = _tls_context(ssl.Purpose.SERVER_AUTH, link.tls_cert, link.tls_key, link.tls_ca)
+    cert, key, ca = link.tls_cert, link.tls_key, link.tls_ca
+    server = tls_context(ssl.Purpose.CLIENT_AUTH, cert, key, ca, section="link.tls")
+    client = tls_context(ssl.Purpose.SERVER_AUTH, cert, key, ca, section="link.tls")
     return LinkSecurity(secret, server, client)
+
+
+def check_private_file(path: Path, key: str) -> None:
+    """A secret (a shared secret, a private key) is a regular file only its owner can use."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{key}: {path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"{key}: {path} is readable or writable by others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}): chmod 600 it"
+        )
 
 
 def _read_secret(path: Path) -> bytes:
     key = "link.secret_file"
+    check_private_file(path, key)
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{key}: {path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise ConfigError(
-                f"{key}: {path} is readable or writable by others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}): chmod 600 it"
-            )
         with path.open("rb") as f:
             secret = f.read(SECRET_MAX_BYTES + 1).strip()
     except OSError as exc:
@@ -72,17 +81,24 @@ def _read_secret(path: Path) -> bytes:
     return secret
 
 
-def _tls_context(purpose: ssl.Purpose, cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
+def tls_context(
+    purpose: ssl.Purpose, cert: Path, key: Path, ca: Path | None, *, section: str
+) -> ssl.SSLContext:
+    """A TLS 1.2+ context presenting `cert`; with `ca`, the peer must present a certificate
+    signed by it. ConfigError names the keys under `section` (``link.tls``, ``nbd.tls``)."""
     context = ssl.create_default_context(purpose)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = False
-    context.verify_mode = ssl.CERT_REQUIRED  # the server asks for the client's, too
+    # A server asks for the client's certificate too; without a CA it asks for none.
+    context.verify_mode = ssl.CERT_NONE if ca is None else ssl.CERT_REQUIRED
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"link.tls.cert/key: cannot load {cert} with {key}: {exc}") from None
+        raise ConfigError(f"{section}.cert/key: cannot load {cert} with {key}: {exc}") from None
+    if ca is None:
+        return context
     try:
         context.load_verify_locations(cafile=ca)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"link.tls.ca: cannot load {ca}: {exc}") from None
+        raise ConfigError(f"{section}.ca: cannot load {ca}: {exc}") from None
     return context

@@ -98,7 +98,8 @@ def test_nbd_section_parses_for_both_roles(tmp_path: Path, role: str) -> None:
         ("nbd: {allow: [10.0.0.1/24]}", "nbd.allow[0]: bad address or network '10.0.0.1/24'"),
         ("nbd: {allow: [127.0.0.1, nowhere]}", "nbd.allow[1]: bad address or network"),
         ("nbd: {allow: [12]}", "nbd.allow[0]: expected a string, got integer"),
-        ("nbd: {tls: require}", "nbd.tls: unknown key"),
+        ("nbd: {tls: require}", "nbd.tls: expected a mapping, got string"),
+        ("nbd: {tsl: {}}", "nbd.tsl: unknown key"),
         ("nbd: []", "nbd: expected a mapping, got list"),
     ],
 )
