@@ -8,6 +8,7 @@ import logging
 from common.config import Config
 from common.daemon import StartupError
 from common.nbd.server import NbdServer
+from common.nbd.tls import load_nbd_tls, nbd_tls_mode
 from common.pairstate import Role
 from common.runmarker import LastStop, mark_running, mark_stopped
 from common.service import (
@@ -49,6 +50,8 @@ async def serve(config: Config, stop: asyncio.Event) -> Role | None:
         journal=group.journal,
         always_read_only=[v.name for v in config.volumes if v.read_only],
         limits=config.nbd,
+        tls_context=load_nbd_tls(config.nbd),
+        tls_mode=nbd_tls_mode(config.nbd),
     )
     group.host_access = lambda allowed: (
         nbd.set_writable(group.journal) if allowed else nbd.set_read_only()

@@ -11,6 +11,7 @@ from common.daemon import StartupError
 from common.events import EventLog
 from common.journal.store import JournalStore
 from common.nbd.server import NbdServer
+from common.nbd.tls import load_nbd_tls, nbd_tls_mode
 from common.pairrecord import PairRecord, RecordSaver
 from common.pairstate import PairState, Role
 from common.service import (
@@ -74,6 +75,8 @@ async def serve(config: Config, stop: asyncio.Event) -> Role | None:
         read_only=True,
         always_read_only=[v.name for v in config.volumes if v.read_only],
         limits=config.nbd,
+        tls_context=load_nbd_tls(config.nbd),
+        tls_mode=nbd_tls_mode(config.nbd),
     )
     group.on_writable.append(nbd.set_writable)
     group.on_read_only.append(nbd.set_read_only)

@@ -9,6 +9,10 @@
 
 The transport's write buffer limits are set to (1, 0), so pause_writing means "has
 bytes queued" and resume_writing "fully drained": the moment sendfile is safe again.
+
+After NBD_OPT_STARTTLS (start_tls), send() first turns every item into TLS records, in wire
+order: FileData is read from the volume (sendfile cannot encrypt), and the queue then holds
+only ciphertext, so the same bound and the same pump apply.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections import deque
 from collections.abc import Callable
 
 from common.nbd.protocol import FileData, Outgoing
+from common.tlspipe import TlsPipe
 from common.volume import Volume
 
 log = logging.getLogger("journalpair.nbd")
@@ -39,6 +44,7 @@ class ReplySender:
         self._backlogged = False
         self.drained_count = 0  # times the client took every byte queued: progress
         self.volume: Volume | None = None  # set once the client has chosen an export
+        self._tls: TlsPipe | None = None
         sock = transport.get_extra_info("socket")
         self._socket_fd = sock.fileno() if sock is not None else -1
         transport.set_write_buffer_limits(high=1, low=0)
@@ -52,7 +58,14 @@ class ReplySender:
         """Over QUEUE_HIGH_BYTES and not yet back to QUEUE_LOW_BYTES: take no more requests."""
         return self._backlogged
 
+    def start_tls(self, tls: TlsPipe) -> None:
+        """From now on everything sent goes through `tls` (including its handshake, which
+        send([]) flushes)."""
+        self._tls = tls
+
     def send(self, items: list[Outgoing]) -> None:
+        if self._tls is not None:
+            items = self._encrypt(self._tls, items)
         if not self._queue and not self._transport_busy and not self._transport.is_closing():
             for item in items:
                 if isinstance(item, FileData):
@@ -111,6 +124,16 @@ class ReplySender:
                 log.debug("sendfile failed: %s", exc)
         if sent < item.length:
             self._transport.write(volume.read(item.offset + sent, item.length - sent))
+
+    def _encrypt(self, tls: TlsPipe, items: list[Outgoing]) -> list[Outgoing]:
+        for item in items:
+            if isinstance(item, FileData):
+                assert self.volume is not None, "FileData before an export was chosen"
+                tls.write(self.volume.read(item.offset, item.length))
+            else:
+                tls.write(item)
+        records = tls.to_send()
+        return [records] if records else []
 
     def _update_backlog(self) -> None:
         # The transport's buffer counts too: _pump moves the whole queue into it at once.

@@ -13,6 +13,15 @@ Hostile clients (common.nbd.guard decides, this module acts):
 
 uvloop (libuv) survives EMFILE in accept by itself: it accepts and closes the pending
 connections with a reserve descriptor, and keeps listening.
+
+TLS, after the core's StartTls event (the ACK already sent in plaintext):
+
+    transport ─► get_buffer/buffer_updated ─► TlsPipe.receive ─► core.receive_data (a copy)
+    core.data_to_send ─► ReplySender (encrypts, reads FileData) ─► transport
+
+Not loop.start_tls(): it needs a plain Protocol and reports a failed handshake to nobody
+(see common.tlspipe); a memory-BIO pipe lets us log who failed and why. The plaintext
+path (receive into the core's buffer, sendfile for big reads) is untouched.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import ssl
 from collections.abc import Collection, Mapping
 from typing import Protocol, cast
 
@@ -38,9 +48,14 @@ from common.nbd.protocol import (
     RemoteProtocolError,
     Request,
     RequestRefused,
+    StartTls,
+    TlsMode,
+    TlsRequired,
 )
 from common.nbd.sender import ReplySender
+from common.nbd.tls import handshake_failure_cause
 from common.syncer import GroupSyncer
+from common.tlspipe import TlsPipe
 from common.volume import Volume
 
 log = logging.getLogger("journalpair.nbd")
@@ -49,6 +64,8 @@ _HOLE_CHUNK_MIN_BYTES = 64 << 10
 _JOURNALED = (c.Cmd.WRITE, c.Cmd.TRIM, c.Cmd.WRITE_ZEROES)
 _READ, _WRITE, _FLUSH, _FUA = c.Cmd.READ, c.Cmd.WRITE, c.Cmd.FLUSH, c.CMD_FLAG_FUA
 _TRIM, _WRITE_ZEROES = c.Cmd.TRIM, c.Cmd.WRITE_ZEROES
+_OPTS = frozenset(int(opt) for opt in c.Opt)
+_HANDSHAKING = (Phase.CLIENT_FLAGS, Phase.OPTIONS, Phase.TLS_HANDSHAKE)
 # Requests journaled together, then executed: records reach the journal file in one write,
 # and a crash can leave at most this many records without their volume writes.
 JOURNAL_BATCH_REQUESTS = 256
@@ -58,6 +75,7 @@ _SENDFILE_MIN_BYTES = 128 << 10  # below this one pread + write is cheaper than 
 # check inside one receive, a 256 KiB buffer of 127 KiB READs makes ~1.2 GiB of replies.
 REPLY_CHUNK_BYTES = 4 << 20
 WATCH_TICK_MAX_S = 1.0  # how often deadlines are checked: at most this, less for short timeouts
+TLS_RECEIVE_BYTES = 256 << 10  # TLS records are received here, then decrypted into the core
 
 
 class WriteJournal(Protocol):
@@ -120,6 +138,9 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def __init__(self, server: NbdServer) -> None:
         self._server = server
+        self._tls: TlsPipe | None = None  # after NBD_OPT_STARTTLS
+        self._tls_in = memoryview(b"")
+        self._told_tls_required = False
         self._export: Export | None = None
         self._transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -148,7 +169,9 @@ class NbdConnection(asyncio.BufferedProtocol):
             tcp.abort()  # before any byte: the greeting is not even built
             server.refused(self.peer, why)
             return
-        self._core = NbdServerConnection({n: e.info for n, e in server.exports.items()})
+        self._core = NbdServerConnection(
+            {n: e.info for n, e in server.exports.items()}, tls=server.tls_mode
+        )
         limits = server.limits
         self.watch = ClientWatch(
             asyncio.get_running_loop().time(), limits.handshake_timeout_s, limits.stall_timeout_s
@@ -176,7 +199,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             return None
         return self.watch.overdue(
             now,
-            handshaking=core.phase in (Phase.CLIENT_FLAGS, Phase.OPTIONS),
+            handshaking=core.phase in _HANDSHAKING,
             busy=core.mid_request or not sender.idle,
             progress=(
                 self._received_bytes,
@@ -205,6 +228,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         if not self._closing or self._pending or self._transport is None:
             return
         if self._sender is None or self._sender.idle:
+            if self._tls is not None and not self._transport.is_closing():
+                self._transport.write(self._tls.close())  # the spec: end TLS, then TCP
             self._transport.close()  # the transport still sends what it holds
 
     def pause_writing(self) -> None:
@@ -228,14 +253,61 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._transport.resume_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._tls is not None:
+            return self._tls_in
         return self._core.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
         self._received_bytes += nbytes
         if self._closing or self._dropped:
             return  # closed by the server (e.g. set_read_only): no request runs any more
+        if self._tls is not None:
+            self._tls_received(self._tls, nbytes)
+            return
         self._core.buffer_updated(nbytes)
         self._serve_buffered()
+
+    def _tls_received(self, tls: TlsPipe, nbytes: int) -> None:
+        assert self._sender is not None and self._transport is not None
+        was_established = tls.established
+        try:
+            plain = tls.receive(self._tls_in[:nbytes])
+        except ssl.SSLError as exc:
+            what = "TLS failed" if was_established else "TLS handshake failed"
+            why = f"{what}: {handshake_failure_cause(exc)} ({exc}); dropping it"
+            self._server.log_drop(self.peer, why)
+            self._dropped = True
+            self._sender.send([])  # the alert, if any
+            self._transport.close()
+            return
+        self._sender.send([])  # handshake records
+        if tls.established and not was_established:
+            self._core.tls_established()
+            log.info("client %s: %s, certificate %s", self.peer, tls.version(), tls.peer_name())
+        if plain:
+            self._core.receive_data(plain)
+        self._serve_buffered()
+
+    def _start_tls(self) -> None:
+        """The core queued the ACK to NBD_OPT_STARTTLS: send it, then speak TLS only."""
+        assert self._sender is not None
+        context = self._server.tls_context
+        assert context is not None, "StartTls without a TLS context"
+        self._flush_out()
+        self._tls = TlsPipe(context)
+        self._tls_in = memoryview(bytearray(TLS_RECEIVE_BYTES))
+        self._sender.start_tls(self._tls)
+
+    def _tls_required(self, event: TlsRequired) -> None:
+        if self._told_tls_required:
+            return
+        self._told_tls_required = True
+        name = c.Opt(event.option).name if event.option in _OPTS else str(event.option)
+        self._server.refused(
+            self.peer,
+            f"NBD_OPT_{name} without TLS: TLS is required (nbd.tls.mode: require) and the "
+            "client has not sent NBD_OPT_STARTTLS",
+        )
 
     def _serve_buffered(self) -> None:
         """Run the requests in the receive buffer; stop early, leaving the rest there, when
@@ -271,6 +343,10 @@ class NbdConnection(asyncio.BufferedProtocol):
                     log.debug("client %s uses export %s", self.peer, event.export.name)
                 elif isinstance(event, RequestRefused):
                     log.debug("client %s: refused: %s", self.peer, event.why)
+                elif isinstance(event, StartTls):
+                    self._start_tls()
+                elif isinstance(event, TlsRequired):
+                    self._tls_required(event)
                 elif isinstance(event, Disconnect):
                     self._flush_out()
                     self.close()
@@ -453,14 +529,21 @@ class NbdServer:
         read_only: bool = False,
         always_read_only: Collection[str] = (),
         limits: NbdConfig | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        tls_mode: TlsMode = TlsMode.OFF,
     ) -> None:
         """``always_read_only``: names of the volumes hosts may never write (config
-        volumes[].read_only), whatever set_writable says later."""
+        volumes[].read_only), whatever set_writable says later. ``tls_context`` goes with
+        TlsMode.REQUIRE or OPTIONAL (common.nbd.tls loads both from nbd.tls)."""
+        if (tls_context is None) != (tls_mode is TlsMode.OFF):
+            raise ValueError("a TLS context goes with TlsMode.REQUIRE or OPTIONAL, and only")
         self.exports = {
             name: Export(v, journal, read_only, always_read_only=name in always_read_only)
             for name, v in volumes.items()
         }
         self.limits = limits or NbdConfig()
+        self.tls_context = tls_context
+        self.tls_mode = tls_mode
         self.connections: set[NbdConnection] = set()
         self.pending: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
