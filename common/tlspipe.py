@@ -32,15 +32,9 @@ class TlsPipe:
     def receive(self, data: bytes | memoryview) -> bytes:
         """The plaintext that `data` completes (b"" during the handshake). ssl.SSLError
         when the peer fails the handshake (then to_send() may hold an alert for it)."""
-        self._incoming.write(data)
-        if not self.established:
-            try:
-                self._tls.do_handshake()
-            except ssl.SSLWantReadError:
-                return b""
-            self.established = True
+        self.feed(data)
         chunks = []
-        while True:
+        while self.established:
             try:
                 chunk = self._tls.read(READ_CHUNK_BYTES)
             except ssl.SSLWantReadError:
@@ -52,6 +46,30 @@ class TlsPipe:
                 break
             chunks.append(chunk)
         return b"".join(chunks)
+
+    def feed(self, data: bytes | memoryview) -> None:
+        """Take TLS records from the peer, and go on with the handshake while it runs;
+        read_into() then gives the plaintext. ssl.SSLError as for receive()."""
+        self._incoming.write(data)
+        if not self.established:
+            try:
+                self._tls.do_handshake()
+            except ssl.SSLWantReadError:
+                return
+            self.established = True
+
+    def read_into(self, buffer: memoryview) -> int:
+        """Plaintext fed so far into `buffer` (no copy in between): how many bytes, 0 when
+        there is none (yet). ssl.SSLError on a damaged record."""
+        if not self.established:
+            return 0
+        try:
+            return int(self._tls.read(len(buffer), buffer))
+        except ssl.SSLWantReadError:
+            return 0
+        except ssl.SSLZeroReturnError:
+            self.closed = True
+            return 0
 
     def wrap(self, data: bytes) -> bytes:
         """TLS records carrying `data`, to write to the transport."""

@@ -269,9 +269,15 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def _tls_received(self, tls: TlsPipe, nbytes: int) -> None:
         assert self._sender is not None and self._transport is not None
+        core = self._core
         was_established = tls.established
         try:
-            plain = tls.receive(self._tls_in[:nbytes])
+            tls.feed(self._tls_in[:nbytes])
+            if tls.established and not was_established:
+                core.tls_established()
+                self._log_tls(tls)
+            while n := tls.read_into(core.get_buffer(-1)):  # decrypted in place
+                core.buffer_updated(n)
         except ssl.SSLError as exc:
             what = "TLS failed" if was_established else "TLS handshake failed"
             why = f"{what}: {handshake_failure_cause(exc)} ({exc}); dropping it"
@@ -281,12 +287,12 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._transport.close()
             return
         self._sender.send([])  # handshake records
-        if tls.established and not was_established:
-            self._core.tls_established()
-            log.info("client %s: %s, certificate %s", self.peer, tls.version(), tls.peer_name())
-        if plain:
-            self._core.receive_data(plain)
         self._serve_buffered()
+
+    def _log_tls(self, tls: TlsPipe) -> None:
+        name = tls.peer_name()
+        who = "no client certificate" if name == "?" else f"certificate of {name}"
+        log.info("client %s: %s, %s", self.peer, tls.version(), who)
 
     def _start_tls(self) -> None:
         """The core queued the ACK to NBD_OPT_STARTTLS: send it, then speak TLS only."""
