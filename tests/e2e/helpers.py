@@ -317,11 +317,12 @@ def config_text(
     journal_capacity: str = "64MiB",
     pair: Mapping[str, Any] | None = None,
     link: Mapping[str, Any] | None = None,
+    nbd: Mapping[str, Any] | None = None,
 ) -> str:
     """A config in the ARCHITECTURE.md contract; ``peer_port`` is replication or primary.
 
-    ``pair`` and ``link`` become the optional sections, written as JSON mappings (JSON is
-    YAML)."""
+    ``pair``, ``link`` and ``nbd`` become the optional sections, written as JSON mappings
+    (JSON is YAML)."""
     lines = [
         f"role: {role}",
         "group: jg0",
@@ -339,6 +340,8 @@ def config_text(
         lines.append(f"pair: {json.dumps(dict(pair))}")
     if link is not None:
         lines.append(f"link: {json.dumps(dict(link))}")
+    if nbd is not None:
+        lines.append(f"nbd: {json.dumps(dict(nbd))}")
     return "\n".join(lines) + "\n"
 
 
@@ -357,6 +360,7 @@ class Daemons:
         primary_port: int | None = None,
         pair: Mapping[str, Any] | None = None,
         link: Mapping[str, Any] | None = None,
+        nbd: Mapping[str, Any] | None = None,
     ) -> Daemon:
         """Write the config (fresh ports, paths under tmp_path) without starting anything."""
         name = name or f"{role}{sum(d.role == role for d in self.started) or ''}"
@@ -376,6 +380,7 @@ class Daemons:
                 volumes=vols.values(),
                 pair=pair,
                 link=link,
+                nbd=nbd,
             )
         )
         daemon = Daemon(name, role, config_path, site / f"{name}.log", nbd_port, vols, peer_port)
