@@ -10,9 +10,15 @@
 The transport's write buffer limits are set to (1, 0), so pause_writing means "has
 bytes queued" and resume_writing "fully drained": the moment sendfile is safe again.
 
-After NBD_OPT_STARTTLS (start_tls), send() first turns every item into TLS records, in wire
-order: FileData is read from the volume (sendfile cannot encrypt), and the queue then holds
-only ciphertext, so the same bound and the same pump apply.
+After NBD_OPT_STARTTLS (start_tls) the queue holds plaintext items as before, and the pump
+encrypts them when the transport is idle, at most TLS_CHUNK_BYTES at a time:
+
+    queue ─► _pump_tls() ─► FileData read from the volume (sendfile cannot encrypt), in slices
+                            bytes as they are ─► TlsPipe.write ─► records ─► transport.write
+
+so a connection holds one chunk of plaintext and its records however much it has queued
+(a FileData costs nothing until its turn), and the same backlog bound applies. The pipe's
+own output (handshake, alerts) is written first, in the order the pipe made it.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ log = logging.getLogger("journalpair.nbd")
 # Stop reading requests while this much reply data waits (queued here or in the transport).
 QUEUE_HIGH_BYTES = 64 << 20
 QUEUE_LOW_BYTES = 16 << 20
+TLS_CHUNK_BYTES = 4 << 20  # plaintext encrypted per turn of the pump (a bound on memory)
 
 
 class ReplySender:
@@ -59,13 +66,15 @@ class ReplySender:
         return self._backlogged
 
     def start_tls(self, tls: TlsPipe) -> None:
-        """From now on everything sent goes through `tls` (including its handshake, which
-        send([]) flushes)."""
+        """From now on everything sent goes through `tls`; send([]) writes what the pipe
+        itself has to send (its handshake, an alert)."""
         self._tls = tls
 
     def send(self, items: list[Outgoing]) -> None:
         if self._tls is not None:
-            items = self._encrypt(self._tls, items)
+            self._enqueue(items)
+            self._pump_tls(self._tls)
+            return
         if not self._queue and not self._transport_busy and not self._transport.is_closing():
             for item in items:
                 if isinstance(item, FileData):
@@ -73,10 +82,13 @@ class ReplySender:
             else:  # only bytes, nothing waiting: straight to the transport
                 self._transport.writelines(items)  # type: ignore[arg-type]
                 return
+        self._enqueue(items)
+        self._pump()
+
+    def _enqueue(self, items: list[Outgoing]) -> None:
         for item in items:
             self._queue.append(item)
             self._queued_bytes += _size(item)
-        self._pump()
 
     def transport_paused(self) -> None:
         self._transport_busy = True
@@ -87,6 +99,9 @@ class ReplySender:
         self._pump()
 
     def _pump(self) -> None:
+        if self._tls is not None:
+            self._pump_tls(self._tls)
+            return
         transport = self._transport
         queue = self._queue
         while queue and not self._transport_busy and not transport.is_closing():
@@ -125,15 +140,35 @@ class ReplySender:
         if sent < item.length:
             self._transport.write(volume.read(item.offset + sent, item.length - sent))
 
-    def _encrypt(self, tls: TlsPipe, items: list[Outgoing]) -> list[Outgoing]:
-        for item in items:
+    def _pump_tls(self, tls: TlsPipe) -> None:
+        transport = self._transport
+        while not transport.is_closing():
+            records = tls.to_send()
+            if records:
+                transport.write(records)  # may call transport_paused() before returning
+            if not self._queue or self._transport_busy:
+                break
+            self._encrypt_chunk(tls)
+        self._update_backlog()
+
+    def _encrypt_chunk(self, tls: TlsPipe) -> None:
+        """Up to TLS_CHUNK_BYTES of the queue's head into the pipe (a FileData in slices)."""
+        queue = self._queue
+        budget = TLS_CHUNK_BYTES
+        while queue and budget > 0:
+            item = queue.popleft()
             if isinstance(item, FileData):
-                assert self.volume is not None, "FileData before an export was chosen"
-                tls.write(self.volume.read(item.offset, item.length))
+                volume = self.volume
+                assert volume is not None, "FileData before an export was chosen"
+                n = min(item.length, budget)
+                if n < item.length:
+                    queue.appendleft(FileData(item.offset + n, item.length - n))
+                tls.write(volume.read(item.offset, n))
             else:
+                n = len(item)
                 tls.write(item)
-        records = tls.to_send()
-        return [records] if records else []
+            self._queued_bytes -= n
+            budget -= n
 
     def _update_backlog(self) -> None:
         # The transport's buffer counts too: _pump moves the whole queue into it at once.

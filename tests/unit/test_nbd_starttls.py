@@ -3,16 +3,19 @@
 The modes: OFF answers STARTTLS with ERR_POLICY and never says TLS_REQD; REQUIRE (FORCEDTLS)
 answers every option but STARTTLS and ABORT with ERR_TLS_REQD and closes on EXPORT_NAME;
 OPTIONAL lets the client choose. After the ACK no plaintext byte is ever parsed as an option.
-The last test runs a real TLS handshake through common.tlspipe against an ssl client, both
-on memory BIOs, with the core behind it.
+The last tests run a real TLS handshake through common.tlspipe against an ssl client, both
+on memory BIOs: with the core behind it, and with common.nbd.sender's TLS reply stream,
+which must hold one chunk in memory however much is queued.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ssl
 import struct
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,8 +28,10 @@ from common.nbd.protocol import (
     Disconnect,
     ExportChosen,
     ExportInfo,
+    FileData,
     LocalProtocolError,
     NbdServerConnection,
+    Outgoing,
     Phase,
     RemoteProtocolError,
     RequestRefused,
@@ -34,8 +39,9 @@ from common.nbd.protocol import (
     TlsMode,
     TlsRequired,
 )
+from common.nbd.sender import TLS_CHUNK_BYTES, ReplySender
 from common.tlspipe import TlsPipe
-from tests.unit.fuzzing import mutate
+from tests.unit.fuzzing import mutate, peak_traced
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -237,7 +243,37 @@ def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
 
 
-def test_a_real_tls_client_negotiates_through_the_pipe_and_the_core(tmp_path: Path) -> None:
+@dataclass
+class TlsLink:
+    """The server's TlsPipe and an ssl client, joined by two memory BIOs."""
+
+    pipe: TlsPipe
+    client: ssl.SSLObject
+    to_server: ssl.MemoryBIO
+    to_client: ssl.MemoryBIO
+
+    def handshake(self) -> None:
+        for _ in range(5):  # client and server take turns
+            with contextlib.suppress(ssl.SSLWantReadError):
+                self.client.do_handshake()
+            assert self.pipe.receive(self.to_server.read()) == b""
+            self.to_client.write(self.pipe.to_send())
+            if self.pipe.established:
+                return
+        raise AssertionError("no TLS handshake in 5 turns")
+
+    def client_reads(self, records: bytes) -> bytes:
+        self.to_client.write(records)
+        chunks = []
+        while True:
+            try:
+                chunks.append(self.client.read(1 << 20))
+            except ssl.SSLWantReadError:
+                return b"".join(chunks)
+
+
+@pytest.fixture
+def link(tmp_path: Path) -> TlsLink:
     key, cert = tmp_path / "server.key", tmp_path / "server.crt"
     _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
              "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
@@ -248,27 +284,90 @@ def test_a_real_tls_client_negotiates_through_the_pipe_and_the_core(tmp_path: Pa
     client_ctx.check_hostname = False
     to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
     client = client_ctx.wrap_bio(to_client, to_server)
+    return TlsLink(TlsPipe(server_ctx), client, to_server, to_client)
 
+
+def test_a_real_tls_client_negotiates_through_the_pipe_and_the_core(link: TlsLink) -> None:
     conn = negotiating(TlsMode.REQUIRE)
     assert events_of(conn, option(c.Opt.STARTTLS)) == [StartTls()]
     replies(conn)
-    pipe = TlsPipe(server_ctx)
-    for _ in range(5):  # the handshake: client and server take turns
-        with contextlib.suppress(ssl.SSLWantReadError):
-            client.do_handshake()
-        assert pipe.receive(to_server.read()) == b""
-        to_client.write(pipe.to_send())
-        if pipe.established:
-            break
-    assert pipe.established
+    link.handshake()
     conn.tls_established()
-    client.write(go())
-    [chosen] = events_of(conn, pipe.receive(to_server.read()))
+    link.client.write(go())
+    [chosen] = events_of(conn, link.pipe.receive(link.to_server.read()))
     assert isinstance(chosen, ExportChosen) and conn.tls_active
     for item in conn.data_to_send():
         assert isinstance(item, bytes | memoryview)
-        pipe.write(item)
-    to_client.write(pipe.to_send())
-    answer = client.read(1 << 16)
+        link.pipe.write(item)
+    answer = link.client_reads(link.pipe.to_send())
     magic, opt, rep = struct.unpack_from(">QII", answer)
     assert (magic, opt, rep) == (c.OPTION_REPLY_MAGIC, c.Opt.GO, c.Rep.INFO)
+
+
+# -- the reply stream over TLS (common.nbd.sender) ---------------------------------------------
+
+VOLUME_BYTES = 16 << 20
+PATTERN = bytes(range(251)) * (VOLUME_BYTES // 251 + 1)  # 251: slices never line up with it
+
+
+class FakeVolume:
+    def read(self, offset: int, length: int) -> bytes:
+        assert offset >= 0 and offset + length <= VOLUME_BYTES
+        return PATTERN[offset : offset + length]
+
+
+class FakeTransport:
+    """Buffers what is written; 'busy' from the first byte until drained (the (1, 0) limits
+    ReplySender sets), like an asyncio transport with a client that does not read."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.sender: ReplySender | None = None
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        assert (high, low) == (1, 0)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes | memoryview) -> None:
+        if not self.written and self.sender is not None:
+            self.sender.transport_paused()
+        self.written.append(bytes(data))
+
+    def writelines(self, items: list[bytes | memoryview]) -> None:
+        for item in items:
+            self.write(item)
+
+    def drain(self) -> bytes:
+        """The client took everything: resume_writing."""
+        data, self.written = b"".join(self.written), []
+        assert self.sender is not None
+        self.sender.transport_resumed()
+        return data
+
+
+def test_tls_replies_hold_one_chunk_in_memory_however_much_is_queued(link: TlsLink) -> None:
+    link.handshake()
+    transport = FakeTransport()
+    backlog: list[bool] = []
+    sender = ReplySender(transport, backlog.append)  # type: ignore[arg-type]
+    transport.sender = sender
+    sender.volume = FakeVolume()  # type: ignore[assignment]
+    sender.start_tls(link.pipe)
+    header = b"H" * 16
+    items: list[Outgoing] = [header, FileData(0, VOLUME_BYTES)] * 8  # 128 MiB of read replies
+    peak = peak_traced(lambda: sender.send(items))
+    assert peak < 3 * TLS_CHUNK_BYTES, peak  # not 128 MiB read and encrypted at once
+    assert backlog == [True]  # over QUEUE_HIGH_BYTES: the adapter stops reading requests
+
+    received, expected = hashlib.sha256(), hashlib.sha256()
+    for _ in range(8):
+        expected.update(header + PATTERN[:VOLUME_BYTES])
+    while transport.written:
+        received.update(link.client_reads(transport.drain()))
+    assert received.digest() == expected.digest()  # every byte, in order
+    assert sender.idle and backlog == [True, False]
