@@ -6,7 +6,8 @@ same directory) write and read back over TLS, and the writes replicate. With nbd
 require a plaintext client gets NBD_REP_ERR_TLS_REQD (or is closed on EXPORT_NAME), bytes
 pipelined after STARTTLS and plaintext instead of a handshake close that client only; with
 nbd.tls.ca a certificate from another CA, or none, is refused. Each refusal is logged with
-the client's address and the likely cause. With mode optional both kinds of client work.
+the client's address and the likely cause. With mode optional both kinds of client work;
+a client that sends STARTTLS and then nothing is dropped after nbd.handshake_timeout_s.
 """
 
 from __future__ import annotations
@@ -270,7 +271,8 @@ def test_a_client_certificate_from_another_ca_or_none_is_refused(
 
 
 def test_optional_tls_serves_plaintext_and_tls_clients(daemons: Daemons, pki: Pki) -> None:
-    primary = daemons.prepare("primary", nbd=pki.nbd("optional", with_ca=False))
+    nbd = pki.nbd("optional", with_ca=False) | {"handshake_timeout_s": 1}
+    primary = daemons.prepare("primary", nbd=nbd)
     primary.start()
 
     qemu_io(primary.uri(), "write -P 0x3c 0 2M")  # plaintext
@@ -281,6 +283,14 @@ def test_optional_tls_serves_plaintext_and_tls_clients(daemons: Daemons, pki: Pk
     assert "without TLS" in nbdinfo(primary.uri()).stdout
     assert "with TLS" in nbdinfo(nbds_uri(primary, pki.anonymous)).stdout
     assert "TLSv1.3, no client certificate" in primary.log_text()  # no CA: none asked for
+
+    # STARTTLS, then silence: the TLS handshake counts as the NBD handshake (timeout 1 s).
+    client = RawClient(primary.nbd_port)
+    client.sock.sendall(client.option(OPT_STARTTLS))
+    assert client.reply() == (OPT_STARTTLS, REP_ACK, b"")
+    assert client.closed_by_server()
+    client.close()
+    logged(primary, f"client {HOST}:{client.port} no handshake within 1 s")
 
 
 def test_a_tls_key_readable_by_others_stops_the_daemon_with_one_line(
