@@ -59,17 +59,21 @@ class TlsPipe:
             self.established = True
 
     def read_into(self, buffer: memoryview) -> int:
-        """Plaintext fed so far into `buffer` (no copy in between): how many bytes, 0 when
-        there is none (yet). ssl.SSLError on a damaged record."""
-        if not self.established:
-            return 0
-        try:
-            return int(self._tls.read(len(buffer), buffer))
-        except ssl.SSLWantReadError:
-            return 0
-        except ssl.SSLZeroReturnError:
-            self.closed = True
-            return 0
+        """Plaintext fed so far into `buffer`, as much as fits (no copy in between): how many
+        bytes, 0 when there is none (yet). ssl.SSLError on a damaged record."""
+        filled = 0
+        while self.established and filled < len(buffer):
+            try:  # one record at most per read
+                n = int(self._tls.read(len(buffer) - filled, buffer[filled:]))
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                self.closed = True
+                break
+            if not n:
+                break
+            filled += n
+        return filled
 
     def wrap(self, data: bytes) -> bytes:
         """TLS records carrying `data`, to write to the transport."""

@@ -16,8 +16,9 @@ connections with a reserve descriptor, and keeps listening.
 
 TLS, after the core's StartTls event (the ACK already sent in plaintext):
 
-    transport ─► get_buffer/buffer_updated ─► TlsPipe.receive ─► core.receive_data (a copy)
-    core.data_to_send ─► ReplySender (encrypts, reads FileData) ─► transport
+    transport ─► get_buffer (TLS_RECEIVE_BYTES) ─► TlsPipe.feed ─► read_into the core's
+        buffer, a room-full at a time, each served before the next (as a recv would be)
+    core.data_to_send ─► ReplySender (encrypts; FileData read, 4 MiB a turn) ─► transport
 
 Not loop.start_tls(): it needs a plain Protocol and reports a failed handshake to nobody
 (see common.tlspipe); a memory-BIO pipe lets us log who failed and why. The plaintext
@@ -268,26 +269,41 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._serve_buffered()
 
     def _tls_received(self, tls: TlsPipe, nbytes: int) -> None:
-        assert self._sender is not None and self._transport is not None
-        core = self._core
+        assert self._sender is not None
         was_established = tls.established
         try:
             tls.feed(self._tls_in[:nbytes])
-            if tls.established and not was_established:
-                core.tls_established()
-                self._log_tls(tls)
-            while n := tls.read_into(core.get_buffer(-1)):  # decrypted in place
-                core.buffer_updated(n)
         except ssl.SSLError as exc:
-            what = "TLS failed" if was_established else "TLS handshake failed"
-            why = f"{what}: {handshake_failure_cause(exc)} ({exc}); dropping it"
-            self._server.log_drop(self.peer, why)
-            self._dropped = True
-            self._sender.send([])  # the alert, if any
-            self._transport.close()
+            self._tls_failed(exc, "TLS failed" if was_established else "TLS handshake failed")
             return
+        if tls.established and not was_established:
+            self._core.tls_established()
+            self._log_tls(tls)
         self._sender.send([])  # handshake records
-        self._serve_buffered()
+        self._serve_tls(tls)
+
+    def _serve_tls(self, tls: TlsPipe) -> None:
+        """Like a recv into the core's buffer: decrypt as much as the room it offers, then
+        serve, until the pipe holds no plaintext or the connection is held (what is left
+        waits in the pipe, at most one receive's worth: reading is paused)."""
+        core = self._core
+        try:
+            while not (self._held or self._closing or self._dropped) and (
+                n := tls.read_into(core.get_buffer(-1))
+            ):
+                core.buffer_updated(n)
+                self._serve_buffered()
+        except ssl.SSLError as exc:  # a damaged record
+            self._tls_failed(exc, "TLS failed")
+
+    def _tls_failed(self, exc: ssl.SSLError, what: str) -> None:
+        assert self._sender is not None and self._transport is not None
+        self._server.log_drop(
+            self.peer, f"{what}: {handshake_failure_cause(exc)} ({exc}); dropping it"
+        )
+        self._dropped = True
+        self._sender.send([])  # the alert, if any
+        self._transport.close()
 
     def _log_tls(self, tls: TlsPipe) -> None:
         name = tls.peer_name()
@@ -384,6 +400,8 @@ class NbdConnection(asyncio.BufferedProtocol):
             return
         self._held = False
         self._serve_buffered()
+        if self._tls is not None:
+            self._serve_tls(self._tls)  # the plaintext left in the pipe
         if self._held or self._closing or self._dropped or transport.is_closing():
             return
         if self._sender is None or not self._sender.backlogged:
