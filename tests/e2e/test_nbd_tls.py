@@ -5,7 +5,8 @@ client-cert.pem, client-key.pem) and QEMU (qemu-io, qemu-img: --object tls-creds
 same directory) write and read back over TLS, and the writes replicate. With nbd.tls.mode
 require a plaintext client gets NBD_REP_ERR_TLS_REQD (or is closed on EXPORT_NAME), bytes
 pipelined after STARTTLS and plaintext instead of a handshake close that client only; with
-nbd.tls.ca a certificate from another CA, or none, is refused. Each refusal is logged with
+nbd.tls.ca a certificate from another CA, or none, is refused. Reads held back by the reply
+backlog over TLS are all answered in order once the client reads. Each refusal is logged with
 the client's address and the likely cause. With mode optional both kinds of client work;
 a client that sends STARTTLS and then nothing is dropped after nbd.handshake_timeout_s.
 """
@@ -13,6 +14,7 @@ a client that sends STARTTLS and then nothing is dropped after nbd.handshake_tim
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import subprocess
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from common.nbd.sender import QUEUE_HIGH_BYTES
 from tests.e2e.helpers import (
     HOST,
     Daemon,
@@ -41,6 +44,7 @@ OPTION_REPLY_MAGIC = 0x3E889045565A9
 OPT_EXPORT_NAME, OPT_STARTTLS, OPT_GO = 1, 5, 7
 REP_ACK = 1
 REP_ERR_TLS_REQD = (1 << 31) + 5
+REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, CMD_READ = 0x25609513, 0x67446698, 0
 LOG_WAIT_S = 10.0
 
 
@@ -177,6 +181,19 @@ class RawClient:
         assert magic == OPTION_REPLY_MAGIC, hex(magic)
         return opt, rep, self.recv_exact(length)
 
+    def start_tls(self, pki: Pki) -> None:
+        """STARTTLS, then the rest of the session over TLS with the client certificate."""
+        self.sock.sendall(self.option(OPT_STARTTLS))
+        assert self.reply() == (OPT_STARTTLS, REP_ACK, b"")
+        context = ssl.create_default_context(cafile=pki.ca)  # checks the server's IP SAN
+        context.load_cert_chain(pki.client / "client-cert.pem", pki.client / "client-key.pem")
+        self.sock = context.wrap_socket(self.sock, server_hostname=HOST)
+
+    def go_to_transmission(self) -> None:
+        self.sock.sendall(self.go())
+        while (reply := self.reply())[1] != REP_ACK:
+            assert reply[1] == 3, reply  # NBD_REP_INFO
+
     def closed_by_server(self) -> bool:
         try:
             return self.sock.recv(1 << 16) == b""
@@ -268,6 +285,35 @@ def test_a_client_certificate_from_another_ca_or_none_is_refused(
     assert anonymous.returncode != 0, anonymous.stdout
     logged(primary, "TLS handshake failed: the client presented no certificate")
     assert "with TLS" in nbdinfo(nbds_uri(primary, pki.client)).stdout
+
+
+def test_reads_held_back_by_the_backlog_over_tls_are_all_answered_in_order(
+    daemons: Daemons, pki: Pki
+) -> None:
+    """Twice the reply backlog limit of READs sent before reading any reply: the server
+    holds the rest of the requests (and of the decrypted plaintext) until the client reads,
+    then answers every one, in order, with the right bytes."""
+    primary = daemons.prepare("primary", nbd=pki.nbd("require"))
+    primary.start()
+    run(["qemu-io", *qemu_tls(primary, pki.client)[:2], "--image-opts",
+         qemu_tls(primary, pki.client)[2], "-c", "write -P 0x5a 0 64M"])  # fmt: skip
+    client = RawClient(primary.nbd_port)
+    client.start_tls(pki)
+    client.go_to_transmission()
+    length = 16 << 10  # 8192 requests (229 KB): more than one receive buffer of them
+    reads = 2 * QUEUE_HIGH_BYTES // length
+    offsets = [cookie * length % (60 * MiB) for cookie in range(reads)]
+    header = struct.Struct(">IHHQQI")
+    client.sock.sendall(
+        b"".join(
+            header.pack(REQUEST_MAGIC, 0, CMD_READ, i, at, length) for i, at in enumerate(offsets)
+        )
+    )
+    for cookie in range(reads):
+        magic, error, handle = struct.unpack(">IIQ", client.recv_exact(16))
+        assert (magic, error, handle) == (SIMPLE_REPLY_MAGIC, 0, cookie)
+        assert client.recv_exact(length) == b"\x5a" * length, cookie
+    client.close()
 
 
 def test_optional_tls_serves_plaintext_and_tls_clients(daemons: Daemons, pki: Pki) -> None:
