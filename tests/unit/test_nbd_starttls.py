@@ -333,6 +333,9 @@ class FakeTransport:
     def is_closing(self) -> bool:
         return False
 
+    def get_write_buffer_size(self) -> int:
+        return sum(map(len, self.written))
+
     def write(self, data: bytes | memoryview) -> None:
         if not self.written and self.sender is not None:
             self.sender.transport_paused()
