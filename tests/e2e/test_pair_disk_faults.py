@@ -73,6 +73,14 @@ def _write_8_mib(primary: Daemon) -> None:
         qemu_io(primary.uri(), f"write -P {0x31 + i:#x} {i}M 1M")
 
 
+def _resync_until_equal(primary: Daemon, secondary: Daemon, *options: str) -> None:
+    """The documented way back: resync, both sides PAIR, S-VOL == P-VOL."""
+    pairctl(primary, "resync", *options)
+    wait_state(primary, "PAIR", 60)
+    wait_state(secondary, "PAIR", 60)
+    assert volumes_equal(primary, secondary)
+
+
 def _record_offset(journal_dir: Path, seq: int) -> tuple[Path, int]:
     """The segment file holding record `seq`, and the record's offset in it."""
     for segment in sorted(journal_dir.glob("*.seg")):
@@ -118,10 +126,7 @@ def test_a_corrupt_master_journal_suspends_the_pair_and_a_resync_repairs_it(
     qemu_io(primary.uri(), "write -P 0x77 8M 64k")
 
     secondary.start()
-    pairctl(primary, "resync")
-    wait_state(primary, "PAIR", 60)
-    wait_state(secondary, "PAIR", 60)
-    assert volumes_equal(primary, secondary)
+    _resync_until_equal(primary, secondary)
 
 
 def test_a_corrupt_restore_journal_makes_the_secondary_leave_the_pair_for_a_full_copy(
@@ -143,10 +148,7 @@ def test_a_corrupt_restore_journal_makes_the_secondary_leave_the_pair_for_a_full
     wait_state(primary, "PSUE", 30)  # its Hello says SMPL: the primary marks everything
     assert display(primary)["bitmap"]["dirty_bytes"] == primary.volume().size
 
-    pairctl(primary, "resync")
-    wait_state(primary, "PAIR", 60)
-    wait_state(secondary, "PAIR", 60)
-    assert volumes_equal(primary, secondary)
+    _resync_until_equal(primary, secondary)
 
 
 def test_a_full_master_journal_disk_suspends_the_pair_and_host_writes_go_on(
@@ -172,10 +174,7 @@ def test_a_full_master_journal_disk_suspends_the_pair_and_host_writes_go_on(
 
     _grow_disk(journal_dir)
     secondary.start()
-    pairctl(primary, "resync")
-    wait_state(primary, "PAIR", 60)
-    wait_state(secondary, "PAIR", 60)
-    assert volumes_equal(primary, secondary)
+    _resync_until_equal(primary, secondary)
 
 
 def test_a_full_restore_journal_disk_suspends_both_sides_and_host_writes_go_on(
@@ -199,10 +198,7 @@ def test_a_full_restore_journal_disk_suspends_both_sides_and_host_writes_go_on(
     qemu_io(primary.uri(), "write -P 0x66 9M 64k")  # hosts still write
 
     _grow_disk(restore_dir)
-    pairctl(primary, "resync")
-    wait_state(primary, "PAIR", 60)
-    wait_state(secondary, "PAIR", 60)
-    assert volumes_equal(primary, secondary)
+    _resync_until_equal(primary, secondary)
 
 
 def test_a_full_s_vol_disk_suspends_both_sides_and_a_resync_repairs_it(
@@ -228,10 +224,7 @@ def test_a_full_s_vol_disk_suspends_both_sides_and_a_resync_repairs_it(
     assert display(secondary)["destage_error"]
 
     _grow_disk(svol_dir)
-    pairctl(primary, "resync")
-    wait_state(primary, "PAIR", 60)
-    wait_state(secondary, "PAIR", 60)
-    assert volumes_equal(primary, secondary)
+    _resync_until_equal(primary, secondary)
 
 
 @pytest.mark.parametrize("where", ["header", "payload"])
@@ -257,10 +250,7 @@ def test_a_record_damaged_on_the_primary_disk_suspends_the_pair_with_every_regio
     assert state["bitmap"]["dirty_bytes"] == primary.volume().size  # nothing to go by
     qemu_io(primary.uri(), "write -P 0x43 8M 64k")
 
-    pairctl(primary, "resync")
-    wait_state(primary, "PAIR", 60)
-    wait_state(secondary, "PAIR", 60)
-    assert volumes_equal(primary, secondary)
+    _resync_until_equal(primary, secondary)
 
 
 def _truncate_half(path: Path) -> None:
@@ -289,7 +279,8 @@ def test_a_truncated_pair_state_file_starts_the_site_smpl_and_a_full_copy_follow
     assert list(data_dir.glob("pair.json.corrupt-*")), "the damaged file is kept aside"
     wait_link_up(primary)
     if side == "primary":
-        pairctl(primary, "create")  # the pair is made again: a whole copy
+        create_pair(primary, secondary)  # the pair is made again: a whole copy
+        assert volumes_equal(primary, secondary)
     else:
         # Its Hello says SMPL: nothing of the S-VOL is known, the primary marks everything.
         wait_until(
@@ -297,10 +288,7 @@ def test_a_truncated_pair_state_file_starts_the_site_smpl_and_a_full_copy_follow
             30,
             "the primary to mark every region",
         )
-        pairctl(primary, "resync")
-    wait_state(primary, "PAIR", 60)
-    wait_state(secondary, "PAIR", 60)
-    assert volumes_equal(primary, secondary)
+        _resync_until_equal(primary, secondary)
 
 
 @pytest.mark.parametrize("side", ["primary", "secondary"])
@@ -322,7 +310,4 @@ def test_a_truncated_bitmap_marks_every_region_and_the_resync_copies_them(
     assert list(bitmap.parent.glob("vol0.bitmap.corrupt-*")), "the damaged file is kept aside"
     assert "every region of the volume is marked" in site.log_text()
     wait_link_up(primary)
-    pairctl(primary, "resync", "--discard-secondary")
-    wait_state(primary, "PAIR", 60)
-    wait_state(secondary, "PAIR", 60)
-    assert volumes_equal(primary, secondary)
+    _resync_until_equal(primary, secondary, "--discard-secondary")
