@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -53,3 +54,14 @@ def rss_bytes(pid: int) -> int:
 
 def log_lines(daemon: Daemon, offset: int = 0) -> list[str]:
     return daemon.log_text()[offset:].splitlines()
+
+
+def recv_exact(sock: socket.socket, length: int) -> bytes:
+    """Exactly `length` bytes from a raw (or TLS-wrapped) NBD client socket."""
+    data = b""
+    while len(data) < length:
+        chunk = sock.recv(length - len(data))
+        if not chunk:
+            raise ConnectionError(f"EOF after {len(data)} of {length} bytes")
+        data += chunk
+    return data

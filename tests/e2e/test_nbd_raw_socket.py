@@ -17,6 +17,7 @@ import nbd
 import pytest
 
 from tests.e2e.helpers import HOST, Daemon, KiB, MiB, close_handle, read_at
+from tests.e2e.nbdsetup import recv_exact
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -51,13 +52,7 @@ class RawClient:
         self.sock.close()
 
     def recv_exact(self, length: int) -> bytes:
-        data = b""
-        while len(data) < length:
-            chunk = self.sock.recv(length - len(data))
-            if not chunk:
-                raise ConnectionError(f"EOF after {len(data)} of {length} bytes")
-            data += chunk
-        return data
+        return recv_exact(self.sock, length)
 
     def greeting(self) -> int:
         magic, option_magic, flags = struct.unpack(">QQH", self.recv_exact(18))

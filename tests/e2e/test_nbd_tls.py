@@ -36,6 +36,7 @@ from tests.e2e.helpers import (
     wait_caught_up,
     wait_until,
 )
+from tests.e2e.nbdsetup import recv_exact
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -159,13 +160,7 @@ class RawClient:
         self.sock.sendall(struct.pack(">I", 3))  # fixed newstyle, no zeroes
 
     def recv_exact(self, length: int) -> bytes:
-        data = b""
-        while len(data) < length:
-            chunk = self.sock.recv(length - len(data))
-            if not chunk:
-                raise ConnectionError(f"EOF after {len(data)} of {length} bytes")
-            data += chunk
-        return data
+        return recv_exact(self.sock, length)
 
     @staticmethod
     def option(opt: int, data: bytes = b"") -> bytes:
