@@ -58,12 +58,12 @@ from common.replication.messages import (
     VolumeDesc,
     Welcome,
 )
+from common.replication.server import ReplicationServer
 from common.runmarker import LastStop
 from common.service import journal_loss_handled
 from common.siteid import site_id
 from common.volume import Volume
 from primaryd.copier import CopyAborted, CopyProgress, Ranges, copy_volumes
-from primaryd.feeder import FeederServer
 from primaryd.master import MasterJournal, Mode
 
 log = logging.getLogger("journalpair.primary")
@@ -113,7 +113,7 @@ class PrimaryGroup:
             self.journal.host_marks += 1  # host writes marked just before an unclean stop
         self._save_bitmaps()
         self.site_id = site_id(config.data_dir)  # a paired secondary follows only this site
-        self.feeder = FeederServer(self, load_link_security(config.link))
+        self.link_server = ReplicationServer(self, load_link_security(config.link))
         self.copy = CopyProgress()
         self.journal.on_ref_sent = self._ref_sent
         self._copy_task: asyncio.Task[None] | None = None
@@ -151,7 +151,7 @@ class PrimaryGroup:
         assert listen is not None, "the config loader requires listen.replication on a primary"
         if not self.record.generation and self.record.state is not PairState.SMPL:
             self._after_swap()
-        host, port = await self.feeder.start(listen.host, listen.port)
+        host, port = await self.link_server.start(listen.host, listen.port)
         log.info(
             "group %s: %s, journal seq %d..%d, read-journal on %s:%d",
             self.config.group,
@@ -190,7 +190,7 @@ class PrimaryGroup:
             self._copy_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, CopyAborted):
                 await self._copy_task
-        await self.feeder.stop()
+        await self.link_server.stop()
         self._save_bitmaps()
         self.marks.close()
 
@@ -203,7 +203,7 @@ class PrimaryGroup:
             bitmap.mark_all()  # the initial copy is a resync of everything
         self._new_generation(self._dirty_bytes())
         self._transition(state, "create by operator")
-        self.feeder.drop_all("new pair generation")
+        self.link_server.drop_all("new pair generation")
         self._start_copy()
         return {"message": f"pair {self.config.group}: COPY started"}
 
@@ -251,7 +251,7 @@ class PrimaryGroup:
         if self.peer_written:
             reason += "; the secondary's writes while SSWS are overwritten"
         self._transition(state, reason)
-        self.feeder.drop_all("resync: new journal generation")
+        self.link_server.drop_all("resync: new journal generation")
         self._start_copy()
         return {
             "message": f"pair {self.config.group}: COPY started, {marked} bytes marked here, "
@@ -269,7 +269,7 @@ class PrimaryGroup:
         self.record.svol_consistent = False
         self.record.svol_writable = self.record.written_while_split = False
         self._transition(state, "delete by operator")
-        self.feeder.drop_all("pair deleted")
+        self.link_server.drop_all("pair deleted")
         return {"message": f"pair {self.config.group}: deleted (SMPL)"}
 
     def display(self) -> dict[str, Any]:
@@ -315,7 +315,7 @@ class PrimaryGroup:
             }
         return result
 
-    # -- the read-journal side (feeder.JournalSource) ------------------------------------
+    # -- the read-journal side (common.replication.server.JournalSource) --------------------
 
     def welcome(self, hello: Hello, peer: str) -> Welcome | Refuse:
         if hello.group != self.config.group:
@@ -523,7 +523,7 @@ class PrimaryGroup:
         journal flows: PSUE, the journal goes to the bitmaps (it would only fill up)."""
         while True:
             await asyncio.sleep(WATCH_S)
-            if self.feeder.drained():
+            if self.link_server.drained():
                 self.last_contact = time.monotonic()  # an answer still crossing a slow link
             silent_s = time.monotonic() - self.last_contact
             if journals_writes(self.record.state) and silent_s > self.config.pair.path_watch_s:
@@ -533,7 +533,7 @@ class PrimaryGroup:
                     f"{LINK_LOST}: no read-journal from the secondary for {silent_s:.1f} s "
                     f"(path_watch_s {self.config.pair.path_watch_s:g}); the link {link}",
                 )
-                self.feeder.drop_all("path watch expired")
+                self.link_server.drop_all("path watch expired")
                 continue
             use = self.store.used_bytes / self.store.capacity_bytes
             state = self.record.state

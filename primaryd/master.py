@@ -13,7 +13,7 @@
     FLUSH / FUA ─► sync(): group commit, fdatasync of the segments in an executor
     copier ─► append_base_ref(): base-journal records, ordered with host writes by seq,
               holding no data: read() puts the P-VOL's data in when the secondary asks
-    feeder ─► read(): the records for a ReadJournal, references filled in
+    link server ─► read(): the records for a ReadJournal, references filled in
 
 A full journal never fails a host write: on_full() is called (the group suspends the pair,
 PFUS) and the write is marked in the bitmap instead. Nor does a journal disk that fails

@@ -193,7 +193,7 @@ def check_event(
 
 @dataclass
 class End:
-    """One end of the connection, run by the plan the way primaryd.feeder and
+    """One end of the connection, run by the plan the way common.replication.server and
     secondaryd.puller run theirs: feed, next_event until NEED_DATA, send the answer."""
 
     side: Side

@@ -1,4 +1,4 @@
-"""Serves read-journal requests: a thin asyncio adapter over the replication core.
+"""The primary end of the replication link: a thin asyncio adapter over the replication core.
 
     secondary ── Hello ──────────► group.welcome()       ──► Welcome | Refuse
               ── ReadJournal ────► group.read_journal()  ──► JournalBatch (now, or after a
@@ -50,7 +50,7 @@ from common.replication.protocol import (
 )
 from common.tlspipe import TlsPipe
 
-log = logging.getLogger("journalpair.feeder")
+log = logging.getLogger("journalpair.link")
 
 TLS_HANDSHAKE_S = 10.0
 
@@ -66,8 +66,8 @@ class JournalSource(Protocol):
         """Bytes came from the secondary (the path watch counts only silence)."""
 
 
-class FeederConnection(asyncio.Protocol):
-    def __init__(self, server: FeederServer) -> None:
+class ServerConnection(asyncio.Protocol):
+    def __init__(self, server: ReplicationServer) -> None:
         self._server = server
         self._core = ReplicationConnection(Side.PRIMARY)
         self._transport: asyncio.Transport | None = None
@@ -245,16 +245,16 @@ class FeederConnection(asyncio.Protocol):
             self._write(self._core.send(message))
 
 
-class FeederServer:
+class ReplicationServer:
     def __init__(self, source: JournalSource, security: LinkSecurity) -> None:
         self.source = source
         self.security = security
-        self.connections: set[FeederConnection] = set()
+        self.connections: set[ServerConnection] = set()
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: FeederConnection(self), host, port)
+        self._server = await loop.create_server(lambda: ServerConnection(self), host, port)
         sockname = self._server.sockets[0].getsockname()
         return sockname[0], sockname[1]
 
