@@ -691,6 +691,9 @@ class PrimaryGroup:
         self.record.svol_writable = self.record.written_while_split = False
         self.journal.host_marks = 0
         self.peer_written = False
+        # The secondary reconnects to follow: the path watch counts its silence from now,
+        # not from its last request (which a paused link may have made long ago).
+        self.last_contact = time.monotonic()
         self._reported.clear()
         self._all_reported.clear()
 

@@ -313,6 +313,10 @@ class SecondaryGroup:
             await asyncio.sleep(WATCH_S)
             silent_s = time.monotonic() - self.last_answer
             watch_s = self.config.pair.path_watch_s
+            if self.switch_to is not None:
+                return  # the record is the other role's now, and the link long silent
+            if not self.record.generation:
+                continue  # a swap made this site the secondary: no primary to watch yet
             if self.record.state in _WATCHED and silent_s > watch_s:
                 self._mirror(
                     PairState.PSUE,
@@ -348,6 +352,11 @@ class SecondaryGroup:
         # applied than restored (the primary holds both until restored moves).
         applied = min(self.destager.applied_seq, self.restored_seq)
         return self.record.generation, self.restored_seq, applied
+
+    def waits_for_new_primary(self) -> bool:
+        """A swap made this site the secondary and the new primary has not been heard yet:
+        it is starting, and its path watch counts from then (reconnect soon)."""
+        return not self.record.generation and self.record.state is not PairState.SMPL
 
     def hello_state(self) -> tuple[str, bool]:
         written = self.record.written_while_split or (self.writable and self.marker.marks > 0)

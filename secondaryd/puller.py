@@ -75,6 +75,9 @@ CONNECT_TIMEOUT_S = 5.0
 ANSWER_TIMEOUT_S = 30.0  # a long poll is at most a few seconds; silence beyond this is a dead link
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 5.0
+# Right after a swap the new primary's path watch runs from its start: its secondary must
+# not sleep through it.
+BACKOFF_MAX_AFTER_SWAP_S = 0.5
 AUTH_TIMEOUT_S = 5.0  # for the primary's challenge and proof
 QUICK_RETRY_EVERY_S = 1.0  # at most one reconnect without a backoff per this many seconds
 
@@ -90,6 +93,9 @@ class PullSink(Protocol):
 
     def hello_state(self) -> tuple[str, bool]:
         """(this site's pair state, hosts wrote the S-VOLs while SSWS)"""
+
+    def waits_for_new_primary(self) -> bool:
+        """A swap made this site the secondary, and the new primary is starting."""
 
     async def welcomed(self, welcome: Welcome) -> int:
         """Returns the seq to pull from."""
@@ -163,7 +169,8 @@ async def pull_forever(primary: Address, sink: PullSink, security: LinkSecurity)
                 quick_retry_at = now  # a create or resync closes the link: Hello again now
                 continue
         await asyncio.sleep(backoff)
-        backoff = min(backoff * 2, BACKOFF_MAX_S)
+        ceiling = BACKOFF_MAX_AFTER_SWAP_S if sink.waits_for_new_primary() else BACKOFF_MAX_S
+        backoff = min(backoff * 2, ceiling)
 
 
 async def _pull_once(
