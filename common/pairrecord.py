@@ -47,6 +47,14 @@ class PairRecord:
     # Secondary: the id of the primary site it is paired with (common.siteid); "" = not
     # known yet. A primary with another id is not followed.
     peer_site_id: str = ""
+    # A swap made this site the secondary: it left generation swapped_out_of, its master
+    # journal ending at swapped_out_seq, at step swapped_out_kind (SwapKind: "commit" of a
+    # takeover, or "resync"). Until it joins the new primary's generation it answers the
+    # other site's Hello with Swapped, so a swap whose last answer was lost is finished
+    # there. "" = no such swap.
+    swapped_out_of: str = ""
+    swapped_out_seq: int = 0
+    swapped_out_kind: str = ""
 
     @classmethod
     def load(cls, data_dir: Path, role: Role) -> PairRecord:

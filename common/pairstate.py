@@ -83,6 +83,9 @@ class PairInput(Enum):
     JOURNAL_LOW = "journal back under high-water"
     JOURNAL_FULL = "journal full"
     LINK_LOST = "link lost"  # path-watch time expired, or the secondary failed
+    # The old primary took the COMMIT of a takeover swap, its answer was lost (it says so when
+    # the link is back): the secondary finishes the swap.
+    SWAP_COMMITTED = "swap committed by the old primary"
 
 
 class Role(StrEnum):
@@ -104,6 +107,7 @@ _VERBS: Mapping[PairInput, str] = {
     PairInput.JOURNAL_LOW: "leave PFUL",
     PairInput.JOURNAL_FULL: "suspend for journal full",
     PairInput.LINK_LOST: "suspend for link loss",
+    PairInput.SWAP_COMMITTED: "finish the takeover (swap)",
 }
 
 
@@ -152,6 +156,8 @@ _RULES: tuple[tuple[Iterable[Role], Iterable[PairState], PairInput, PairState], 
     (SEC, (S.SSWS,), In.RESYNC_SWAP, S.COPY),  # becomes the primary
     (SEC, _IN_SYNC, In.TAKEOVER_SWAP, S.PAIR),  # becomes the primary
     (P, _IN_SYNC, In.TAKEOVER_SWAP, S.PAIR),  # becomes the secondary
+    # Read-only here, everything of the old primary applied: PSUE if the link stayed down.
+    (SEC, (S.PAIR, S.PFUL, S.PSUE), In.SWAP_COMMITTED, S.PAIR),  # becomes the primary
     # A suspended S-VOL holds a consistent prefix, unless it was suspended mid-copy: GUARDS.
     (SEC, (S.PAIR, S.PFUL, S.PSUE, S.PFUS, S.SSUS), In.TAKEOVER_SSWS, S.SSWS),
     (BOTH, tuple(s for s in S if s is not S.SMPL), In.DELETE, S.SMPL),

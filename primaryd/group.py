@@ -583,7 +583,9 @@ class PrimaryGroup:
                 raise ControlRefused("cannot commit a swap: no takeover is under way here")
             self._swap_timer.cancel()
             self._swap_timer = None
-            self._become_secondary(PairState.PAIR, "takeover (swap) by the secondary")
+            self._become_secondary(
+                PairState.PAIR, "takeover (swap) by the secondary", SwapKind.COMMIT
+            )
             return SwapAnswer(kind, self.store.last_seq)
         inp = PairInput.RESYNC_SWAP if kind is SwapKind.RESYNC else PairInput.TAKEOVER_SWAP
         state = next_state(Role.PRIMARY, record.state, inp)
@@ -597,7 +599,7 @@ class PrimaryGroup:
                 raise ControlRefused("cannot resync --swap: the secondary is not SSWS")
             self.host_access(False)  # the P-VOLs become S-VOLs
             self._save_bitmaps()  # what hosts wrote here while split: reported to the new primary
-            self._become_secondary(state, "resync --swap by the secondary")
+            self._become_secondary(state, "resync --swap by the secondary", SwapKind.RESYNC)
             return SwapAnswer(kind, self.store.last_seq)
         # TAKEOVER: no host write after this point, so the secondary can apply all of them.
         self.host_access(False)
@@ -635,13 +637,17 @@ class PrimaryGroup:
         log.warning("the takeover (swap) is off (%s): hosts write here again", why)
         self.host_access(True)
 
-    def _become_secondary(self, state: PairState, reason: str) -> None:
+    def _become_secondary(self, state: PairState, reason: str, kind: SwapKind) -> None:
         """Persist the secondary role (invariant 6), then stop and restart as secondaryd. The
-        new primary starts a new generation: generation "" takes whatever it sends."""
+        new primary starts a new generation: generation "" takes whatever it sends. Until
+        then the swap is kept (swapped_out_*): if this step's answer is lost, the site that
+        asked learns it from secondaryd (Swapped) and finishes the swap."""
         if self._copy_task is not None:
             self._copy_task.cancel()
         record, old = self.record, self.record.state
         record.role, record.state, record.reason = Role.SECONDARY, state, reason
+        record.swapped_out_of, record.swapped_out_kind = record.generation, kind.value
+        record.swapped_out_seq = self.store.last_seq
         record.generation = ""
         record.start_seq, record.copy_end_seq, record.copy_total_bytes = 1, 0, 0
         record.applied_seq = record.destage_intent_seq = 0

@@ -11,6 +11,9 @@ display ◄── restored / applied / the primary's last seq and clock
 
 While SSWS (split --rw, takeover) the link stays up for status only: no record is applied,
 and Hello tells the primary this site is SSWS (a primary that missed the takeover suspends).
+
+A swap whose last answer was lost: the old primary answers Hello with Swapped
+(secondaryd.swapped), and peer_swapped() finishes the swap here.
 """
 
 from __future__ import annotations
@@ -36,13 +39,14 @@ from common.replication.messages import (
     ReportBitmap,
     SwapAnswer,
     SwapKind,
+    Swapped,
     SwapRequest,
     VolumeDesc,
     Welcome,
 )
 from common.volume import Volume
 from secondaryd.destager import Destager
-from secondaryd.puller import LinkDown, SwapRefused, pull_forever
+from secondaryd.puller import LinkDown, SwapLinkDropped, SwapRefused, pull_forever
 from secondaryd.writable import BitmapMarker
 
 log = logging.getLogger("journalpair.secondary")
@@ -105,6 +109,14 @@ class SecondaryGroup:
         self._asking: tuple[SwapRequest, asyncio.Future[SwapAnswer]] | None = None
         self.switch_to: Role | None = None  # a swap made this site the primary
         self.switching = asyncio.Event()
+        # The old primary took the last step of a swap this site asked for (its answer was
+        # lost) while this site was SSWS: resync --swap here finishes it without asking.
+        self.swapped_peer: Swapped | None = None
+        # This site, once made the secondary by a swap, has joined the new primary's
+        # generation (or left the swap behind): no need to answer Hello with Swapped.
+        self.swap_settled = asyncio.Event()
+        if not record.swapped_out_of:
+            self.swap_settled.set()
         self.link_up = False
         self.link_why = "not connected yet"
         self.link_since = time.time()
@@ -195,9 +207,24 @@ class SecondaryGroup:
         if not args.get("swap"):
             raise ControlRefused("cannot resync here: run resync on the primary, or resync --swap")
         state = self.record.next_state(PairInput.RESYNC_SWAP)
-        self._check_can_be_primary("resync --swap")
-        await self._ask(SwapKind.RESYNC)
-        self._become_primary(state, "resync --swap by operator")
+        swapped = self.swapped_peer
+        if swapped is not None and swapped.generation == self.record.generation:
+            self._become_primary(
+                state,
+                f"resync --swap by operator; the old primary is the secondary already "
+                f"({_swap_name(swapped)} at seq {swapped.last_seq})",
+            )
+        else:
+            self._check_can_be_primary("resync --swap")
+            try:
+                await self._ask(SwapKind.RESYNC)
+            except SwapAnswerLost as exc:
+                raise ControlRefused(
+                    f"{exc.reason}. The old primary may have become the secondary (its log "
+                    "says `this site becomes the secondary`): this site then finishes the "
+                    "resync --swap as soon as it reaches it again (watch `pairctl display`)"
+                ) from None
+            self._become_primary(state, "resync --swap by operator")
         return {
             "message": f"pair {self.group}: this site is the primary now (COPY): it copies what "
             "either site changed to the old primary, its secondary"
@@ -220,7 +247,16 @@ class SecondaryGroup:
             self.destager.kick()
             await asyncio.sleep(0.01)
         await self.destager.checkpoint()
-        await self._ask(SwapKind.COMMIT)
+        try:
+            await self._ask(SwapKind.COMMIT)
+        except SwapAnswerLost as exc:
+            raise ControlRefused(
+                f"{exc.reason}. The old primary may have taken COMMIT and become the secondary "
+                "(its log says `this site becomes the secondary`): this site then finishes the "
+                "swap as soon as it reaches it again (watch `pairctl display` or the events). "
+                "If that site is lost, `takeover` again makes this site SSWS with every write "
+                f"up to seq {last.last_seq}"
+            ) from None
         self._become_primary(state, f"takeover (swap) by operator at seq {last.last_seq}")
         return {
             "message": f"takeover (swap): this site is the primary now, with every write up to "
@@ -246,10 +282,12 @@ class SecondaryGroup:
         try:
             async with asyncio.timeout(SWAP_ANSWER_S):
                 return await answered
+        except SwapLinkDropped as exc:
+            raise SwapAnswerLost(f"the primary refused the swap: {exc}") from None
         except SwapRefused as exc:
             raise ControlRefused(f"the primary refused the swap: {exc}") from None
         except TimeoutError:
-            raise ControlRefused(
+            raise SwapAnswerLost(
                 f"the primary did not answer the swap in {SWAP_ANSWER_S:.0f} s"
             ) from None
         finally:
@@ -265,6 +303,7 @@ class SecondaryGroup:
         record, old = self.record, self.record.state
         record.role, record.state, record.reason = Role.PRIMARY, state, reason
         record.generation = ""
+        self._forget_swapped_out()
         record.start_seq, record.copy_end_seq, record.copy_total_bytes = 1, 0, 0
         record.svol_consistent = state is PairState.PAIR
         record.svol_writable = record.written_while_split = False
@@ -290,12 +329,26 @@ class SecondaryGroup:
         applied = self.destager.applied_seq
         old = self.record.state
         self.record.state, self.record.reason = state, reason
+        # Hosts write here now: the other site must not finish a swap that made this site
+        # the secondary and become the primary over these writes.
+        self._forget_swapped_out()
         self.saver.save_now(self.record)
         self.events.emit(old.value, state.value, reason, applied_seq=applied)
         for hook in self.on_writable:
             hook(self.marker)
         log.info("the S-VOLs are writable (SSWS), consistent at seq %d: %s", applied, reason)
         return applied
+
+    def _forget_swapped_out(self) -> None:
+        """This site no longer waits to follow the site its swap made the primary (the
+        caller persists the record)."""
+        record = self.record
+        if record.swapped_out_of:
+            log.info(
+                "no longer answering as the old primary of generation %s", record.swapped_out_of
+            )
+        record.swapped_out_of, record.swapped_out_seq, record.swapped_out_kind = "", 0, ""
+        self.swap_settled.set()
 
     def _leave_writable(self, why: str) -> None:
         """SSWS ends (a resync from the primary): hosts lose write access first, then what
@@ -427,6 +480,48 @@ class SecondaryGroup:
         the new primary copies from them."""
         if self.switch_to is not None:
             raise LinkDown("this site is becoming the primary: not following the old one")
+
+    def peer_swapped(self, swapped: Swapped) -> str:
+        """The primary's site answered Hello with Swapped: a swap step this site asked for
+        made it the secondary, and the answer was lost. Finish the swap: at once when hosts
+        write neither site (a takeover whose COMMIT answer was lost; a resync --swap), or at
+        `resync --swap` when this site took over since (SSWS: its hosts would lose their
+        connections). Returns what the link shows."""
+        record = self.record
+        told = (
+            f"the old primary is the secondary since the {_swap_name(swapped)} at seq "
+            f"{swapped.last_seq}"
+        )
+        if self.switch_to is not None:
+            return "this site is becoming the primary"
+        if record.state is PairState.SMPL or swapped.generation != record.generation:
+            return (
+                f"the primary's site is a secondary: a swap out of generation "
+                f"{swapped.generation} made it so, which this site (generation "
+                f"{record.generation or 'none'}) did not ask for"
+            )
+        if self.config.replication_listen is None:
+            return f"{told}, but this site's config has no listen.replication to serve it on"
+        if self.writable and swapped.kind is SwapKind.COMMIT:
+            if self.swapped_peer is None:
+                log.warning("%s: `resync --swap` here makes this site the primary", told)
+            self.swapped_peer = swapped
+            return (
+                f"{told}: `resync --swap` here makes this site the primary and copies what "
+                "hosts wrote here to it"
+            )
+        if swapped.kind is SwapKind.RESYNC:
+            inp, why = PairInput.RESYNC_SWAP, "the answer to resync --swap was lost"
+        elif self.destager.applied_seq < swapped.last_seq:  # not after a COMMIT from here
+            return f"{told}, but this site applied only up to seq {self.destager.applied_seq}"
+        else:
+            inp, why = PairInput.SWAP_COMMITTED, "the answer to COMMIT was lost"
+        try:
+            state = record.next_state(inp)
+        except Refused as exc:
+            return f"{told}, but {exc}"
+        self._become_primary(state, f"swap finished: {told} ({why})")
+        return "this site is becoming the primary"
 
     def bitmap_reports(self, welcome: Welcome) -> list[ReportBitmap]:
         if self.writable or welcome.state == PairState.SMPL.value:
@@ -580,6 +675,7 @@ class SecondaryGroup:
         record = self.record
         record.generation = welcome.generation
         record.peer_site_id = welcome.site_id
+        self._forget_swapped_out()
         record.start_seq = welcome.start_seq
         record.applied_seq = record.destage_intent_seq = welcome.start_seq - 1
         record.svol_consistent = False
@@ -760,3 +856,11 @@ def _state_named(name: str) -> PairState | None:
         return PairState(name)
     except ValueError:
         return None
+
+
+class SwapAnswerLost(ControlRefused):
+    """A swap step went out and no answer came back: the primary may have taken it."""
+
+
+def _swap_name(swapped: Swapped) -> str:
+    return "takeover (swap)" if swapped.kind is SwapKind.COMMIT else "resync --swap"

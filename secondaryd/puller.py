@@ -5,6 +5,8 @@
             ◄─ Welcome(generation, start_seq, state) ─► sink.welcomed(): same generation
                goes on from restored+1; another one resets the restore journal to start_seq
             ◄─ Refuse(code, reason) ─► logged, shown in display, retried with backoff
+            ◄─ Swapped ─► sink.peer_swapped(): that site a swap made the secondary; the
+               swap this site asked for is finished here
             ─► ReportBitmap per volume ◄─ BitmapTaken ─► sink.bitmap_taken(): cleared here
     loop:   ─► SwapRequest, when the group asked for one ◄─ SwapAnswer | Refuse ─► its future
     loop:   ─► ReadJournal(from, limits, restored, applied)
@@ -43,6 +45,7 @@ from common.replication.messages import (
     Refuse,
     ReportBitmap,
     SwapAnswer,
+    Swapped,
     SwapRequest,
     VolumeDesc,
     Welcome,
@@ -104,6 +107,10 @@ class PullSink(Protocol):
         """What to hand over to the primary after Welcome (nothing while writable)."""
 
     def bitmap_taken(self, report: ReportBitmap) -> None: ...
+
+    def peer_swapped(self, swapped: Swapped) -> str:
+        """The primary's site is the secondary since a swap step this site asked for (its
+        answer was lost); returns what the link shows."""
 
     def next_request(self) -> tuple[SwapRequest, asyncio.Future[SwapAnswer]] | None:
         """A swap step to ask the primary before the next ReadJournal, and where its answer
@@ -215,6 +222,8 @@ async def _pull_once(
             raise LinkDown(f"the primary closed the link before answering Hello ({hint})") from None
         if isinstance(answer, Refuse):
             raise LinkDown(f"primary refused ({answer.code}): {answer.reason}")
+        if isinstance(answer, Swapped):
+            raise LinkDown(sink.peer_swapped(answer))
         assert isinstance(answer, Welcome)
         from_seq = await sink.welcomed(answer)
         for report in sink.bitmap_reports(answer):
@@ -316,6 +325,10 @@ class SwapRefused(Exception):
     """The primary refused a swap step: str() is its reason."""
 
 
+class SwapLinkDropped(SwapRefused):
+    """The link dropped before the answer to a swap step came: it may have been taken."""
+
+
 async def _ask(
     core: ReplicationConnection,
     reader: asyncio.StreamReader,
@@ -324,12 +337,13 @@ async def _ask(
     request: SwapRequest,
     answered: asyncio.Future[SwapAnswer],
 ) -> None:
+    log.info("asking the primary: swap step %s", request.kind.value)
     try:
         writer.write(core.send(request))
         answer = await _next_message(core, reader, sink.heard)
     except BaseException as exc:
         if not answered.done():
-            answered.set_exception(SwapRefused(f"the link dropped: {_why(exc)}"))
+            answered.set_exception(SwapLinkDropped(f"the link dropped: {_why(exc)}"))
         raise
     if isinstance(answer, Refuse):
         answered.set_exception(SwapRefused(answer.reason))

@@ -10,10 +10,12 @@ from common.config import Config
 from common.daemon import StartupError
 from common.events import EventLog
 from common.journal.store import JournalStore
+from common.linksecurity import load_link_security
 from common.nbd.server import NbdServer
 from common.nbd.tls import load_nbd_tls, nbd_tls_mode
 from common.pairrecord import PairRecord, RecordSaver
 from common.pairstate import PairState, Role
+from common.replication.server import ReplicationServer
 from common.service import (
     close_volumes,
     control_server,
@@ -27,6 +29,7 @@ from common.service import (
     until_either,
 )
 from secondaryd.group import SecondaryGroup
+from secondaryd.swapped import SwappedOutAnswerer
 
 log = logging.getLogger("journalpair")
 
@@ -51,6 +54,43 @@ def _leave_the_pair(
     RecordSaver(config.data_dir).save_now(record)
     log.error("%s", record.reason)
     events.emit(old.value, record.state.value, record.reason)
+
+
+async def _answer_as_the_old_primary(
+    config: Config, record: PairRecord, settled: asyncio.Event
+) -> None:
+    """A swap made this site the secondary: until it joins the new primary's generation, it
+    tells the other site so if that site asks (secondaryd.swapped)."""
+    listen = config.replication_listen
+    if listen is None:
+        log.warning(
+            "a swap made this site the secondary, and its config has no listen.replication: "
+            "if the answer to that swap was lost, the other site cannot learn it"
+        )
+        return
+    server = ReplicationServer(
+        SwappedOutAnswerer(config.group, record), load_link_security(config.link)
+    )
+    try:
+        host, port = await server.start(listen.host, listen.port)
+    except OSError as exc:
+        log.error(
+            "cannot listen on %s:%d to tell the other site that the swap took place: %s",
+            listen.host,
+            listen.port,
+            exc.strerror or exc,
+        )
+        return
+    log.info(
+        "listening on %s:%d until the new primary's generation is joined: if the answer to "
+        "the swap was lost, the other site learns here that it took place",
+        host,
+        port,
+    )
+    try:
+        await settled.wait()
+    finally:
+        await server.stop()
 
 
 async def serve(config: Config, stop: asyncio.Event) -> Role | None:
@@ -97,6 +137,10 @@ async def serve(config: Config, stop: asyncio.Event) -> Role | None:
         if hooks is not None:
             hooks.start(tasks)
         running = await group.run(tasks)
+        if not group.swap_settled.is_set():
+            running.append(
+                tasks.create_task(_answer_as_the_old_primary(config, record, group.swap_settled))
+            )
         host, port = await nbd.start(config.nbd_listen.host, config.nbd_listen.port)
         log.info(
             "group %s: serving %s %s over NBD on %s:%d",

@@ -6,7 +6,7 @@ invalid message cannot exist: building one is our bug (LocalProtocolError), deco
 the peer is theirs (RemoteProtocolError). Either error names the message and the field.
 
     secondary ── Hello ───────► primary        (first message, exactly once)
-              ◄── Welcome | Refuse
+              ◄── Welcome | Refuse | Swapped    (Swapped: a swap made that site the secondary)
               ── ReadJournal ─►                 (one request outstanding at a time)
               ◄── JournalBatch | Refuse
               ── ReportBitmap ►                 (after Welcome: one per volume)
@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import msgpack
 
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3  # 3: Swapped
 
 U32_MAX: Final = (1 << 32) - 1
 U64_MAX: Final = (1 << 64) - 1
@@ -276,7 +276,29 @@ class SwapAnswer(_Message):
         _uint("last_seq", self.last_seq)
 
 
-def _swap_kind(message: SwapRequest | SwapAnswer) -> None:
+@dataclass(frozen=True, slots=True)
+class Swapped(_Message):
+    """Old primary -> secondary, answers Hello: this site is the primary no more. The swap step
+    `kind` (COMMIT of a takeover, or RESYNC) that the secondary of `generation` asked for made
+    it the secondary, its master journal ending at `last_seq`; the answer to that step may
+    have been lost. That secondary finishes the swap (secondaryd.group); then the site closes.
+    """
+
+    group: str
+    generation: str
+    last_seq: int
+    kind: SwapKind
+
+    def _validate(self) -> None:
+        _text("group", self.group, empty=False)
+        _text("generation", self.generation, empty=False)
+        _uint("last_seq", self.last_seq)
+        _swap_kind(self)
+        if self.kind is SwapKind.TAKEOVER:
+            raise LocalProtocolError("kind takeover does not switch roles: commit or resync")
+
+
+def _swap_kind(message: SwapRequest | SwapAnswer | Swapped) -> None:
     if not isinstance(message.kind, str) or message.kind not in _SWAP_KINDS:
         raise LocalProtocolError(f"kind {message.kind!r} is not one of {[*SwapKind]}")
     object.__setattr__(message, "kind", SwapKind(message.kind))
@@ -410,6 +432,7 @@ Message = (
     | BitmapTaken
     | SwapRequest
     | SwapAnswer
+    | Swapped
 )
 MESSAGE_TYPES: Final = (
     Hello,
@@ -421,6 +444,7 @@ MESSAGE_TYPES: Final = (
     BitmapTaken,
     SwapRequest,
     SwapAnswer,
+    Swapped,
 )
 _BY_NAME: Final[dict[str, type[Message]]] = {cls.__name__: cls for cls in MESSAGE_TYPES}
 _FIELDS: Final[dict[type[Message], tuple[str, ...]]] = {

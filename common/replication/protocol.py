@@ -2,7 +2,9 @@
 
     secondary (pulls)                                   primary (serves)
     HELLO    ── Hello ────────────────────────────────► HELLO
-    WELCOME  ◄──────────────────────── Welcome | Refuse  WELCOME ─► IDLE | CLOSED
+    WELCOME  ◄────────────────────── Welcome | Refuse  WELCOME ─► IDLE | CLOSED
+             ◄──────────────────────────────── Swapped  WELCOME ─► CLOSED
+             (a swap made that site the secondary)
     IDLE     ── ReadJournal(from_seq, restored_seq) ──► IDLE ─► WAITING
     WAITING  ◄──────────────────── JournalBatch | Refuse  WAITING ─► IDLE | CLOSED
              (count 0 = the long poll timed out)
@@ -38,6 +40,7 @@ from common.replication.messages import (
     RemoteProtocolError,
     ReportBitmap,
     SwapAnswer,
+    Swapped,
     SwapRequest,
     Welcome,
     decode,
@@ -70,10 +73,10 @@ class State(enum.Enum):
     """Where the conversation is; both ends agree on it once a frame has arrived."""
 
     HELLO = enum.auto()  # the secondary owes Hello
-    WELCOME = enum.auto()  # Hello sent: the primary owes Welcome or Refuse
+    WELCOME = enum.auto()  # Hello sent: the primary owes Welcome, Refuse or Swapped
     IDLE = enum.auto()  # paired: the secondary may send one ReadJournal
     WAITING = enum.auto()  # one ReadJournal outstanding: the primary owes JournalBatch or Refuse
-    CLOSED = enum.auto()  # Refuse passed, or the peer closed
+    CLOSED = enum.auto()  # Refuse or Swapped passed, or the peer closed
     ERROR = enum.auto()  # the peer broke the protocol; only the primary's last Refuse may follow
 
 
@@ -132,6 +135,7 @@ _TRANSITIONS: Final[dict[tuple[State, type[Message]], State]] = {
     (State.HELLO, Hello): State.WELCOME,
     (State.WELCOME, Welcome): State.IDLE,
     (State.WELCOME, Refuse): State.CLOSED,
+    (State.WELCOME, Swapped): State.CLOSED,
     (State.IDLE, ReadJournal): State.WAITING,
     (State.WAITING, JournalBatch): State.IDLE,
     (State.IDLE, ReportBitmap): State.WAITING,
@@ -151,6 +155,7 @@ _SENDER: Final[dict[type[Message], Side]] = {
     BitmapTaken: Side.PRIMARY,
     SwapRequest: Side.SECONDARY,
     SwapAnswer: Side.PRIMARY,
+    Swapped: Side.PRIMARY,
 }
 _ProtocolError = type[LocalProtocolError] | type[RemoteProtocolError]
 

@@ -1,10 +1,11 @@
 """The primary end of the replication link: a thin asyncio adapter over the replication core.
 
-    secondary ── Hello ──────────► group.welcome()       ──► Welcome | Refuse
+    secondary ── Hello ──────────► group.welcome()       ──► Welcome | Refuse | Swapped
               ── ReadJournal ────► group.read_journal()  ──► JournalBatch (now, or after a
                                                              bounded long poll) | Refuse
               ── ReportBitmap ───► group.report_bitmap() ──► BitmapTaken | Refuse
               ── SwapRequest ────► group.swap()          ──► SwapAnswer | Refuse
+(secondaryd.swapped answers Hello only, on a site a swap made the secondary.)
 One request is outstanding at a time (the core enforces it), so one task per connection
 answers it. Bytes received, and an answer's bytes leaving the send queue (drained()), are
 contact for the path watch: one answer of up to 16 MiB takes seconds on a slow link.
@@ -37,6 +38,7 @@ from common.replication.messages import (
     Refuse,
     ReportBitmap,
     SwapAnswer,
+    Swapped,
     SwapRequest,
     Welcome,
 )
@@ -56,7 +58,7 @@ TLS_HANDSHAKE_S = 10.0
 
 
 class JournalSource(Protocol):
-    def welcome(self, hello: Hello, peer: str) -> Welcome | Refuse: ...
+    def welcome(self, hello: Hello, peer: str) -> Welcome | Refuse | Swapped: ...
     async def read_journal(self, request: ReadJournal) -> JournalBatch | Refuse: ...
     def report_bitmap(self, report: ReportBitmap) -> BitmapTaken | Refuse: ...
     async def swap(self, request: SwapRequest) -> SwapAnswer | Refuse: ...
@@ -216,6 +218,7 @@ class ServerConnection(asyncio.Protocol):
                 self._send(answer)
                 if isinstance(answer, Refuse):
                     log.warning("refused secondary %s: %s", self.peer, answer.reason)
+                if not self._welcomed:
                     self.close()
             elif isinstance(event, ReadJournal):
                 self._answer_later(self._server.source.read_journal(event))
@@ -240,7 +243,9 @@ class ServerConnection(asyncio.Protocol):
             log.warning("refused secondary %s: %s", self.peer, answer.reason)
             self.close()
 
-    def _send(self, message: Welcome | Refuse | JournalBatch | BitmapTaken | SwapAnswer) -> None:
+    def _send(
+        self, message: Welcome | Refuse | Swapped | JournalBatch | BitmapTaken | SwapAnswer
+    ) -> None:
         if self._transport is not None and not self._transport.is_closing():
             self._write(self._core.send(message))
 

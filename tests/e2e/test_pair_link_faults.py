@@ -37,7 +37,7 @@ from tests.e2e.helpers import (
     wait_state,
     wait_until,
 )
-from tests.e2e.test_pair_crash import VOLUMES, Writer
+from tests.e2e.test_pair_crash import VOLUMES, Writer, assert_prefix_state, read_slots
 from tests.e2e.test_pair_swap import role_and_state, swappable_pair
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
@@ -265,4 +265,151 @@ def test_a_cut_in_the_middle_of_a_takeover_leaves_the_primary_serving(
     wait_state(b, "PAIR", 30)
     assert role_and_state(a) == ("primary", "PAIR")
     assert display(b)["role"] == "secondary"
+    assert volumes_equal(a, b)
+
+
+# -- a swap's last answer lost: the old primary is the secondary, the other site not yet ------
+
+BECOMES_SECONDARY = "this site becomes the secondary"
+
+
+def cut_as_a_takes_the_last_step(
+    a: Daemon, b: Daemon, proxy: FaultProxy, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """Run pairctl `args` on B with the link slow, and cut it the moment A has switched roles:
+    A's answer is still in the proxy, B never gets it."""
+    proxy.set_delay(SWAP_LINK_DELAY_S)
+    asked = InBackground(lambda: pairctl(b, *args, check=False))
+    wait_until(lambda: BECOMES_SECONDARY in a.log_text() or asked.ended_early(), 30, "A to switch")
+    proxy.cut()
+    return asked.result()
+
+
+def both_secondaries(a: Daemon, b: Daemon) -> None:
+    """A restarts as secondaryd (no control socket for a moment); B stays the secondary."""
+    wait_until(lambda: (role_and_state(a) or ("",))[0] == "secondary", 30, "A's restart")
+    assert display(b)["role"] == "secondary"
+
+
+def finished_by_b(a: Daemon, b: Daemon, b_state: str = "PAIR") -> None:
+    """B, hearing from A that the swap took place, finishes it: B primary, A its secondary."""
+    wait_until(lambda: role_and_state(b) == ("primary", b_state), 60, "B to finish the swap")
+    generation = display(b)["generation"]
+    wait_until(lambda: display(a)["generation"] == generation, 30, "A to join B's generation")
+    wait_until(lambda: role_and_state(a) == ("secondary", "PAIR"), 60, "A to follow B")
+    assert "no longer answering as the old primary" in a.log_text()
+
+
+def test_a_takeover_whose_commit_answer_is_lost_is_finished_when_the_link_is_back(
+    daemons: Daemons, proxied: list[FaultProxy]
+) -> None:
+    # Across the slow link, silences of about 2 s (a long poll and a round trip) must not
+    # trip the path watch.
+    a, b = swappable_pair(daemons, proxied, pair={"path_watch_s": SHORT_FAULT_PATH_WATCH_S})
+    create_pair(a, b)
+    writer = Writer(a, seed=25)
+    writer.start()
+    wait_until(lambda: len(writer.acked) > 2000, 30, "writes")
+    # Drained at full speed: the proxy carries 1 MiB per delay, too slow for a long backlog
+    # (test_pair_swap covers a takeover under writes).
+    writer.finish()
+    wait_caught_up(a)
+    proc = cut_as_a_takes_the_last_step(a, b, proxied[-1], "takeover")
+    assert proc.returncode == 1 and "may have taken COMMIT" in proc.stderr, proc
+    both_secondaries(a, b)  # neither site takes host writes until the link is back
+    assert not host_writes(a) and not host_writes(b)
+    proxied[-1].restore()
+    finished_by_b(a, b)
+    assert "the answer to COMMIT was lost" in display(b)["reason"]
+    k = assert_prefix_state(read_slots(b), writer.acked)
+    assert k == len(writer.acked) - 1, f"lost {len(writer.acked) - 1 - k} acknowledged writes"
+    assert host_writes(b)
+    wait_caught_up(b)
+    assert volumes_equal(a, b)
+
+
+def test_a_takeover_whose_commit_answer_is_lost_then_ssws_needs_resync_swap(
+    daemons: Daemons, proxied: list[FaultProxy]
+) -> None:
+    """The link stays down, so the operator takes over again (SSWS) and hosts write B: once
+    the link is back, B does not switch by itself (its hosts' connections would drop), and
+    resync --swap makes it the primary without asking A, which is the secondary already."""
+    a, b = swappable_pair(daemons, proxied, pair={"path_watch_s": LONG_FAULT_PATH_WATCH_S})
+    create_pair(a, b)
+    qemu_io(a.uri("vol0"), "write -P 0x31 0 1M")
+    wait_caught_up(a)
+    proc = cut_as_a_takes_the_last_step(a, b, proxied[-1], "takeover")
+    assert proc.returncode == 1 and "may have taken COMMIT" in proc.stderr, proc
+    wait_until(lambda: not display(b)["link"]["up"], 10, "B to see the link down")
+    proc = pairctl(b, "takeover", check=False)
+    assert proc.returncode == 2, proc.stderr  # SSWS, with every write A acknowledged
+    qemu_io(b.uri("vol0"), "write -P 0x32 512k 64k")
+    proxied[-1].restore()
+    wait_until(
+        lambda: "here makes this site the primary" in display(b)["link"]["why"],
+        30,
+        "B to hear from A",
+    )
+    assert role_and_state(b) == ("secondary", "SSWS")
+    pairctl(b, "resync", "--swap")
+    finished_by_b(a, b)
+    wait_caught_up(b)
+    assert volumes_equal(a, b)
+    qemu_io(b.uri("vol0"), "read -P 0x32 512k 64k", "read -P 0x31 0 512k")  # equal to A's
+
+
+def ssws_on_b(a: Daemon, b: Daemon, proxy: FaultProxy) -> None:
+    """The primary site cut off, B took over (SSWS) and hosts wrote it; the link is back."""
+    qemu_io(a.uri("vol0"), "write -P 0x41 0 1M")
+    wait_caught_up(a)
+    proxy.cut()
+    wait_until(lambda: not display(b)["link"]["up"], 10, "B to see the link down")
+    assert pairctl(b, "takeover", check=False).returncode == 2
+    qemu_io(b.uri("vol0"), "write -P 0x42 256k 64k")
+    wait_state(a, "PSUE", 20)
+    proxy.restore()
+    wait_until(lambda: display(b)["link"]["up"], 30, "the link to come back")
+
+
+def test_a_resync_swap_whose_answer_is_lost_is_finished_when_the_link_is_back(
+    daemons: Daemons, proxied: list[FaultProxy]
+) -> None:
+    a, b = swappable_pair(daemons, proxied, pair={"path_watch_s": LONG_FAULT_PATH_WATCH_S})
+    create_pair(a, b)
+    ssws_on_b(a, b, proxied[-1])
+    proc = cut_as_a_takes_the_last_step(a, b, proxied[-1], "resync", "--swap")
+    assert proc.returncode == 1 and "may have become the secondary" in proc.stderr, proc
+    both_secondaries(a, b)
+    assert host_writes(b), "B stays SSWS until it learns that A took the swap"
+    proxied[-1].restore()
+    finished_by_b(a, b)
+    wait_caught_up(b)
+    assert volumes_equal(a, b)
+
+
+def test_a_resync_swap_whose_request_is_lost_changes_nothing(
+    daemons: Daemons, proxied: list[FaultProxy]
+) -> None:
+    a, b = swappable_pair(daemons, proxied, pair={"path_watch_s": LONG_FAULT_PATH_WATCH_S})
+    create_pair(a, b)
+    ssws_on_b(a, b, proxied[-1])
+    proxied[-1].set_delay(1.0)  # the request waits in the proxy: the cut drops it
+    asked = InBackground(lambda: pairctl(b, "resync", "--swap", check=False))
+    wait_until(
+        lambda: "asking the primary: swap step resync" in b.log_text() or asked.ended_early(),
+        30,
+        "B to send its request",
+    )
+    proxied[-1].cut()
+    proc = asked.result()
+    assert proc.returncode == 1 and "the link dropped" in proc.stderr, proc
+    assert BECOMES_SECONDARY not in a.log_text()
+    assert role_and_state(a) == ("primary", "PSUE")
+    assert role_and_state(b) == ("secondary", "SSWS")
+    proxied[-1].restore()
+    wait_until(lambda: display(b)["link"]["up"], 30, "the link to come back")
+    pairctl(b, "resync", "--swap")  # the documented way: ask again
+    wait_until(lambda: role_and_state(b) == ("primary", "PAIR"), 60, "B to be the primary")
+    wait_until(lambda: role_and_state(a) == ("secondary", "PAIR"), 60, "A to follow B")
+    wait_caught_up(b)
     assert volumes_equal(a, b)

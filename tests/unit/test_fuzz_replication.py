@@ -38,6 +38,7 @@ from common.replication.messages import (
     ReportBitmap,
     SwapAnswer,
     SwapKind,
+    Swapped,
     SwapRequest,
     VolumeDesc,
     Welcome,
@@ -77,13 +78,14 @@ _PREFIX = struct.Struct(">I")
 
 PEER_SENDS: dict[Side, tuple[type[Message], ...]] = {
     Side.PRIMARY: (Hello, ReadJournal, ReportBitmap, SwapRequest),
-    Side.SECONDARY: (Welcome, Refuse, JournalBatch, BitmapTaken, SwapAnswer),
+    Side.SECONDARY: (Welcome, Refuse, JournalBatch, BitmapTaken, SwapAnswer, Swapped),
 }
 # The conversation as the module docstring of common.replication.protocol draws it.
 NEXT_STATE: dict[tuple[State, type[Message]], State] = {
     (State.HELLO, Hello): State.WELCOME,
     (State.WELCOME, Welcome): State.IDLE,
     (State.WELCOME, Refuse): State.CLOSED,
+    (State.WELCOME, Swapped): State.CLOSED,
     (State.IDLE, ReadJournal): State.WAITING,
     (State.IDLE, ReportBitmap): State.WAITING,
     (State.IDLE, SwapRequest): State.WAITING,
@@ -118,6 +120,7 @@ class Answer:
     count: int
     record_bytes: int
     last_seq: int
+    swapped: bool = False  # a Hello is answered Swapped (that site is the secondary now)
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,8 @@ def answer(request: Message, plan: Answer, limits: Limits) -> Message:
     """The primary's legal answer to `request`, shaped by the plan."""
     if plan.refuse is not None:
         return Refuse(plan.refuse, f"planned {plan.refuse}")
+    if isinstance(request, Hello) and plan.swapped:
+        return Swapped(request.group, "gen-0", plan.last_seq, SwapKind.COMMIT)
     if isinstance(request, Hello):
         return Welcome(
             PROTOCOL_VERSION, request.group, "gen-1", 1, 1, plan.last_seq, "PAIR", request.volumes
@@ -354,6 +359,7 @@ answers = st.builds(
     count=st.integers(0, 60),
     record_bytes=st.integers(0, 600),
     last_seq=seqs,
+    swapped=st.sampled_from([False] * 6 + [True]),
 )
 plans = st.builds(
     Plan,
@@ -552,6 +558,7 @@ SAMPLES: dict[tuple[Side, State], list[Message]] = {
     (Side.SECONDARY, State.WELCOME): [
         Welcome(PROTOCOL_VERSION, "jg0", "g", 1, 1, 1, "PAIR", (VolumeDesc("a", 1),)),
         Refuse(RefuseCode.BUSY, "r"),
+        Swapped("jg0", "g", 7, SwapKind.COMMIT),
     ],
     (Side.SECONDARY, State.WAITING): [JournalBatch(5, 1, b"x", 5, "PAIR", 1, 1, 1)],
     (Side.SECONDARY, State.IDLE): [BitmapTaken("vol0"), SwapAnswer(SwapKind.COMMIT, 1)],

@@ -28,6 +28,8 @@ from common.replication.messages import (
     Refuse,
     RefuseCode,
     ReportBitmap,
+    SwapKind,
+    Swapped,
     VolumeDesc,
     Welcome,
     decode,
@@ -48,6 +50,7 @@ from common.replication.protocol import (
 
 GROUP = "jg0"
 VOLUMES = (VolumeDesc("vol0", 1 << 30), VolumeDesc("vol1", 1 << 20))
+FUTURE_VERSION = PROTOCOL_VERSION + 1
 HELLO = Hello(PROTOCOL_VERSION, GROUP, "", 0, 0, VOLUMES)
 WELCOME = Welcome(PROTOCOL_VERSION, GROUP, "gen-1", 1, 1, 3, "PAIR", VOLUMES)
 READ = ReadJournal(
@@ -156,6 +159,26 @@ def test_session_hello_welcome_batch_empty_batch_then_refuse(chunk: int) -> None
     assert secondary.next_event() == ConnectionClosed(State.CLOSED)
 
 
+def test_hello_answered_swapped_closes_both_ends() -> None:
+    # A site a swap made the secondary answers the other site's Hello, and only that.
+    secondary, primary = ends()
+    relay(secondary, primary, HELLO)
+    swapped = Swapped(GROUP, "gen-1", 41, SwapKind.COMMIT)
+    relay(primary, secondary, swapped)
+    assert primary.state is secondary.state is State.CLOSED
+    assert decode(encode(Swapped(GROUP, "gen-1", 0, SwapKind.RESYNC))).kind is SwapKind.RESYNC
+    _, idle = paired()
+    with pytest.raises(LocalProtocolError, match="Swapped"):
+        idle.send(swapped)  # only in answer to Hello
+
+
+def test_swapped_names_a_step_that_switched_roles() -> None:
+    with pytest.raises(LocalProtocolError, match="does not switch roles"):
+        Swapped(GROUP, "gen-1", 1, SwapKind.TAKEOVER)
+    with pytest.raises(LocalProtocolError, match="generation must not be empty"):
+        Swapped(GROUP, "", 1, SwapKind.COMMIT)
+
+
 def test_bitmap_reports_are_requests_answered_by_bitmap_taken() -> None:
     secondary, primary = paired()
     hello = Hello(PROTOCOL_VERSION, GROUP, "gen-1", 5, 5, VOLUMES, "SSWS", True)
@@ -257,7 +280,7 @@ def test_refuse_code_given_as_plain_string_is_normalised() -> None:
         (lambda: ReadJournal(0, 1, 1, 0, 0, 0), "from_seq 0"),
         (lambda: ReadJournal(1, 1, 1, 0, 0, 1), "applied_seq 1 > restored_seq 0"),
         (lambda: ReadJournal(1, True, 1, 0, 0, 0), "max_entries must be an integer, not bool"),
-        (lambda: Hello(3, GROUP, "", 0, 0, ()), "version 3"),
+        (lambda: Hello(FUTURE_VERSION, GROUP, "", 0, 0, ()), f"version {FUTURE_VERSION}"),
         (lambda: Hello(PROTOCOL_VERSION, "", "", 0, 0, ()), "group must not be empty"),
         (lambda: Hello(PROTOCOL_VERSION, GROUP, "\ud800", 0, 0, ()), "generation is not valid"),
         (
@@ -348,8 +371,8 @@ def test_bytes_that_are_not_a_message_map_are_refused(body: bytes, match: str) -
 def test_another_protocol_version_is_answered_with_refuse_version() -> None:
     primary = ReplicationConnection(Side.PRIMARY)
     # A future Hello may carry fields we do not know: the version decides, not the fields.
-    primary.receive_data(frame(packed(wire(HELLO, version=3, features=["x"]))))
-    with pytest.raises(RemoteProtocolError, match="version 3") as info:
+    primary.receive_data(frame(packed(wire(HELLO, version=FUTURE_VERSION, features=["x"]))))
+    with pytest.raises(RemoteProtocolError, match=f"version {FUTURE_VERSION}") as info:
         primary.next_event()
     assert info.value.refuse_code is RefuseCode.VERSION
     assert primary.state is State.ERROR
