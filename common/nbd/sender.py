@@ -5,10 +5,16 @@
         bytes ──────────────────────────────────────────────► transport.writelines
         FileData, transport idle ──► os.sendfile(socket, volume) (no copy through Python)
         FileData, transport busy ──► wait for resume_writing (order on the wire holds)
-        FileData, socket full mid-way ──► pread the rest ──► transport.write
+        FileData, socket full mid-way ──► pread at most SPILL_BYTES ──► transport.write,
+            the rest back at the head of the queue (sendfile again once that has drained)
 
 The transport's write buffer limits are set to (1, 0), so pause_writing means "has
-bytes queued" and resume_writing "fully drained": the moment sendfile is safe again.
+bytes queued" and resume_writing "fully drained": the moment sendfile is safe again. The
+spill is what makes the transport report that moment; it is small, so a client that stops
+reading mid-way holds SPILL_BYTES of its big read in memory, not all of it.
+
+memory_bytes is what the connection holds in memory for its replies (bytes queued here and in
+the transport; a FileData costs nothing until its turn): what nbd.memory_limit counts.
 
 After NBD_OPT_STARTTLS (start_tls) the queue holds plaintext items as before, and the pump
 encrypts them when the transport is idle, at most TLS_CHUNK_BYTES at a time:
@@ -39,6 +45,7 @@ log = logging.getLogger("journalpair.nbd")
 QUEUE_HIGH_BYTES = 64 << 20
 QUEUE_LOW_BYTES = 16 << 20
 TLS_CHUNK_BYTES = 4 << 20  # plaintext encrypted per turn of the pump (a bound on memory)
+SPILL_BYTES = 256 << 10  # of a FileData sendfile left unsent, read and written per turn
 
 
 class ReplySender:
@@ -47,6 +54,7 @@ class ReplySender:
         self._on_backlog = on_backlog  # True: stop reading requests; False: go on
         self._queue: deque[Outgoing] = deque()
         self._queued_bytes = 0
+        self._queued_file_bytes = 0  # of _queued_bytes: FileData, not in memory
         self._transport_busy = False
         self._backlogged = False
         self.drained_count = 0  # times the client took every byte queued: progress
@@ -59,6 +67,12 @@ class ReplySender:
     @property
     def idle(self) -> bool:
         return not self._queue and not self._transport_busy
+
+    @property
+    def memory_bytes(self) -> int:
+        """Reply bytes held in memory: queued here, or in the transport's buffer."""
+        queued = self._queued_bytes - self._queued_file_bytes
+        return queued + self._transport.get_write_buffer_size()
 
     @property
     def backlogged(self) -> bool:
@@ -89,6 +103,8 @@ class ReplySender:
         for item in items:
             self._queue.append(item)
             self._queued_bytes += _size(item)
+            if isinstance(item, FileData):
+                self._queued_file_bytes += item.length
 
     def transport_paused(self) -> None:
         self._transport_busy = True
@@ -109,7 +125,12 @@ class ReplySender:
                 item = queue.popleft()
                 assert isinstance(item, FileData)
                 self._queued_bytes -= item.length
-                self._send_file_data(item)
+                self._queued_file_bytes -= item.length
+                rest = self._send_file_data(item)
+                if rest is not None:
+                    queue.appendleft(rest)
+                    self._queued_bytes += rest.length
+                    self._queued_file_bytes += rest.length
                 continue
             batch: list[bytes | memoryview] = []
             while queue and not isinstance(queue[0], FileData):
@@ -120,7 +141,9 @@ class ReplySender:
             transport.writelines(batch)  # may call transport_paused() before returning
         self._update_backlog()
 
-    def _send_file_data(self, item: FileData) -> None:
+    def _send_file_data(self, item: FileData) -> FileData | None:
+        """Send what the socket takes; spill up to SPILL_BYTES more through the transport
+        (it then reports when it has drained); return what is left, if anything."""
         volume = self.volume
         assert volume is not None, "FileData before an export was chosen"
         sent = 0
@@ -137,8 +160,12 @@ class ReplySender:
                 pass
             except OSError as exc:  # the client went away: the transport will report it
                 log.debug("sendfile failed: %s", exc)
-        if sent < item.length:
-            self._transport.write(volume.read(item.offset + sent, item.length - sent))
+        if sent == item.length:
+            return None
+        spill = min(SPILL_BYTES, item.length - sent)
+        self._transport.write(volume.read(item.offset + sent, spill))
+        sent += spill
+        return FileData(item.offset + sent, item.length - sent) if sent < item.length else None
 
     def _pump_tls(self, tls: TlsPipe) -> None:
         transport = self._transport
@@ -163,6 +190,7 @@ class ReplySender:
                 n = min(item.length, budget)
                 if n < item.length:
                     queue.appendleft(FileData(item.offset + n, item.length - n))
+                self._queued_file_bytes -= n
                 tls.write(volume.read(item.offset, n))
             else:
                 n = len(item)
