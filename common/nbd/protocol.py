@@ -160,6 +160,7 @@ _REQUEST_BYTES = _REQUEST.size
 # The receive buffer: requests are parsed in place; it grows to hold one whole
 # request (at most 32 MiB of WRITE payload) and shrinks back when that is done.
 _RECV_BUFFER_BYTES = 256 << 10
+RECEIVE_BUFFER_BYTES = _RECV_BUFFER_BYTES  # what a connection in transmission always holds
 _PLAINTEXT_AFTER_STARTTLS = "plaintext bytes after NBD_OPT_STARTTLS, before the TLS handshake"
 _RECV_MIN_FREE_BYTES = 64 << 10
 # Until the handshake is done the buffer is small: a client that connects and never gets to
@@ -216,14 +217,35 @@ class NbdServerConnection:
         Big enough for the whole request being parsed, so a large WRITE's payload
         lands in place and reaches the volume without a copy in Python.
         """
-        avail = self._end - self._start
-        if self.phase is Phase.TRANSMISSION:
-            free_wanted = max(self._want - avail, _RECV_MIN_FREE_BYTES)
-        else:
-            free_wanted = max(self._want - avail, 1)
+        avail, free_wanted = self._room_wanted()
         if len(self._buf) - self._end < free_wanted:
             self._make_room(avail, free_wanted)
         return memoryview(self._buf)[self._end :]
+
+    def _room_wanted(self) -> tuple[int, int]:
+        """(bytes buffered unparsed, free bytes the next get_buffer must offer)."""
+        avail = self._end - self._start
+        if self.phase is Phase.TRANSMISSION:
+            return avail, max(self._want - avail, _RECV_MIN_FREE_BYTES)
+        return avail, max(self._want - avail, 1)
+
+    @property
+    def buffer_bytes(self) -> int:
+        """The receive buffer's size now."""
+        return len(self._buf)
+
+    @property
+    def buffer_bytes_wanted(self) -> int:
+        """The receive buffer's size after the next get_buffer(): more than buffer_bytes
+        once the header of a big WRITE is parsed (its whole payload is received in place).
+        An adapter that bounds memory checks this before it lets the transport read."""
+        avail, free_wanted = self._room_wanted()
+        size = len(self._buf)
+        if size - self._end >= free_wanted:
+            return size
+        needed = avail + free_wanted
+        floor = _RECV_BUFFER_BYTES if self.phase is Phase.TRANSMISSION else _HANDSHAKE_BUFFER_BYTES
+        return size if needed <= size <= max(4 * needed, floor) else max(needed, floor)
 
     def buffer_updated(self, nbytes: int) -> None:
         self._end += nbytes
@@ -513,6 +535,8 @@ class NbdServerConnection:
             self._start = start + _REQUEST_BYTES
         if self._start == self._end:
             self._start = self._end = 0  # empty: next receive starts at the front, no move
+            if len(self._buf) > _RECV_BUFFER_BYTES:  # a big WRITE's: not kept while idle
+                self._buf = bytearray(_RECV_BUFFER_BYTES)  # (its payload view keeps the old)
         self._want = _REQUEST_BYTES
         if cmd == _DISC:
             self.phase = Phase.CLOSED
