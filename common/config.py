@@ -154,6 +154,11 @@ NBD_MAX_CONNECTIONS_MAX = 1 << 20
 NBD_HANDSHAKE_TIMEOUT_DEFAULT_S = 10.0
 NBD_STALL_TIMEOUT_DEFAULT_S = 30.0
 NBD_ALLOW_MAX = 1024
+NBD_MEMORY_LIMIT_DEFAULT_BYTES = 512 << 20
+# The pool (half the limit) must take one largest WRITE (32 MiB, common.nbd.constants).
+NBD_MEMORY_LIMIT_MIN_BYTES = 64 << 20
+# Each connection's own share is half of this: room for a QD32 burst of 4 KiB replies.
+NBD_MEMORY_PER_CONNECTION_MIN_BYTES = 128 << 10
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -184,6 +189,10 @@ class NbdConfig:
     # require: every option but STARTTLS and ABORT is refused until TLS is up (the spec's
     # FORCEDTLS); optional: a client may start TLS or not.
     tls_mode: NbdTlsMode = "require"
+    # Bytes all connections together may hold in replies not yet taken by their clients and
+    # in WRITE payloads beyond the standard receive buffer (common.nbd.budget): a connection
+    # past its share stops being read while the rest is taken.
+    memory_limit: int = NBD_MEMORY_LIMIT_DEFAULT_BYTES
 
     @property
     def tls(self) -> bool:
@@ -345,6 +354,15 @@ def _parse_allow(value: object, key: str) -> tuple[IpNetwork, ...]:
         except ValueError as exc:
             raise ConfigError(f"{key}[{index}]: bad address or network {text!r}: {exc}") from None
     return tuple(networks)
+
+
+def _parse_nbd_memory_limit(value: object, key: str) -> int:
+    limit = parse_size(value, key)
+    if limit < NBD_MEMORY_LIMIT_MIN_BYTES:
+        raise ConfigError(
+            f"{key}: must be at least 64MiB ({NBD_MEMORY_LIMIT_MIN_BYTES}), got {limit}"
+        )
+    return limit
 
 
 def _parse_nbd_tls_mode(value: object, key: str) -> NbdTlsMode:
@@ -600,6 +618,12 @@ _NBD_KEYS: dict[str, _Key] = {
     ),
     "allow": _Key(_plain(_parse_allow), "allow", required=False, default=None),
     "tls": _Key(_section(_NBD_TLS_KEYS), None, required=False, default=_NBD_NO_TLS),
+    "memory_limit": _Key(
+        _plain(_parse_nbd_memory_limit),
+        "memory_limit",
+        required=False,
+        default=NBD_MEMORY_LIMIT_DEFAULT_BYTES,
+    ),
 }
 
 _TOP_KEYS: dict[str, _Key] = {
@@ -643,6 +667,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     config = Config(source=source, **fields)
     _check_listen(config)
     _check_link(config)
+    _check_nbd_memory(config.nbd)
     return config
 
 
@@ -694,6 +719,17 @@ def _check_listen(config: Config) -> None:
     replication = config.replication_listen
     if replication is not None and replication.port != 0 and replication == config.nbd_listen:
         raise ConfigError(f"listen.replication: same address as listen.nbd ({replication})")
+
+
+def _check_nbd_memory(nbd: NbdConfig) -> None:
+    """Half of nbd.memory_limit is shared out between the connection slots: each share must
+    let a client do small I/O however much the others hold (common.nbd.budget)."""
+    wanted = nbd.max_connections * NBD_MEMORY_PER_CONNECTION_MIN_BYTES
+    if nbd.memory_limit < wanted:
+        raise ConfigError(
+            f"nbd.memory_limit: {nbd.memory_limit} is less than 128KiB per connection; "
+            f"nbd.max_connections {nbd.max_connections} needs at least {wanted}"
+        )
 
 
 def _check_link(config: Config) -> None:

@@ -11,6 +11,15 @@ Hostile clients (common.nbd.guard decides, this module acts):
         ▼ NbdConnection (receive buffer allocated only now)
     every WATCH_TICK_S: each connection's ClientWatch ─► overdue? ─► log (limited), abort
 
+Memory (common.nbd.budget decides, this module acts): every connection tells the server's
+MemoryBudget what it holds (reply bytes in memory, receive buffer beyond the standard one)
+after it hands replies to its sender and when its transport drains. It is held (reading
+paused, the rest of its requests left buffered, the same mechanism as a full reply backlog):
+
+    serving, replies made reach its room (share left + pool left) ─► held, waits
+    a WRITE header asks for a receive buffer bigger than its room ─► held, waits
+    pool bytes freed (another connection drained, or went) ─► woken: serve the rest, read
+
 uvloop (libuv) survives EMFILE in accept by itself: it accepts and closes the pending
 connections with a reserve descriptor, and keeps listening.
 
@@ -36,9 +45,11 @@ from typing import Protocol, cast
 
 from common.config import NbdConfig
 from common.nbd import constants as c
+from common.nbd.budget import MemoryBudget
 from common.nbd.guard import ClientWatch, LogLimiter, refusal
 from common.nbd.protocol import (
     NEED_DATA,
+    RECEIVE_BUFFER_BYTES,
     Disconnect,
     ExportChosen,
     ExportInfo,
@@ -151,6 +162,9 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._received_bytes = 0
         self._dropped = False
         self._held = False  # requests left in the receive buffer until the backlog drains
+        self._waiting_for_memory = False  # held by the server's memory budget
+        self._receive_granted_bytes = 0  # receive buffer growth the budget granted
+        self._lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCPTransport is not an asyncio.Transport subclass, but has its API.
@@ -182,10 +196,11 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._flush_out()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._dropped:
-            self._server.connections.discard(self)
-            return
+        self._lost = True
         self._server.connections.discard(self)
+        self._server.memory_released(self)
+        if self._dropped:
+            return
         phase = self._core.phase
         why = exc or "connection closed"
         if phase is Phase.TRANSMISSION:
@@ -198,10 +213,12 @@ class NbdConnection(asyncio.BufferedProtocol):
         core, sender, transport = self._core, self._sender, self._transport
         if self._dropped or sender is None or transport is None or transport.is_closing():
             return None
+        # Waiting for the budget mid-request is the server's doing, not a stall; replies
+        # left unread are the client's.
         return self.watch.overdue(
             now,
             handshaking=core.phase in _HANDSHAKING,
-            busy=core.mid_request or not sender.idle,
+            busy=(core.mid_request and not self._waiting_for_memory) or not sender.idle,
             progress=(
                 self._received_bytes,
                 sender.drained_count,
@@ -240,7 +257,51 @@ class NbdConnection(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         if self._sender is not None:
             self._sender.transport_resumed()
+            self._account_memory()
+            self.memory_freed()  # its own replies drained: within its room again, maybe
         self._close_if_done()
+
+    def memory_freed(self) -> None:
+        """The budget has room again (called by the server): try to go on, next loop turn."""
+        if self._waiting_for_memory:
+            asyncio.get_running_loop().call_soon(self._serve_held)
+
+    def _account_memory(self, receive_bytes: int | None = None) -> None:
+        """Tell the budget what this connection holds: replies in memory and its receive
+        buffer beyond the standard one (or ``receive_bytes`` of it, a growth being asked)."""
+        if self._lost or self._sender is None:
+            return
+        if receive_bytes is None:
+            now = self._core.buffer_bytes - RECEIVE_BUFFER_BYTES
+            receive_bytes = max(0, now, self._receive_granted_bytes)
+        self._server.hold_memory(self, self._sender.memory_bytes + receive_bytes)
+
+    def _receive_granted(self) -> bool:
+        """Whether the transport may read: True unless the next read needs the receive
+        buffer to grow (a big WRITE's payload) by more than the budget gives."""
+        core = self._core
+        wanted = core.buffer_bytes_wanted - RECEIVE_BUFFER_BYTES
+        now = max(0, core.buffer_bytes - RECEIVE_BUFFER_BYTES)
+        if wanted <= now:
+            if self._receive_granted_bytes:  # the big WRITE is served: its grant goes
+                self._receive_granted_bytes = 0
+                self._account_memory()
+            return True
+        if wanted <= self._receive_granted_bytes:
+            return True
+        self._account_memory(now)
+        if self._server.budget.room(self) < wanted - now:
+            return False
+        self._receive_granted_bytes = wanted
+        self._account_memory(wanted)
+        return True
+
+    def _hold_for_memory(self) -> None:
+        """Stop reading and serving until the budget has room (memory_freed)."""
+        assert self._transport is not None
+        self._held = self._waiting_for_memory = True
+        self._transport.pause_reading()
+        self._server.budget.wait(self)
 
     def _on_reply_backlog(self, backlogged: bool) -> None:
         # A client that does not read its replies stops being read: memory stays bounded.
@@ -267,6 +328,11 @@ class NbdConnection(asyncio.BufferedProtocol):
             return
         self._core.buffer_updated(nbytes)
         self._serve_buffered()
+        self._hold_unless_receive_granted()
+
+    def _hold_unless_receive_granted(self) -> None:
+        if not (self._held or self._closing or self._dropped) and not self._receive_granted():
+            self._hold_for_memory()
 
     def _tls_received(self, tls: TlsPipe, nbytes: int) -> None:
         assert self._sender is not None
@@ -293,6 +359,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             ):
                 core.buffer_updated(n)
                 self._serve_buffered()
+                self._hold_unless_receive_granted()
         except ssl.SSLError as exc:  # a damaged record
             self._tls_failed(exc, "TLS failed")
 
@@ -337,6 +404,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         core = self._core
         batch: list[Request] = []
         owed = 0  # bytes of READ replies made since the sender last saw them
+        chunk = min(REPLY_CHUNK_BYTES, self._server.budget.room(self))
         try:
             while True:
                 event = core.next_event()
@@ -344,13 +412,17 @@ class NbdConnection(asyncio.BufferedProtocol):
                     batch.append(event)
                     if event.cmd is _READ:
                         owed += event.length
-                    if len(batch) < JOURNAL_BATCH_REQUESTS and owed < REPLY_CHUNK_BYTES:
+                    if len(batch) < JOURNAL_BATCH_REQUESTS and owed < chunk:
                         continue
                     self._run_batch(batch)
                     batch = []
-                    if owed >= REPLY_CHUNK_BYTES:
+                    if owed >= chunk:
                         owed = 0
                         if self._backlogged_after_flush():
+                            return
+                        chunk = min(REPLY_CHUNK_BYTES, self._server.budget.room(self))
+                        if chunk <= 0:
+                            self._hold_for_memory()
                             return
                     continue
                 if batch:
@@ -398,11 +470,19 @@ class NbdConnection(asyncio.BufferedProtocol):
         transport = self._transport
         if not self._held or self._closing or transport is None or transport.is_closing():
             return
-        self._held = False
+        if self._waiting_for_memory:
+            self._account_memory()
+            if self._server.budget.room(self) <= 0:
+                self._server.budget.wait(self)  # still none: the next release wakes it again
+                return
+        self._held = self._waiting_for_memory = False
         self._serve_buffered()
         if self._tls is not None:
             self._serve_tls(self._tls)  # the plaintext left in the pipe
         if self._held or self._closing or self._dropped or transport.is_closing():
+            return
+        self._hold_unless_receive_granted()
+        if self._held:
             return
         if self._sender is None or not self._sender.backlogged:
             transport.resume_reading()
@@ -410,6 +490,7 @@ class NbdConnection(asyncio.BufferedProtocol):
     def _flush_out(self) -> None:
         if self._sender is not None:
             self._sender.send(self._core.data_to_send())
+            self._account_memory()
 
     def _track(self, task: asyncio.Task[None]) -> None:
         self._pending.add(task)
@@ -569,11 +650,22 @@ class NbdServer:
         self.tls_context = tls_context
         self.tls_mode = tls_mode
         self.connections: set[NbdConnection] = set()
+        self.budget = MemoryBudget(self.limits.memory_limit, self.limits.max_connections)
         self.pending: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._watch_timer: asyncio.TimerHandle | None = None
         self._refusals = LogLimiter()
         self._drops = LogLimiter()
+
+    def hold_memory(self, conn: NbdConnection, nbytes: int) -> None:
+        """``conn`` holds ``nbytes`` now; wake the connections waiting if that freed some."""
+        for waiter in self.budget.hold(conn, nbytes):
+            cast(NbdConnection, waiter).memory_freed()
+
+    def memory_released(self, conn: NbdConnection) -> None:
+        """``conn`` is gone: what it held is free."""
+        for waiter in self.budget.forget(conn):
+            cast(NbdConnection, waiter).memory_freed()
 
     def refused(self, peer: str, why: str) -> None:
         if self._refusals.allow(asyncio.get_running_loop().time()):

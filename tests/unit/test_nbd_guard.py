@@ -58,6 +58,7 @@ def test_nbd_section_is_optional_with_defaults_and_read_only_defaults_false(
     config = load(tmp_path, role=role)
     assert config.nbd == NbdConfig()
     assert config.nbd.max_connections == 128
+    assert config.nbd.memory_limit == 512 << 20
     assert config.nbd.allow is None
     assert [v.read_only for v in config.volumes] == [False, True]
 
@@ -70,12 +71,14 @@ def test_nbd_section_parses_for_both_roles(tmp_path: Path, role: str) -> None:
       handshake_timeout_s: 2.5
       stall_timeout_s: 1
       allow: [127.0.0.1, 10.0.0.0/24, "::1", "fd00::/64"]
+      memory_limit: 1GiB
     """
     config = load(tmp_path, extra, role=role)
     assert config.nbd == NbdConfig(
         max_connections=7,
         handshake_timeout_s=2.5,
         stall_timeout_s=1.0,
+        memory_limit=1 << 30,
         allow=(
             ipaddress.ip_network("127.0.0.1/32"),
             ipaddress.ip_network("10.0.0.0/24"),
@@ -101,6 +104,14 @@ def test_nbd_section_parses_for_both_roles(tmp_path: Path, role: str) -> None:
         ("nbd: {tls: require}", "nbd.tls: expected a mapping, got string"),
         ("nbd: {tsl: {}}", "nbd.tsl: unknown key"),
         ("nbd: []", "nbd: expected a mapping, got list"),
+        ("nbd: {memory_limit: 32MiB}", "nbd.memory_limit: must be at least 64MiB (67108864)"),
+        ("nbd: {memory_limit: 1GB}", "nbd.memory_limit: bad size '1GB'"),
+        ("nbd: {memory_limit: -1}", "nbd.memory_limit: bad size -1"),
+        (
+            "nbd: {memory_limit: 64MiB, max_connections: 1024}",
+            "nbd.memory_limit: 67108864 is less than 128KiB per connection; "
+            "nbd.max_connections 1024 needs at least 134217728",
+        ),
     ],
 )
 def test_nbd_errors_name_the_key(tmp_path: Path, extra: str, expected: str) -> None:
