@@ -351,8 +351,10 @@ class NbdConnection(asyncio.BufferedProtocol):
     def _serve_tls(self, tls: TlsPipe) -> None:
         """Like a recv into the core's buffer: decrypt as much as the room it offers, then
         serve, until the pipe holds no plaintext or the connection is held (what is left
-        waits in the pipe, at most one receive's worth: reading is paused)."""
+        waits in the pipe, at most one receive's worth: reading is paused). Each read
+        into the core may grow its buffer: the budget is asked first."""
         core = self._core
+        self._hold_unless_receive_granted()
         try:
             while not (self._held or self._closing or self._dropped) and (
                 n := tls.read_into(core.get_buffer(-1))
