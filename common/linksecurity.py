@@ -45,6 +45,7 @@ def load_link_security(link: LinkConfig) -> LinkSecurity:
     if link.tls_cert is None or link.tls_key is None or link.tls_ca is None:
         return LinkSecurity(secret)
     cert, key, ca = link.tls_cert, link.tls_key, link.tls_ca
+    check_private_file(key, "link.tls.key")  # the site's identity on the link
     server = tls_context(ssl.Purpose.CLIENT_AUTH, cert, key, ca, section="link.tls")
     client = tls_context(ssl.Purpose.SERVER_AUTH, cert, key, ca, section="link.tls")
     return LinkSecurity(secret, server, client)

@@ -93,6 +93,10 @@ def test_tls_needs_all_three_files_and_loads_them(tmp_path: Path) -> None:
     link = "link: {tls: {cert: a.crt, key: a.key, ca: a.crt}}\n"
     security = load_link_security(load_config(_config(tmp_path, "0.0.0.0:7410", link)).link)
     assert security.server_tls is not None and security.client_tls is not None
+    (tmp_path / "a.key").chmod(0o640)
+    with pytest.raises(ConfigError, match=r"link\.tls\.key: .* readable .*chmod 600"):
+        load_link_security(load_config(_config(tmp_path, link=link)).link)
+    (tmp_path / "a.crt").chmod(0o600)
     bad = "link: {tls: {cert: a.crt, key: a.crt, ca: a.crt}}\n"  # a certificate is no key
     with pytest.raises(ConfigError, match=r"link\.tls\.cert/key: cannot load"):
         load_link_security(load_config(_config(tmp_path, link=bad)).link)
