@@ -356,15 +356,6 @@ def _parse_allow(value: object, key: str) -> tuple[IpNetwork, ...]:
     return tuple(networks)
 
 
-def _parse_nbd_memory_limit(value: object, key: str) -> int:
-    limit = parse_size(value, key)
-    if limit < NBD_MEMORY_LIMIT_MIN_BYTES:
-        raise ConfigError(
-            f"{key}: must be at least 64MiB ({NBD_MEMORY_LIMIT_MIN_BYTES}), got {limit}"
-        )
-    return limit
-
-
 def _parse_nbd_tls_mode(value: object, key: str) -> NbdTlsMode:
     if value not in NBD_TLS_MODES:
         raise ConfigError(f"{key}: must be require or optional, got {value!r}")
@@ -378,13 +369,20 @@ def _parse_bitmap_region(value: object, key: str) -> int:
     return region
 
 
-def _parse_journal_capacity(value: object, key: str) -> int:
-    capacity = parse_size(value, key)
-    if capacity < JOURNAL_CAPACITY_MIN_BYTES:
-        raise ConfigError(
-            f"{key}: must be at least 1MiB ({JOURNAL_CAPACITY_MIN_BYTES}), got {capacity}"
-        )
-    return capacity
+def _size_at_least(minimum: int, shown: str) -> Callable[[object, str], int]:
+    """A size of at least ``minimum`` bytes (``shown`` the way a config would write it)."""
+
+    def parse(value: object, key: str) -> int:
+        size = parse_size(value, key)
+        if size < minimum:
+            raise ConfigError(f"{key}: must be at least {shown} ({minimum}), got {size}")
+        return size
+
+    return parse
+
+
+_parse_journal_capacity = _size_at_least(JOURNAL_CAPACITY_MIN_BYTES, "1MiB")
+_parse_nbd_memory_limit = _size_at_least(NBD_MEMORY_LIMIT_MIN_BYTES, "64MiB")
 
 
 # --- the schema -----------------------------------------------------------------------------

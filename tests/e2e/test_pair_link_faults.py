@@ -152,14 +152,24 @@ def test_a_cut_during_a_resync(
     assert never_suspended(primary, secondary) != longer_than_path_watch
 
 
+def paired_and_writing(
+    daemons: Daemons, proxied: list[FaultProxy], path_watch_s: float, *, seed: int, writes: int
+) -> tuple[Daemon, Daemon, Writer]:
+    """A swappable pair (B through the proxy) in PAIR, hosts writing A: `writes` acknowledged."""
+    a, b = swappable_pair(daemons, proxied, pair={"path_watch_s": path_watch_s})
+    create_pair(a, b)
+    writer = Writer(a, seed=seed)
+    writer.start()
+    wait_until(lambda: len(writer.acked) > writes, 30, "writes")
+    return a, b, writer
+
+
 def test_a_takeover_with_the_link_cut_is_ssws_and_needs_resync_swap(
     daemons: Daemons, proxied: list[FaultProxy]
 ) -> None:
-    a, b = swappable_pair(daemons, proxied, pair={"path_watch_s": LONG_FAULT_PATH_WATCH_S})
-    create_pair(a, b)
-    writer = Writer(a, seed=23)
-    writer.start()
-    wait_until(lambda: len(writer.acked) > 200, 30, "writes")
+    a, b, writer = paired_and_writing(
+        daemons, proxied, LONG_FAULT_PATH_WATCH_S, seed=23, writes=200
+    )
     proxied[-1].cut()
     wait_until(lambda: not display(b)["link"]["up"], 10, "B to see the link down")
     proc = pairctl(b, "takeover", check=False)
@@ -239,11 +249,9 @@ def test_a_cut_in_the_middle_of_a_takeover_leaves_the_primary_serving(
     """A has stopped host writes for the swap, the link is cut before COMMIT: the takeover
     is refused on B, A stays the primary and serves its hosts again at once (not after
     SWAP_COMMIT_S); PSUE on both; resync brings PAIR back, roles unchanged."""
-    a, b = swappable_pair(daemons, proxied, pair={"path_watch_s": LONG_FAULT_PATH_WATCH_S})
-    create_pair(a, b)
-    writer = Writer(a, seed=24)
-    writer.start()
-    wait_until(lambda: len(writer.acked) > 200, 30, "writes")
+    a, b, writer = paired_and_writing(
+        daemons, proxied, LONG_FAULT_PATH_WATCH_S, seed=24, writes=200
+    )
     proxied[-1].set_delay(SWAP_LINK_DELAY_S)
     takeover = InBackground(lambda: pairctl(b, "takeover", check=False))
     stopped = "host writes stopped"
@@ -305,11 +313,9 @@ def test_a_takeover_whose_commit_answer_is_lost_is_finished_when_the_link_is_bac
 ) -> None:
     # Across the slow link, silences of about 2 s (a long poll and a round trip) must not
     # trip the path watch.
-    a, b = swappable_pair(daemons, proxied, pair={"path_watch_s": SHORT_FAULT_PATH_WATCH_S})
-    create_pair(a, b)
-    writer = Writer(a, seed=25)
-    writer.start()
-    wait_until(lambda: len(writer.acked) > 2000, 30, "writes")
+    a, b, writer = paired_and_writing(
+        daemons, proxied, SHORT_FAULT_PATH_WATCH_S, seed=25, writes=2000
+    )
     # Drained at full speed: the proxy carries 1 MiB per delay, too slow for a long backlog
     # (test_pair_swap covers a takeover under writes).
     writer.finish()
