@@ -81,6 +81,10 @@ _HANDSHAKING = (Phase.CLIENT_FLAGS, Phase.OPTIONS, Phase.TLS_HANDSHAKE)
 # Requests journaled together, then executed: records reach the journal file in one write,
 # and a crash can leave at most this many records without their volume writes.
 JOURNAL_BATCH_REQUESTS = 256
+# FLUSH and FUA requests of one connection waiting for their sync: past this many, the
+# connection stops being read until a sync round answers them (a flood of FLUSH costs a
+# bounded list, not a task each).
+SYNC_WAITERS_MAX = 1024
 STOP_DRAIN_S = 10.0  # on SIGTERM, how long clients get to read the replies owed to them
 _SENDFILE_MIN_BYTES = 128 << 10  # below this one pread + write is cheaper than a syscall dance
 # READ reply bytes made before the sender gets them and the backlog is checked: without a
@@ -157,6 +161,10 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self.peer = "?"
         self._pending: set[asyncio.Task[None]] = set()
+        # FLUSH/FUA requests (payload dropped) for the next sync round, and its task.
+        self._sync_waiting: list[Request] = []
+        self._sync_rounds: asyncio.Task[None] | None = None
+        self._waiting_for_sync = False  # held: too many requests wait for a sync
         self._sender: ReplySender | None = None
         self._closing = False
         self._received_bytes = 0
@@ -213,12 +221,13 @@ class NbdConnection(asyncio.BufferedProtocol):
         core, sender, transport = self._core, self._sender, self._transport
         if self._dropped or sender is None or transport is None or transport.is_closing():
             return None
-        # Waiting for the budget mid-request is the server's doing, not a stall; replies
-        # left unread are the client's.
+        # Waiting for the budget or for a sync round mid-request is the server's doing, not
+        # a stall; replies left unread are the client's.
+        server_busy = self._waiting_for_memory or self._sync_rounds is not None
         return self.watch.overdue(
             now,
             handshaking=core.phase in _HANDSHAKING,
-            busy=(core.mid_request and not self._waiting_for_memory) or not sender.idle,
+            busy=(core.mid_request and not server_busy) or not sender.idle,
             progress=(
                 self._received_bytes,
                 sender.drained_count,
@@ -418,6 +427,8 @@ class NbdConnection(asyncio.BufferedProtocol):
                         continue
                     self._run_batch(batch)
                     batch = []
+                    if self._held_for_syncs():
+                        break
                     if owed >= chunk:
                         owed = 0
                         if self._backlogged_after_flush():
@@ -430,6 +441,8 @@ class NbdConnection(asyncio.BufferedProtocol):
                 if batch:
                     self._run_batch(batch)
                     batch = []
+                    if self._held_for_syncs():
+                        break
                 if event is NEED_DATA:
                     break
                 if isinstance(event, ExportChosen):
@@ -575,7 +588,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._core.reply_error(req, c.ENOSPC if exc.errno == 28 else c.EIO, str(exc))
             return
         if cmd is _FLUSH or req.flags & _FUA:
-            self._track(asyncio.get_running_loop().create_task(self._sync_then_reply(export, req)))
+            self._reply_after_sync(export, req)
             return
         self._core.reply_ok(req)
 
@@ -605,18 +618,48 @@ class NbdConnection(asyncio.BufferedProtocol):
             return FileData(offset, length)
         return volume.read(offset, length)
 
-    async def _sync_then_reply(self, export: Export, req: Request) -> None:
+    def _reply_after_sync(self, export: Export, req: Request) -> None:
+        """FLUSH, or a FUA write done: answered once a sync that started after it is done."""
+        self._sync_waiting.append(req._replace(payload=b""))  # no view of the receive buffer
+        if self._sync_rounds is None:
+            self._sync_rounds = asyncio.get_running_loop().create_task(self._run_syncs(export))
+            self._track(self._sync_rounds)
+
+    def _held_for_syncs(self) -> bool:
+        """Too many requests wait for a sync: stop reading and serving (the rest stays in the
+        receive buffer) until a round answers them."""
+        if len(self._sync_waiting) < SYNC_WAITERS_MAX:
+            return False
+        assert self._transport is not None
+        self._held = self._waiting_for_sync = True
+        self._transport.pause_reading()
+        return True
+
+    async def _run_syncs(self, export: Export) -> None:
+        """Sync rounds (group commit): each answers the requests that came before it
+        started; those that come meanwhile wait for the next. One task per connection,
+        whatever the client sends."""
         try:
-            if export.journal is None:
-                await export.syncer.sync()
-            else:
-                await asyncio.gather(export.syncer.sync(), export.journal.sync())
-        except OSError as exc:
-            log.error("export %s: fdatasync failed: %s", export.volume.name, exc)
-            self._core.reply_error(req, c.EIO, f"fdatasync: {exc}")
-        else:
-            self._core.reply_ok(req)
-        self._flush_out()
+            while self._sync_waiting:
+                answering, self._sync_waiting = self._sync_waiting, []
+                try:
+                    if export.journal is None:
+                        await export.syncer.sync()
+                    else:
+                        await asyncio.gather(export.syncer.sync(), export.journal.sync())
+                except OSError as exc:
+                    log.error("export %s: fdatasync failed: %s", export.volume.name, exc)
+                    for req in answering:
+                        self._core.reply_error(req, c.EIO, f"fdatasync: {exc}")
+                else:
+                    for req in answering:
+                        self._core.reply_ok(req)
+                self._flush_out()
+                if self._waiting_for_sync:
+                    self._waiting_for_sync = False
+                    self._serve_held()
+        finally:
+            self._sync_rounds = None
 
 
 def _piece_len(piece: Piece) -> int:

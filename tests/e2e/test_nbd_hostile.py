@@ -307,6 +307,40 @@ def test_reads_held_back_by_the_backlog_are_all_answered_in_order_once_read(
     assert_bystander_works(bystander)
 
 
+FLUSH_FLOOD = 200_000  # 5.6 MB of FLUSH headers, sent at once
+CMD_FLUSH = 3
+# One FLUSH waiting for its sync is a tuple in a list, at most SYNC_WAITERS_MAX of them; the
+# rest waits in the socket. With a task per FLUSH, 300,000 grew the daemon by 245 MiB.
+FLUSH_RSS_GROWTH_MAX_BYTES = 16 * MiB
+
+
+def test_a_flood_of_flush_requests_is_answered_in_sync_rounds_in_bounded_memory(
+    guarded: Daemon, bystander: nbd.NBD
+) -> None:
+    rss_before = rss_bytes(guarded.pid)
+    peak = PeakRss(guarded.pid)
+    peak.start()
+    client = TightClient(guarded.nbd_port)
+    try:
+        client.handshake()
+        flood = b"".join(
+            client.request_header(CMD_FLUSH, 0, 0, cookie=i) for i in range(FLUSH_FLOOD)
+        )
+        sender = threading.Thread(target=client.sock.sendall, args=(flood,), daemon=True)
+        sender.start()  # the server stops reading while its sync rounds catch up
+        answered = {client.simple_reply() for _ in range(FLUSH_FLOOD)}
+        sender.join(DROP_TIMEOUT_S)
+    finally:
+        client.close()
+        peak.stop.set()
+        peak.join(5)
+    grown = peak.peak - rss_before
+    print(f"\n{FLUSH_FLOOD} FLUSH: RSS grew by {grown / MiB:.1f} MiB at the peak")
+    assert answered == {(0, cookie) for cookie in range(FLUSH_FLOOD)}
+    assert grown < FLUSH_RSS_GROWTH_MAX_BYTES, f"grew by {grown / MiB:.1f} MiB"
+    assert_bystander_works(bystander)
+
+
 # --- 10,000 connections -----------------------------------------------------------------------
 
 FLOOD_CONNECTIONS = 10_000
