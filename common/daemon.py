@@ -31,6 +31,7 @@ from common.linksecurity import load_link_security
 from common.nbd import tls as nbd_tls
 from common.pairrecord import PairRecord, PairRecordError
 from common.pairstate import Role
+from common.sdnotify import notify
 from common.volume import VolumeError
 
 log = logging.getLogger("journalpair")
@@ -167,7 +168,7 @@ async def _serve(config: Config, serve_role: RoleService) -> Role | None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, _stopping, stop)
     try:
         config.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -178,6 +179,14 @@ async def _serve(config: Config, serve_role: RoleService) -> Role | None:
         raise _startup_error(group) from None
     log.info("stopped" if switch_to is None else f"stopped: this site is now the {switch_to}")
     return switch_to
+
+
+def _stopping(stop: asyncio.Event) -> None:
+    """A signal: stop, and tell systemd (Type=notify) that the daemon is on its way out.
+    A role swap does not say so: the same process goes on as the other daemon."""
+    if not stop.is_set():
+        notify("STOPPING=1", "STATUS=stopping (signal)")
+    stop.set()
 
 
 def _startup_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

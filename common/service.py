@@ -18,6 +18,7 @@ from common.journal.store import JournalCorrupt, JournalStore
 from common.pairrecord import FILE_NAME as PAIR_FILE_NAME
 from common.pairrecord import PairRecord, PairRecordError, RecordSaver
 from common.pairstate import Role
+from common.sdnotify import notify
 from common.statefile import write_bytes_atomic
 from common.volume import Volume
 
@@ -176,6 +177,14 @@ def _not_here(verb: str) -> Handler:
         raise ControlRefused(f"cannot {verb}: not available on this site")
 
     return refuse
+
+
+def announce_ready(config: Config, role: Role, serving: str) -> None:
+    """Every port listens and the control socket answers: tell systemd (Type=notify).
+
+    After a swap the new role's process (same pid, exec'ed) says READY=1 again, with the
+    new STATUS: systemd keeps the unit active throughout."""
+    notify("READY=1", f"STATUS={role.value} of group {config.group}: {serving}")
 
 
 async def until_either(stop: asyncio.Event, switching: asyncio.Event) -> None:

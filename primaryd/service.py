@@ -12,6 +12,7 @@ from common.nbd.tls import load_nbd_tls, nbd_tls_mode
 from common.pairstate import Role
 from common.runmarker import LastStop, mark_running, mark_stopped
 from common.service import (
+    announce_ready,
     close_volumes,
     control_server,
     event_log,
@@ -74,6 +75,7 @@ async def serve(config: Config, stop: asyncio.Event) -> Role | None:
             "group %s: serving %s over NBD on %s:%d", config.group, ", ".join(volumes), host, port
         )
         await control.start()
+        announce_ready(config, Role.PRIMARY, f"NBD on {host}:{port}")
         await until_either(stop, group.switching)
         log.info("stopping: answering in-flight requests")
         await nbd.stop()

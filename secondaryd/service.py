@@ -17,6 +17,7 @@ from common.pairrecord import PairRecord, RecordSaver
 from common.pairstate import PairState, Role
 from common.replication.server import ReplicationServer
 from common.service import (
+    announce_ready,
     close_volumes,
     control_server,
     event_log,
@@ -151,6 +152,7 @@ async def serve(config: Config, stop: asyncio.Event) -> Role | None:
             port,
         )
         await control.start()
+        announce_ready(config, Role.SECONDARY, f"NBD on {host}:{port}")
         await until_either(stop, group.switching)
         log.info("stopping")
         for task in running:
