@@ -16,10 +16,14 @@ PYTHON="${PYTHON:-python3}"
 
 # What the tests and the bench use: NBD clients and reference servers, fio, a real file
 # system (nbdfuse + losetup + mkfs.ext4), network namespaces, process tools, and
-# qemu-storage-daemon (in qemu-system-common: the bench's QEMU mirror peer).
+# qemu-storage-daemon (in qemu-system-common: the bench's QEMU mirror peer); for the
+# failover integration (deploy/): systemd-analyze (systemd) to verify the units, and
+# ocf-tester with ocf-shellfuncs (resource-agents) and xmllint (libxml2-utils) for the
+# OCF agent.
 DEB_PACKAGES=(
     qemu-utils libnbd-bin python3-libnbd fio fuse3 e2fsprogs nbdkit
     iproute2 util-linux procps qemu-system-common
+    systemd resource-agents libxml2-utils
 )
 
 log() { echo "setup: $*" >&2; }
