@@ -18,12 +18,12 @@ PYTHON="${PYTHON:-python3}"
 # system (nbdfuse + losetup + mkfs.ext4), network namespaces, process tools, and
 # qemu-storage-daemon (in qemu-system-common: the bench's QEMU mirror peer); for the
 # failover integration (deploy/): systemd-analyze (systemd) to verify the units, and
-# ocf-tester with ocf-shellfuncs (resource-agents) and xmllint (libxml2-utils) for the
-# OCF agent.
+# ocf-tester with ocf-shellfuncs (resource-agents), xmllint (libxml2-utils) and shellcheck
+# for the OCF agent.
 DEB_PACKAGES=(
     qemu-utils libnbd-bin python3-libnbd fio fuse3 e2fsprogs nbdkit
     iproute2 util-linux procps qemu-system-common
-    systemd resource-agents libxml2-utils
+    systemd resource-agents libxml2-utils shellcheck
 )
 
 log() { echo "setup: $*" >&2; }
