@@ -302,18 +302,40 @@ class PrimaryGroup:
                 "up": self.secondary is not None,
                 "peer": self.link_peer,
                 "since": _iso(self.link_since),
+                "for_s": round(max(0.0, time.time() - self.link_since), 1),
             },
             "bitmap": {"dirty_bytes": self._dirty_bytes()},
-            "peer": {"state": self.peer_state, "written_while_split": self.peer_written},
+            "peer": self._peer_view(),
             "written_while_split": self.record.written_while_split,
             "split_brain": self._split_brain(),
         }
         if self.record.state is PairState.COPY:
-            result["copy"] = {
-                "done_bytes": self.copy.done_bytes,
-                "total_bytes": self.copy.total_bytes or self.record.copy_total_bytes,
-            }
+            result["copy"] = self._copy_view()
         return result
+
+    def _peer_view(self) -> dict[str, Any]:
+        """What this site knows of the secondary: its Hello, its last read-journal request."""
+        return {
+            "state": self.peer_state,  # as its last Hello said
+            "written_while_split": self.peer_written,
+            "sent_state": self._secondary_state().value if self.secondary is not None else "",
+            "restored_seq": self.restored_seq,
+            "applied_seq": self.applied_seq,
+            "silent_s": round(max(0.0, time.monotonic() - self.last_contact), 1),
+        }
+
+    def _copy_view(self) -> dict[str, Any]:
+        total = self.copy.total_bytes or self.record.copy_total_bytes
+        now_s = time.monotonic()
+        rate = self.copy.meter.rate_bytes_per_s(now_s)
+        eta_s = self.copy.meter.eta_s(total, now_s)
+        return {
+            "done_bytes": self.copy.done_bytes,
+            "total_bytes": total,
+            "applied_bytes": self.copy.applied_bytes,
+            "rate_bytes_per_s": None if rate is None else round(rate),
+            "eta_s": None if eta_s is None else round(eta_s, 1),
+        }
 
     # -- the read-journal side (common.replication.server.JournalSource) --------------------
 
@@ -501,6 +523,8 @@ class PrimaryGroup:
 
     def _secondary_position(self, restored_seq: int, applied_seq: int) -> None:
         self.restored_seq, self.applied_seq = restored_seq, applied_seq
+        if self.record.state is PairState.COPY:
+            self.copy.secondary_applied(applied_seq)
         freed = self.store.release(min(restored_seq, self.store.last_seq))
         if freed and self._space_freed is not None and not self._space_freed.done():
             self._space_freed.set_result(None)
@@ -794,7 +818,7 @@ class PrimaryGroup:
         self._secondary_position(self.restored_seq, self.applied_seq)
 
     def _ref_sent(self, length: int) -> None:
-        self.copy.done_bytes += length
+        self.copy.advance(length)
 
     def _copied(self, volume: str, offset: int, length: int) -> None:
         # Journaled (with a seq the secondary will get): no longer a difference to track.

@@ -34,6 +34,7 @@ from common.linksecurity import load_link_security
 from common.marklog import MarkLog
 from common.pairrecord import PairRecord, RecordSaver
 from common.pairstate import PairInput, PairState, Refused, Role, is_suspended, next_state
+from common.progress import RateMeter
 from common.replication.messages import (
     JournalBatch,
     ReportBitmap,
@@ -87,6 +88,8 @@ class SecondaryGroup:
         self.primary_clock_offset_ns = 0
         self.copy_done_bytes = 0
         self.copy_total_bytes = 0
+        self.copy_meter = RateMeter()  # for display's copy rate and ETA
+        self.primary_sent_state = ""  # the state the primary's last answer told this site
         self._syncing: asyncio.Future[None] | None = None
         self._straight_upto = 0  # the last seq written straight onto the S-VOLs
         self.bitmaps = load_bitmaps(
@@ -549,6 +552,7 @@ class SecondaryGroup:
         self.last_answer = time.monotonic()
         if self.storage_failure:  # drop the link: the next Hello tells the primary
             raise LinkDown(f"secondary failure: {self.storage_failure}")
+        self.primary_sent_state = batch.state
         if not self._following:
             self.primary_last_seq = batch.last_seq
             return
@@ -568,6 +572,7 @@ class SecondaryGroup:
         self.primary_last_seq = batch.last_seq
         self.primary_clock_offset_ns = batch.primary_time_ns - time.time_ns()
         self.copy_done_bytes, self.copy_total_bytes = batch.copy_done_bytes, batch.copy_total_bytes
+        self.copy_meter.update(batch.copy_done_bytes, time.monotonic())
         state = _state_named(batch.state)
         if state is not None:
             await self._follow(state)
@@ -644,16 +649,27 @@ class SecondaryGroup:
                 if self.config.primary
                 else "",
                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.link_since)),
+                "for_s": round(max(0.0, time.time() - self.link_since), 1),
                 "why": self.link_why,
+            },
+            "peer": {  # what this site knows of the primary, from its last answer
+                "sent_state": self.primary_sent_state,
+                "last_seq": self.primary_last_seq,
+                "silent_s": round(max(0.0, time.monotonic() - self.last_answer), 1),
             },
         }
         result["bitmap"] = {"dirty_bytes": sum(b.dirty_bytes for b in self.bitmaps.values())}
         if self.destager.error:
             result["destage_error"] = self.destager.error
         if self.record.state is PairState.COPY:
+            now_s = time.monotonic()
+            rate = self.copy_meter.rate_bytes_per_s(now_s)
+            eta_s = self.copy_meter.eta_s(self.copy_total_bytes, now_s)
             result["copy"] = {
                 "done_bytes": self.copy_done_bytes,
                 "total_bytes": self.copy_total_bytes,
+                "rate_bytes_per_s": None if rate is None else round(rate),
+                "eta_s": None if eta_s is None else round(eta_s, 1),
             }
         return result
 
