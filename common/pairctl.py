@@ -5,7 +5,9 @@
         │ config.control: the daemon's socket
         ├ create / split / resync / delete: call(verb, args) ── print result["message"], exit 0
         ├ takeover: call ── exit result["exit_code"] (horctakeover style: 0, 1 swap, 2 SSWS)
+        │   create, resync, takeover --wait: then pairfollow.follow until PAIR (else exit 4)
         ├ display [--json] [--watch [S]]: call("display") ── render_display / JSON
+        │   --watch: in a terminal each frame redraws the last in place; else blocks follow
         ├ wait STATE [--timeout S]: poll display every 0.2 s (client side, like pairevtwait)
         └ events [--follow]: call("events") / stream("events") ── JSON lines
     refused: "pairctl: <reason>", the daemon's exit code; daemon unreachable: exit 3
@@ -22,12 +24,14 @@ import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, NoReturn, TypeGuard
+from typing import Any, NoReturn
 
 from common.config import ConfigError, load_config
 from common.control import ControlError, ControlRefused, call, stream
+from common.displaytext import human_size, render_display, text
+from common.pairfollow import UNSETTLED_MAX_S, FollowEnd, follow, view_for
 from common.pairstate import PairState
 
 __all__ = ["human_size", "main", "render_display", "run"]
@@ -36,15 +40,24 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # refused (unless the daemon says otherwise), wait timeout
 EXIT_USAGE = 2  # bad command line or config
 EXIT_UNREACHABLE = 3  # no answer from the daemon
+EXIT_NOT_REACHED = 4  # --wait: the operation started, but the pair ended in another state
 EXIT_INTERRUPTED = 130  # Ctrl-C during an operation or a wait
 
+TAKEOVER_SWAP = 1  # horctakeover's exit code for a swap takeover
 WAIT_TIMEOUT_S = 60.0
 WAIT_POLL_S = 0.2
 DISPLAY_TIMEOUT_S = 10.0  # display answers from memory
 OPERATION_TIMEOUT_S = 120.0  # split drains the journal to the secondary before answering
 WATCH_INTERVAL_S = 1.0
+# --watch in a terminal redraws in place, as watch(1) does: the first frame clears the
+# screen, each later one goes to the top left and overwrites, clearing the rest of each line
+# and what is below the frame, so nothing scrolls or flickers; the cursor is hidden meanwhile.
 _CLEAR_SCREEN = "\x1b[H\x1b[2J"
-_SIZE_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
+_HOME = "\x1b[H"
+_CLEAR_TO_EOL = "\x1b[K"
+_CLEAR_BELOW = "\x1b[J"
+_HIDE_CURSOR = "\x1b[?25l"
+_SHOW_CURSOR = "\x1b[?25h"
 
 _EPILOG = """\
 exit status:
@@ -52,6 +65,7 @@ exit status:
   1  refused (the daemon's reason is printed), or wait timed out
   2  bad command line or config file
   3  the daemon cannot be reached or did not answer
+  4  --wait: the operation started, but the pair ended in another state than PAIR
   takeover exits like horctakeover: 0 nothing to do, 1 swap takeover, 2 S-VOL takeover (SSWS).
   A swap takeover makes this site the primary and the old primary its secondary; an S-VOL
   takeover write-enables this site's volumes because the primary did not answer.
@@ -63,118 +77,13 @@ def _err(message: str) -> None:
     print(f"pairctl: {message}", file=sys.stderr)
 
 
-# --- rendering ------------------------------------------------------------------------------
-
-
-def human_size(value: object) -> str:
-    """Bytes as "512 B", "1.0 KiB", "1.0 GiB"; "?" for anything that is not a number."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return "?"
-    if abs(value) < 1024:
-        return f"{int(value)} B"
-    scaled = float(value)
-    for unit in _SIZE_UNITS:
-        scaled /= 1024
-        if abs(scaled) < 1024 or unit == _SIZE_UNITS[-1]:
-            break
-    return f"{scaled:.1f} {unit}"
-
-
-def _is_number(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _percent(part: object, whole: object) -> str:
-    if not _is_number(part) or not _is_number(whole) or whole <= 0:
-        return "-"
-    return f"{100 * part / whole:.1f}%"
-
-
-def _text(value: object) -> str:
-    if value is None or value == "":
-        return "-"
-    return " ".join(str(value).split())  # one line, whatever the daemon sent
-
-
-def _section(result: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
-    value = result.get(key)
-    return value if isinstance(value, Mapping) else None
-
-
-def _link_text(link: Mapping[str, Any]) -> str:
-    parts = ["up" if link.get("up") else "down"]
-    if link.get("peer"):
-        parts.append(f"peer {_text(link['peer'])}")
-    if link.get("since"):
-        parts.append(f"since {_text(link['since'])}")
-    return ", ".join(parts)
-
-
-def _lag_text(lag: Mapping[str, Any]) -> str:
-    seconds = lag.get("seconds")
-    when = f"{seconds:.1f} s" if _is_number(seconds) else "? s"
-    return f"{_text(lag.get('entries'))} entries, {human_size(lag.get('bytes'))}, {when}"
-
-
-def _used_text(part: object, whole: object) -> str:
-    return f"{human_size(part)} of {human_size(whole)} ({_percent(part, whole)})"
-
-
-def _summary_rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:
-    rows = [(key, _text(result.get(key))) for key in ("group", "role", "state", "reason")]
-    if "generation" in result:
-        rows.append(("generation", _text(result["generation"])))
-    if (link := _section(result, "link")) is not None:
-        rows.append(("link", _link_text(link)))
-    if (seq := _section(result, "seq")) is not None:
-        names = ("last", "restored", "applied")
-        rows.append(("seq", ", ".join(f"{n} {_text(seq.get(n))}" for n in names if n in seq)))
-    if (lag := _section(result, "lag")) is not None:
-        rows.append(("lag", _lag_text(lag)))
-    if (journal := _section(result, "journal")) is not None:
-        used = _used_text(journal.get("used_bytes"), journal.get("capacity_bytes"))
-        rows.append(("journal", used))
-    if (copy := _section(result, "copy")) is not None:
-        rows.append(("copy", _used_text(copy.get("done_bytes"), copy.get("total_bytes"))))
-    return rows
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> list[str]:
-    """Columns padded to their widest cell; `right` holds the right-aligned column indexes."""
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = []
-    for row in [header, *rows]:
-        cells = [
-            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
-            for i, cell in enumerate(row)
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return lines
-
-
-def render_display(result: Mapping[str, Any]) -> str:
-    """The display result as aligned text: a key/value summary, then one row per volume."""
-    rows = _summary_rows(result)
-    width = max(len(key) for key, _ in rows)
-    lines = [f"{key.ljust(width)}  {value}" for key, value in rows]
-    volumes = result.get("volumes")
-    if isinstance(volumes, list) and volumes:
-        table = [
-            (_text(v.get("name")), human_size(v.get("size")), _text(v.get("path")))
-            for v in volumes
-            if isinstance(v, Mapping)
-        ]
-        lines += ["", *_table(("VOLUME", "SIZE", "PATH"), table, right={1})]
-    return "\n".join(lines) + "\n"
-
-
 # --- verbs ----------------------------------------------------------------------------------
 
 
 def _print_message(result: Mapping[str, Any]) -> None:
     message = result.get("message")
     if isinstance(message, str) and message:
-        print(_text(message))
+        print(text(message))
 
 
 async def _operate(control: Path, args: argparse.Namespace) -> int:
@@ -186,6 +95,8 @@ async def _operate(control: Path, args: argparse.Namespace) -> int:
         verb_args["discard_secondary"] = args.discard_secondary
     result = await call(control, args.verb, verb_args, timeout_s=OPERATION_TIMEOUT_S)
     _print_message(result)
+    if getattr(args, "wait", False):
+        return await _follow(control, EXIT_OK)
     return EXIT_OK
 
 
@@ -196,26 +107,65 @@ async def _takeover(control: Path, args: argparse.Namespace) -> int:
     if not isinstance(code, int) or isinstance(code, bool) or not 0 <= code <= 255:
         _err(f"bad answer from the daemon at {control}: takeover result has no exit_code")
         return EXIT_FAILED
+    if args.wait and code == TAKEOVER_SWAP:  # SSWS or nothing done: there is no pair to follow
+        return await _follow(control, code)
     return code
+
+
+async def _follow(control: Path, done_code: int) -> int:
+    """After an accepted create, resync or swap: follow the pair until PAIR (`done_code`)."""
+    end, last = await follow(
+        lambda: call(control, "display", {}, DISPLAY_TIMEOUT_S), view_for(sys.stdout)
+    )
+    seen: Mapping[str, Any] = last or {}
+    state, role, reason = (text(seen.get(key)) for key in ("state", "role", "reason"))
+    if end is FollowEnd.DONE:
+        print(f"pair is {state}")
+        return done_code
+    if end is FollowEnd.UNREACHABLE:
+        _err(f"the daemon at {control} did not answer for {UNSETTLED_MAX_S:g} s while following")
+        return EXIT_UNREACHABLE
+    if end is FollowEnd.UNSETTLED:
+        _err(f"this site is still the {role} ({state}) after {UNSETTLED_MAX_S:g} s")
+    else:
+        _err(f"the pair did not reach PAIR: pair is {state} ({reason})")
+    return EXIT_NOT_REACHED
 
 
 def _render(result: Mapping[str, Any], as_json: bool) -> str:
     return json.dumps(result, sort_keys=True) + "\n" if as_json else render_display(result)
 
 
+def _in_place(block: str, first: bool) -> str:
+    """A frame for a terminal: drawn over the last one from the top left (see _HOME)."""
+    lines = block.rstrip("\n").split("\n")
+    start = _HIDE_CURSOR + _CLEAR_SCREEN if first else _HOME
+    return start + "\n".join(line + _CLEAR_TO_EOL for line in lines) + "\n" + _CLEAR_BELOW
+
+
 async def _display(control: Path, args: argparse.Namespace) -> int:
     if args.watch is None:
         sys.stdout.write(_render(await call(control, "display", {}, DISPLAY_TIMEOUT_S), args.json))
         return EXIT_OK
-    clear = sys.stdout.isatty() and not args.json
+    in_place = sys.stdout.isatty() and not args.json
+    try:
+        await _watch(control, args, in_place)
+    finally:
+        if in_place:
+            sys.stdout.write(_SHOW_CURSOR)
+            sys.stdout.flush()
+    return EXIT_OK  # not reached: a watch ends with Ctrl-C
+
+
+async def _watch(control: Path, args: argparse.Namespace, in_place: bool) -> None:
     first = True
     while True:  # until Ctrl-C; a daemon that goes away is shown, and watched for its return
         try:
             block = _render(await call(control, "display", {}, DISPLAY_TIMEOUT_S), args.json)
         except ControlError as exc:
             block = f"pairctl: {exc}\n"
-        if clear:
-            block = _CLEAR_SCREEN + block
+        if in_place:
+            block = _in_place(block, first)
         elif not first and not args.json:
             block = "\n" + block
         sys.stdout.write(block)
@@ -247,9 +197,9 @@ async def _wait(control: Path, args: argparse.Namespace) -> int:
         await asyncio.sleep(min(WAIT_POLL_S, remaining_s))
     waiting = f"after {timeout_s:g} s (waiting for {want})"
     if unreachable is None:
-        _err(f"timeout: pair is {_text(seen)} {waiting}")
+        _err(f"timeout: pair is {text(seen)} {waiting}")
     else:
-        last = "" if seen is None else f"; last seen {_text(seen)}"
+        last = "" if seen is None else f"; last seen {text(seen)}"
         _err(f"timeout: the daemon did not answer {waiting}{last}: {unreachable}")
     return EXIT_FAILED
 
@@ -330,6 +280,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+_WAIT_HELP = (
+    "once accepted, follow the pair until PAIR with its copy progress (a bar in a terminal, "
+    "one line per change otherwise); exit 4 if it ends in another state"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     # --config is accepted before or after the verb; SUPPRESS keeps a subparser from
     # overwriting a value given before the verb with its own default.
@@ -348,11 +304,13 @@ def _parser() -> argparse.ArgumentParser:
     def verb(name: str, help_text: str, **kwargs: Any) -> argparse.ArgumentParser:
         return verbs.add_parser(name, help=help_text, parents=[config], **kwargs)
 
-    verb("create", "pair the volumes: SMPL -> COPY (initial copy) -> PAIR")
+    create = verb("create", "pair the volumes: SMPL -> COPY (initial copy) -> PAIR")
     split = verb("split", "suspend the pair after flushing the journal (PSUS/SSUS)")
     split.add_argument("--rw", action="store_true", help="make the S-VOL writable (SSWS)")
     resync = verb("resync", "resume a suspended pair, copying only what changed")
     resync.add_argument("--swap", action="store_true", help="reverse the copy direction")
+    for follows in (create, resync):
+        follows.add_argument("--wait", action="store_true", help=_WAIT_HELP)
     resync.add_argument(
         "--discard-secondary",
         action="store_true",
@@ -360,12 +318,13 @@ def _parser() -> argparse.ArgumentParser:
         "secondary's writes are overwritten",
     )
     verb("delete", "dissolve the pair: SMPL on both sides")
-    verb(
+    takeover = verb(
         "takeover",
         "run on the secondary: take over the primary role",
         description="Take over on the secondary: a swap when the primary answers, else SSWS. "
         "Exit status: 0 nothing to do, 1 swap takeover, 2 S-VOL takeover (SSWS).",
     )
+    takeover.add_argument("--wait", action="store_true", help=_WAIT_HELP + " (after a swap)")
     display = verb("display", "show the pair's state, lag, journal use and volumes")
     display.add_argument("--json", action="store_true", help="one JSON object (sort_keys)")
     display.add_argument(

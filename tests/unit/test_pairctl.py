@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import pytest
 
 from common.control import ControlRefused, ControlServer, Handler, StreamHandler
+from common.displaytext import duration
 from common.pairctl import human_size, render_display, run
 
 T = TypeVar("T")
@@ -144,16 +145,14 @@ def test_render_display_aligns_values_and_humanizes() -> None:
     lines = text.splitlines()
     summary = lines[: lines.index("")]
     assert summary == [
-        "group       jg0",
-        "role        primary",
-        "state       COPY",
-        "reason      create by operator",
-        "generation  3",
-        "link        up, peer 127.0.0.1:7411, since 2024-05-01T12:00:00.000Z",
-        "seq         last 1200, restored 1190, applied 1180",
-        "lag         10 entries, 1.5 KiB, 0.2 s",
-        "journal     256.0 MiB of 1.0 GiB (25.0%)",
-        "copy        512.0 MiB of 1.0 GiB (50.0%)",
+        "jg0  primary  COPY",
+        "  reason      create by operator",
+        "  copy        50.0% (512.0 MiB of 1.0 GiB)",
+        "  lag         10 entries, 1.5 KiB, 0.2 s",
+        "  journal     25.0% (256.0 MiB of 1.0 GiB)",
+        "  link        up since 2024-05-01T12:00:00.000Z, peer 127.0.0.1:7411",
+        "  seq         last 1200, restored 1190, applied 1180",
+        "  generation  3",
     ]
     assert lines[lines.index("") + 1 :] == [
         "VOLUME      SIZE  PATH",
@@ -164,28 +163,165 @@ def test_render_display_aligns_values_and_humanizes() -> None:
 
 def test_render_display_minimal_and_garbled_results_do_not_crash() -> None:
     minimal = {"group": "jg0", "role": "secondary", "state": "SMPL", "reason": ""}
-    assert render_display(minimal) == ("group   jg0\nrole    secondary\nstate   SMPL\nreason  -\n")
+    assert render_display(minimal) == "jg0  secondary  SMPL\n  reason  -\n"
     garbled = {
         "state": "PAIR",
         "lag": {"entries": 0},
         "journal": {"used_bytes": 5, "capacity_bytes": 0},
-        "link": {"up": False},
+        "link": {"up": False, "for_s": "soon"},
         "volumes": [{"name": "v"}, "junk"],
         "copy": "not a mapping",
+        "peer": {"silent_s": None},
+        "bitmap": {"dirty_bytes": -1.5},
     }
     lines = [" ".join(line.split()) for line in render_display(garbled).splitlines()]
     assert lines == [
-        "group -",
-        "role -",
-        "state PAIR",
+        "- - PAIR",
         "reason -",
-        "link down",
         "lag 0 entries, ?, ? s",
-        "journal 5 B of 0 B (-)",
+        "journal - (5 B of 0 B)",
+        "bitmap -1 B dirty",
+        "link down",
+        "secondary never connected",
         "",
         "VOLUME SIZE PATH",
         "v ? -",
     ]
+
+
+# A primary's display as the daemons send it now (see README: display --json)
+PRIMARY_COPY: dict[str, Any] = {
+    **DISPLAY,
+    "copy": {
+        "done_bytes": 768 << 20,
+        "total_bytes": GiB,
+        "applied_bytes": 512 << 20,
+        "rate_bytes_per_s": 64 << 20,
+        "eta_s": 8.0,
+    },
+    "bitmap": {"dirty_bytes": 0},
+    "link": {**DISPLAY["link"], "for_s": 125.4},
+    "peer": {
+        "state": "SMPL",
+        "written_while_split": False,
+        "sent_state": "COPY",
+        "restored_seq": 1190,
+        "applied_seq": 1180,
+        "silent_s": 0.1,
+    },
+}
+
+
+def rows(text: str) -> dict[str, str]:
+    """The key/value rows under the title line, keyed by name."""
+    found = {}
+    for line in text.splitlines()[1:]:
+        if not line.startswith("  "):
+            break
+        key, _, value = line.strip().partition("  ")
+        found[key] = value.strip()
+    return found
+
+
+def test_render_copy_shows_applied_percent_sent_rate_and_eta() -> None:
+    shown = rows(render_display(PRIMARY_COPY))
+    assert (
+        shown["copy"] == "50.0% applied (512.0 MiB of 1.0 GiB), 75.0% sent, 64.0 MiB/s, ETA 8.0 s"
+    )
+    assert shown["link"] == ("up for 2m05s (since 2024-05-01T12:00:00.000Z), peer 127.0.0.1:7411")
+    assert shown["bitmap"] == "0 B dirty"
+
+
+def test_render_copy_before_the_rate_is_known_and_long_etas() -> None:
+    measuring = {**PRIMARY_COPY["copy"], "rate_bytes_per_s": None, "eta_s": None}
+    shown = rows(render_display({**PRIMARY_COPY, "copy": measuring}))
+    assert shown["copy"].endswith("75.0% sent, rate not measured yet")
+    slow = {**PRIMARY_COPY["copy"], "rate_bytes_per_s": 1024, "eta_s": 2 * 86400 + 3 * 3600}
+    assert rows(render_display({**PRIMARY_COPY, "copy": slow}))["copy"].endswith(
+        "1.0 KiB/s, ETA 2d03h"
+    )
+    stalled = {**PRIMARY_COPY["copy"], "rate_bytes_per_s": 0, "eta_s": None}
+    assert rows(render_display({**PRIMARY_COPY, "copy": stalled}))["copy"].endswith("0 B/s, ETA -")
+
+
+def test_render_primary_shows_its_view_of_the_secondary() -> None:
+    assert rows(render_display(PRIMARY_COPY))["secondary"] == (
+        "COPY, restored 1190, applied 1180, heard 0.1 s ago"
+    )
+    down = {
+        **PRIMARY_COPY,
+        "link": {"up": False, "since": "2024-05-01T12:00:00Z", "for_s": 3700.0},
+        "peer": {**PRIMARY_COPY["peer"], "sent_state": "", "state": "PSUE", "silent_s": 3700.0},
+    }
+    shown = rows(render_display(down))
+    assert shown["link"] == "down for 1h01m (since 2024-05-01T12:00:00Z)"
+    assert shown["secondary"] == (
+        "PSUE at its last Hello, restored 1190, applied 1180, heard 1h01m ago"
+    )
+
+
+def test_render_psue_shows_the_reason_and_a_split_brain() -> None:
+    reason = (
+        "link lost: no read-journal from the secondary for 30 s (path_watch_s 30); the link is down"
+    )
+    psue = {
+        **PRIMARY_COPY,
+        "state": "PSUE",
+        "reason": reason,
+        "split_brain": True,
+        "bitmap": {"dirty_bytes": 3 << 20},
+        "peer": {**PRIMARY_COPY["peer"], "written_while_split": True},
+    }
+    del psue["copy"]
+    text = render_display(psue)
+    assert text.splitlines()[0] == "jg0  primary  PSUE"
+    shown = rows(text)
+    assert shown["reason"] == reason
+    assert shown["SPLIT BRAIN"].startswith("hosts wrote both sites while split")
+    assert shown["bitmap"] == "3.0 MiB dirty"
+    assert shown["secondary"].endswith(", hosts wrote it while split")
+    assert "copy" not in shown
+
+
+def test_render_secondary_shows_its_view_of_the_primary() -> None:
+    secondary = {
+        "group": "jg0",
+        "role": "secondary",
+        "state": "COPY",
+        "reason": "primary is COPY",
+        "copy": {"done_bytes": 3 << 20, "total_bytes": 4 << 20, "rate_bytes_per_s": None},
+        "link": {"up": True, "peer": "10.0.0.1:7410", "since": "x", "for_s": 4.0, "why": "ok"},
+        "peer": {"sent_state": "PAIR", "last_seq": 1200, "silent_s": 0.0},
+        "seq": {"primary_last": 1200, "restored": 1190, "applied": 1180},
+        "destage_error": "seq 7: no volume named 'x' here",
+    }
+    shown = rows(render_display(secondary))
+    assert shown["primary"] == "last seq 1200, heard 0.0 s ago, it says this site is PAIR"
+    assert shown["copy"] == "75.0% sent (3.0 MiB of 4.0 MiB), rate not measured yet"
+    assert shown["link"] == "up for 4.0 s (since x), peer 10.0.0.1:7410"
+    assert shown["seq"] == "primary_last 1200, restored 1190, applied 1180"
+    assert shown["DESTAGE"] == "stopped: seq 7: no volume named 'x' here"
+    down = {**secondary, "link": {**secondary["link"], "up": False, "why": "refused"}}
+    assert rows(render_display(down))["link"].endswith("peer 10.0.0.1:7410: refused")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0.0 s"),
+        (59.94, "59.9 s"),
+        (60, "1m00s"),
+        (3599, "59m59s"),
+        (3600, "1h00m"),
+        (86399, "23h59m"),
+        (86400, "1d00h"),
+        (-1, "?"),
+        (None, "?"),
+        (True, "?"),
+    ],
+)
+def test_duration(seconds: object, text: str) -> None:
+    assert duration(seconds) == text
 
 
 # --- verbs against a daemon -----------------------------------------------------------------
@@ -415,7 +551,76 @@ def test_display_watch_rerenders_until_ctrl_c(
         timer.join()
     out = capsys.readouterr().out
     # Not a tty: no ANSI clearing, blocks separated by a blank line.
-    blocks = out.count("group ")
+    blocks = out.count("jg0  primary  COPY")
     assert blocks >= 2
     assert blocks in (len(calls), len(calls) - 1)  # Ctrl-C may land between answer and print
     assert out == "\n".join([render_display(DISPLAY)] * blocks)
+
+
+# --- create / resync / takeover --wait: following the copy --------------------------------------
+
+
+def answers(results: list[Mapping[str, Any]]) -> Handler:
+    """display answers these in turn, then the last one again."""
+    polls = 0
+
+    async def handler(args: Mapping[str, Any]) -> Mapping[str, Any]:
+        nonlocal polls
+        polls += 1
+        return results[min(polls, len(results)) - 1]
+
+    return handler
+
+
+def copy_at(applied: int) -> dict[str, Any]:
+    copy = {**PRIMARY_COPY["copy"], "applied_bytes": applied, "done_bytes": applied}
+    return {**PRIMARY_COPY, "copy": copy}
+
+
+def test_create_wait_follows_the_copy_in_plain_lines(
+    config: Path, daemon: Callable[..., DaemonThread], capsys: pytest.CaptureFixture[str]
+) -> None:
+    paired = {**DISPLAY, "state": "PAIR", "reason": "copy done"}
+    del paired["copy"]
+    shown = [copy_at(0), copy_at(0), copy_at(GiB // 4), copy_at(GiB // 4 + 1), paired]
+    daemon({"create": fixed({"message": "pair jg0: COPY started"}), "display": answers(shown)})
+    assert pairctl(config, "create", "--wait") == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [
+        "pair jg0: COPY started",
+        "pair jg0: primary COPY 0.0% applied (0 B of 1.0 GiB), 0.0% sent, 64.0 MiB/s, ETA 8.0 s",
+        "pair jg0: primary COPY 25.0% applied (256.0 MiB of 1.0 GiB), 25.0% sent, "
+        "64.0 MiB/s, ETA 8.0 s",
+        "pair jg0: primary PAIR (copy done)",
+        "pair is PAIR",
+    ]
+    assert err == ""
+
+
+def test_resync_wait_exits_4_when_the_pair_ends_in_another_state(
+    config: Path, daemon: Callable[..., DaemonThread], capsys: pytest.CaptureFixture[str]
+) -> None:
+    failed = {**DISPLAY, "state": "PSUE", "reason": "link lost: the link is down"}
+    del failed["copy"]
+    daemon({"resync": fixed({"message": "COPY started"}), "display": answers([copy_at(0), failed])})
+    assert pairctl(config, "resync", "--wait") == 4
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1] == "pair jg0: primary PSUE (link lost: the link is down)"
+    assert (
+        err == "pairctl: the pair did not reach PAIR: pair is PSUE (link lost: the link is down)\n"
+    )
+
+
+def test_takeover_wait_follows_only_a_swap(
+    config: Path, daemon: Callable[..., DaemonThread], capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[Mapping[str, Any]] = []
+    paired = {**DISPLAY, "state": "PAIR", "reason": "takeover (swap)"}
+    swap, ssws = {"exit_code": 1, "message": "swap"}, {"exit_code": 2, "message": "SSWS"}
+    daemon({"takeover": answers([swap, ssws]), "display": fixed(paired, calls)})
+    assert pairctl(config, "takeover", "--wait") == 1  # horctakeover's code, once PAIR
+    assert capsys.readouterr().out.splitlines()[-1] == "pair is PAIR"
+    assert len(calls) == 1
+    assert pairctl(config, "takeover", "--wait") == 2
+    assert capsys.readouterr().out == "SSWS\n"
+    assert len(calls) == 1  # an S-VOL takeover has no copy to follow
