@@ -28,13 +28,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from typing import Protocol
 
 from common.config import Address
 from common.linksecurity import LinkSecurity
 from common.replication.auth import CHALLENGE_BYTES, PROOF_BYTES, AuthFailed, ClientHandshake
 from common.replication.auth import MAGIC as AUTH_MAGIC
+from common.replication.linkstats import LinkStats
 from common.replication.messages import (
     PROTOCOL_VERSION,
     BitmapTaken,
@@ -90,6 +90,7 @@ class PullSink(Protocol):
     volumes: tuple[VolumeDesc, ...]
     storage_failure: str  # "" or why the restore journal / S-VOL disk failed (for Hello)
     path_watch_s: float  # pair.path_watch_s: an answer must cross the link well within it
+    link_stats: LinkStats  # bytes each way and link-ups, counted here (metrics)
 
     def position(self) -> tuple[str, int, int]:
         """(generation, restored_seq, applied_seq)"""
@@ -194,7 +195,9 @@ async def _pull_once(
     core = ReplicationConnection(Side.SECONDARY)
     try:
         if security.secret is not None:
-            await _authenticate(reader, writer, security.secret, security.client_tls is not None)
+            await _authenticate(
+                reader, writer, security.secret, security.client_tls is not None, sink.link_stats
+            )
         generation, restored, applied = sink.position()
         state, written = sink.hello_state()
         hello = Hello(
@@ -208,11 +211,11 @@ async def _pull_once(
             written,
             sink.storage_failure,
         )
-        writer.write(core.send(hello))
+        _send(writer, sink.link_stats, core.send(hello))
         if security.secret is None:
-            await _first_answer(core, reader)
+            await _first_answer(core, reader, sink.link_stats)
         try:
-            answer = await _next_message(core, reader, sink.heard)
+            answer = await _next_message(core, reader, sink)
         except LinkDown:
             hint = (
                 "does its link.tls.ca trust this site's certificate?"
@@ -227,12 +230,13 @@ async def _pull_once(
         assert isinstance(answer, Welcome)
         from_seq = await sink.welcomed(answer)
         for report in sink.bitmap_reports(answer):
-            writer.write(core.send(report))
-            answer = await _next_message(core, reader, sink.heard)
+            _send(writer, sink.link_stats, core.send(report))
+            answer = await _next_message(core, reader, sink)
             if isinstance(answer, Refuse):
                 raise LinkDown(f"primary refused ({answer.code}): {answer.reason}")
             assert isinstance(answer, BitmapTaken)
             sink.bitmap_taken(report)
+        sink.link_stats.came_up()
         sink.link(True, f"connected to {primary.host}:{primary.port}")
         sizer = AnswerSizer(sink.path_watch_s * ANSWER_SHARE_OF_PATH_WATCH)
         timed = _Timed()
@@ -243,7 +247,7 @@ async def _pull_once(
                 if asked is not None:
                     await _ask(core, reader, writer, sink, *asked)
                 _ask_journal(core, writer, sink, from_seq, sizer.max_bytes)
-            answer = await _next_message(core, reader, sink.heard, timed)
+            answer = await _next_message(core, reader, sink, timed)
             asked_ahead = False
             if isinstance(answer, Refuse):
                 raise LinkDown(f"primary refused ({answer.code}): {answer.reason}")
@@ -282,19 +286,30 @@ def _ask_journal(
         applied,
         sink.hello_state()[1],
     )
-    writer.write(core.send(request))
+    _send(writer, sink.link_stats, core.send(request))
+
+
+def _send(writer: asyncio.StreamWriter, stats: LinkStats, data: bytes) -> None:
+    stats.sent_bytes += len(data)
+    writer.write(data)
 
 
 async def _authenticate(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes, tls: bool
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    secret: bytes,
+    tls: bool,
+    stats: LinkStats,
 ) -> None:
     """Prove this site holds the secret, and make the primary prove it (auth.py)."""
     handshake = ClientHandshake(secret)
     try:
         async with asyncio.timeout(AUTH_TIMEOUT_S):
             challenge = await reader.readexactly(CHALLENGE_BYTES)
-            writer.write(handshake.respond(challenge))
+            stats.received_bytes += len(challenge)
+            _send(writer, stats, handshake.respond(challenge))
             proof = await reader.readexactly(PROOF_BYTES)
+            stats.received_bytes += len(proof)
         handshake.check_proof(proof)
     except TimeoutError:
         raise LinkDown(
@@ -311,11 +326,14 @@ async def _authenticate(
         raise LinkDown(f"authentication failed: {exc}") from None
 
 
-async def _first_answer(core: ReplicationConnection, reader: asyncio.StreamReader) -> None:
+async def _first_answer(
+    core: ReplicationConnection, reader: asyncio.StreamReader, stats: LinkStats
+) -> None:
     """A primary that requires a secret this site lacks answers Hello with a challenge:
     say that, rather than "broke the protocol"."""
     async with asyncio.timeout(ANSWER_TIMEOUT_S):
         data = await reader.read(RECV_BYTES)
+    stats.received_bytes += len(data)
     if data.startswith(AUTH_MAGIC):
         raise LinkDown("the primary requires authentication: set link.secret_file on this site too")
     core.receive_data(data)
@@ -339,8 +357,8 @@ async def _ask(
 ) -> None:
     log.info("asking the primary: swap step %s", request.kind.value)
     try:
-        writer.write(core.send(request))
-        answer = await _next_message(core, reader, sink.heard)
+        _send(writer, sink.link_stats, core.send(request))
+        answer = await _next_message(core, reader, sink)
     except BaseException as exc:
         if not answered.done():
             answered.set_exception(SwapLinkDropped(f"the link dropped: {_why(exc)}"))
@@ -355,7 +373,7 @@ async def _ask(
 async def _next_message(
     core: ReplicationConnection,
     reader: asyncio.StreamReader,
-    heard: Callable[[], None],
+    sink: PullSink,
     timed: _Timed | None = None,
 ) -> Message:
     started = False
@@ -370,7 +388,8 @@ async def _next_message(
         async with asyncio.timeout(ANSWER_TIMEOUT_S):
             data = await reader.read(RECV_BYTES)
         if data:
-            heard()
+            sink.link_stats.received_bytes += len(data)
+            sink.heard()
             if timed is not None and not started:
                 started, timed.first_bytes_at = True, time.monotonic()
         core.receive_data(data)

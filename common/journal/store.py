@@ -17,7 +17,8 @@ first_seq u64, crc32c u32 of the 16 bytes before it. Records follow back to back
 `record`), seqs contiguous across segments. Segment files are named after their first seq.
 
 The store is single-threaded: only `SyncTicket.run()` may run on another thread, and it
-touches nothing but its own dup'ed fds.
+touches nothing but its own dup'ed fds and the store's sync_latency histogram (one ticket
+runs at a time: the master journal's GroupSyncer, the secondary's one restore sync).
 
 Reading by seq uses, per segment, the file offset of every INDEX_STRIDE-th record (a
 sparse index: a 1 GiB journal of 4 KiB records needs 32 KiB), and a cursor where the
@@ -39,6 +40,7 @@ import bisect
 import logging
 import os
 import struct
+import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -62,6 +64,7 @@ from common.journal.record import (
     parse_header,
     peek_header,
 )
+from common.metrics.histogram import LatencyHistogram
 
 log = logging.getLogger("journalpair.journal")
 
@@ -160,6 +163,7 @@ class SyncTicket:
         dir_fd: int | None,
         upto_seq: int,
         on_durable: Callable[[int], None],
+        latency: LatencyHistogram,
     ):
         self.segments = segments
         self.syncs_dir = dir_fd is not None
@@ -168,8 +172,10 @@ class SyncTicket:
         self._on_durable = on_durable
         self._file_fds = file_fds
         self._dir_fd = dir_fd
+        self._latency = latency
 
     def run(self) -> None:
+        started_ns = time.monotonic_ns()
         try:
             for fd in self._file_fds:
                 os.fdatasync(fd)
@@ -177,6 +183,7 @@ class SyncTicket:
                 os.fsync(self._dir_fd)
             self.succeeded = True
         finally:
+            self._latency.observe_ns(time.monotonic_ns() - started_ns)
             self.close()
         self._on_durable(self.upto_seq)
 
@@ -225,6 +232,8 @@ class JournalStore:
         self._durable_seq = 0
         self._cursor: tuple[int, _Segment, int] | None = None  # (seq, segment, offset)
         self._spares: list[tuple[Path, int]] = []  # (path, file bytes), the newest last
+        # How long each SyncTicket.run() took (every fdatasync of this journal): metrics.
+        self.sync_latency = LatencyHistogram()
 
     @classmethod
     def open(
@@ -484,7 +493,9 @@ class JournalStore:
             raise
         self._dirty.clear()
         self._dir_dirty = False
-        self._last_ticket = SyncTicket(live, fds, dir_fd, self.last_seq, self._mark_durable)
+        self._last_ticket = SyncTicket(
+            live, fds, dir_fd, self.last_seq, self._mark_durable, self.sync_latency
+        )
         return self._last_ticket
 
     @property

@@ -40,6 +40,7 @@ import asyncio
 import dataclasses
 import logging
 import ssl
+import time
 from collections.abc import Collection, Mapping
 from typing import Protocol, cast
 
@@ -47,6 +48,7 @@ from common.config import NbdConfig
 from common.nbd import constants as c
 from common.nbd.budget import MemoryBudget
 from common.nbd.guard import ClientWatch, LogLimiter, refusal
+from common.nbd.iostats import HostIoStats
 from common.nbd.protocol import (
     NEED_DATA,
     RECEIVE_BUFFER_BYTES,
@@ -128,10 +130,13 @@ class Export:
         read_only: bool,
         *,
         always_read_only: bool = False,
+        stats: HostIoStats | None = None,
     ) -> None:
         self.volume = volume
         self.journal = journal
         self.syncer = GroupSyncer(volume.sync)
+        # Requests, bytes and latency per op (metrics on), counted as each is answered.
+        self.stats = stats
         # volumes[].read_only: hosts never write it, whatever the pair state.
         self.always_read_only = always_read_only
         self.info = ExportInfo(
@@ -161,8 +166,9 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self.peer = "?"
         self._pending: set[asyncio.Task[None]] = set()
-        # FLUSH/FUA requests (payload dropped) for the next sync round, and its task.
-        self._sync_waiting: list[Request] = []
+        # FLUSH/FUA requests (payload dropped) for the next sync round, each with when it
+        # arrived (metrics), and the round's task.
+        self._sync_waiting: list[tuple[Request, int]] = []
         self._sync_rounds: asyncio.Task[None] | None = None
         self._waiting_for_sync = False  # held: too many requests wait for a sync
         self._sender: ReplySender | None = None
@@ -173,6 +179,9 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._waiting_for_memory = False  # held by the server's memory budget
         self._receive_granted_bytes = 0  # receive buffer growth the budget granted
         self._lost = False
+        # When the loop last received bytes: what the requests they completed wait from
+        # (held requests keep it: reading is paused until they are served).
+        self._arrived_ns = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCPTransport is not an asyncio.Transport subclass, but has its API.
@@ -330,6 +339,7 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self._received_bytes += nbytes
+        self._arrived_ns = time.monotonic_ns()
         if self._closing or self._dropped:
             return  # closed by the server (e.g. set_read_only): no request runs any more
         if self._tls is not None:
@@ -528,8 +538,15 @@ class NbdConnection(asyncio.BufferedProtocol):
                 if req.cmd in _JOURNALED and not self._refused_fast_zero(export.volume, req):
                     self._journal(journal, export.volume.name, req)
             journal.flush_records()
+        stats = export.stats
+        if stats is None:
+            for req in batch:
+                self._request(req)
+            return
+        arrived_ns = self._arrived_ns
         for req in batch:
-            self._request(req)
+            if self._request(req):
+                stats.answered(req.cmd, req.length, time.monotonic_ns() - arrived_ns)
 
     @staticmethod
     def _journal(journal: WriteJournal, volume: str, req: Request) -> None:
@@ -547,7 +564,9 @@ class NbdConnection(asyncio.BufferedProtocol):
             return False
         return not volume.zero_is_fast(allocate=bool(req.flags & c.CMD_FLAG_NO_HOLE))
 
-    def _request(self, req: Request) -> None:
+    def _request(self, req: Request) -> bool:
+        """Run one request; True when it is answered now, False when its reply waits for
+        an fdatasync (FLUSH, FUA: _sync_then_reply answers it)."""
         export = self._export
         assert export is not None
         volume = export.volume
@@ -555,7 +574,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         try:
             if cmd is _READ:
                 self._read(volume, req)
-                return
+                return True
             if cmd is _WRITE:
                 volume.write(req.offset, req.payload)
             elif cmd is _TRIM:
@@ -563,7 +582,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             elif cmd is _WRITE_ZEROES:
                 if self._refused_fast_zero(volume, req):
                     self._core.reply_error(req, c.ENOTSUP, "cannot zero fast")
-                    return
+                    return True
                 volume.zero(req.offset, req.length, allocate=bool(req.flags & c.CMD_FLAG_NO_HOLE))
             elif req.cmd == c.Cmd.CACHE:
                 volume.advise_willneed(req.offset, req.length)
@@ -573,7 +592,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                 self._core.reply_block_status(
                     req, [(e.length, flags if e.hole else 0) for e in extents]
                 )
-                return
+                return True
         except OSError as exc:
             if export.journal is not None and req.cmd in _JOURNALED:
                 export.journal.failed(volume.name, req.offset, req.length)
@@ -586,11 +605,12 @@ class NbdConnection(asyncio.BufferedProtocol):
                 exc,
             )
             self._core.reply_error(req, c.ENOSPC if exc.errno == 28 else c.EIO, str(exc))
-            return
+            return True
         if cmd is _FLUSH or req.flags & _FUA:
             self._reply_after_sync(export, req)
-            return
+            return False
         self._core.reply_ok(req)
+        return True
 
     def _read(self, volume: Volume, req: Request) -> None:
         # Small reads skip hole detection: two lseeks would cost more than sending zeros.
@@ -620,7 +640,8 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def _reply_after_sync(self, export: Export, req: Request) -> None:
         """FLUSH, or a FUA write done: answered once a sync that started after it is done."""
-        self._sync_waiting.append(req._replace(payload=b""))  # no view of the receive buffer
+        # No view of the receive buffer is kept.
+        self._sync_waiting.append((req._replace(payload=b""), self._arrived_ns))
         if self._sync_rounds is None:
             self._sync_rounds = asyncio.get_running_loop().create_task(self._run_syncs(export))
             self._track(self._sync_rounds)
@@ -649,11 +670,15 @@ class NbdConnection(asyncio.BufferedProtocol):
                         await asyncio.gather(export.syncer.sync(), export.journal.sync())
                 except OSError as exc:
                     log.error("export %s: fdatasync failed: %s", export.volume.name, exc)
-                    for req in answering:
+                    for req, _ in answering:
                         self._core.reply_error(req, c.EIO, f"fdatasync: {exc}")
                 else:
-                    for req in answering:
+                    for req, _ in answering:
                         self._core.reply_ok(req)
+                if export.stats is not None:
+                    now_ns = time.monotonic_ns()
+                    for req, arrived_ns in answering:
+                        export.stats.answered(req.cmd, req.length, now_ns - arrived_ns)
                 self._flush_out()
                 if self._waiting_for_sync:
                     self._waiting_for_sync = False
@@ -681,14 +706,22 @@ class NbdServer:
         limits: NbdConfig | None = None,
         tls_context: ssl.SSLContext | None = None,
         tls_mode: TlsMode = TlsMode.OFF,
+        count_requests: bool = False,
     ) -> None:
         """``always_read_only``: names of the volumes hosts may never write (config
         volumes[].read_only), whatever set_writable says later. ``tls_context`` goes with
-        TlsMode.REQUIRE or OPTIONAL (common.nbd.tls loads both from nbd.tls)."""
+        TlsMode.REQUIRE or OPTIONAL (common.nbd.tls loads both from nbd.tls). With
+        ``count_requests`` (metrics on) each export keeps HostIoStats."""
         if (tls_context is None) != (tls_mode is TlsMode.OFF):
             raise ValueError("a TLS context goes with TlsMode.REQUIRE or OPTIONAL, and only")
         self.exports = {
-            name: Export(v, journal, read_only, always_read_only=name in always_read_only)
+            name: Export(
+                v,
+                journal,
+                read_only,
+                always_read_only=name in always_read_only,
+                stats=HostIoStats() if count_requests else None,
+            )
             for name, v in volumes.items()
         }
         self.limits = limits or NbdConfig()

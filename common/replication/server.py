@@ -30,6 +30,7 @@ from typing import Protocol, cast
 
 from common.linksecurity import LinkSecurity
 from common.replication.auth import AuthFailed, ServerHandshake
+from common.replication.linkstats import LinkStats
 from common.replication.messages import (
     BitmapTaken,
     Hello,
@@ -107,6 +108,7 @@ class ServerConnection(asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         if self._transport is None or self._transport.is_closing():
             return
+        self._server.stats.sent_bytes += len(data)
         self._transport.write(data if self._tls is None else self._tls.wrap(data))
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -153,6 +155,7 @@ class ServerConnection(asyncio.Protocol):
             data = self._decrypt(data)
             if not data:
                 return
+        self._server.stats.received_bytes += len(data)
         if self._auth is not None:
             data = self._authenticate(data)
             if not data:
@@ -215,6 +218,8 @@ class ServerConnection(asyncio.Protocol):
             if isinstance(event, Hello):
                 answer = self._server.source.welcome(event, self.peer)
                 self._welcomed = isinstance(answer, Welcome)
+                if self._welcomed:
+                    self._server.stats.came_up()
                 self._send(answer)
                 if isinstance(answer, Refuse):
                     log.warning("refused secondary %s: %s", self.peer, answer.reason)
@@ -254,6 +259,7 @@ class ReplicationServer:
     def __init__(self, source: JournalSource, security: LinkSecurity) -> None:
         self.source = source
         self.security = security
+        self.stats = LinkStats()  # every connection's bytes and link-ups, for the metrics
         self.connections: set[ServerConnection] = set()
         self._server: asyncio.Server | None = None
 
