@@ -20,8 +20,8 @@ Relative paths (data_dir, control, volumes[].path, and a pair.hook executable gi
 slash) are resolved against the directory holding the config file, not the daemon's working
 directory, so a config means the same wherever the daemon is started from.
 
-Optional sections (``pair``, ``link``, ``nbd``) take their dataclass's defaults when absent,
-so Config.pair, Config.link and Config.nbd are always there.
+Optional sections (``pair``, ``link``, ``nbd``, ``metrics``) take their dataclass's defaults
+when absent, so Config.pair, Config.link, Config.nbd and Config.metrics are always there.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "JournalConfig",
+    "MetricsConfig",
     "NbdConfig",
     "PairConfig",
     "Role",
@@ -200,6 +201,15 @@ class NbdConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The optional ``metrics:`` section: where Prometheus scrapes /metrics (both roles; the
+    server is started again by the role a swap switches to)."""
+
+    # None: no metrics server, and the NBD server keeps no per-request statistics.
+    listen: Address | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: Path
     role: Role
@@ -214,6 +224,7 @@ class Config:
     pair: PairConfig = PairConfig()
     link: LinkConfig = LinkConfig()
     nbd: NbdConfig = NbdConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
 
 # --- value parsers --------------------------------------------------------------------------
@@ -624,6 +635,10 @@ _NBD_KEYS: dict[str, _Key] = {
     ),
 }
 
+_METRICS_KEYS: dict[str, _Key] = {
+    "listen": _Key(_plain(parse_address), "listen"),
+}
+
 _TOP_KEYS: dict[str, _Key] = {
     "role": _Key(_plain(_parse_role), "role"),
     "group": _Key(_plain(_parse_name), "group"),
@@ -643,6 +658,9 @@ _TOP_KEYS: dict[str, _Key] = {
     "pair": _Key(_section(_PAIR_KEYS, PairConfig), "pair", required=False, default=PairConfig()),
     "link": _Key(_section(_LINK_KEYS, LinkConfig), "link", required=False, default=LinkConfig()),
     "nbd": _Key(_section(_NBD_KEYS, NbdConfig), "nbd", required=False, default=NbdConfig()),
+    "metrics": _Key(
+        _section(_METRICS_KEYS, MetricsConfig), "metrics", required=False, default=MetricsConfig()
+    ),
 }
 
 
@@ -717,6 +735,12 @@ def _check_listen(config: Config) -> None:
     replication = config.replication_listen
     if replication is not None and replication.port != 0 and replication == config.nbd_listen:
         raise ConfigError(f"listen.replication: same address as listen.nbd ({replication})")
+    metrics = config.metrics.listen
+    if metrics is None or metrics.port == 0:
+        return
+    for key, other in (("listen.nbd", config.nbd_listen), ("listen.replication", replication)):
+        if metrics == other:
+            raise ConfigError(f"metrics.listen: same address as {key} ({metrics})")
 
 
 def _check_nbd_memory(nbd: NbdConfig) -> None:

@@ -9,12 +9,17 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import CollectorRegistry
+
 from common.config import Config
 from common.control import ControlRefused, ControlServer, Handler
 from common.daemon import StartupError
 from common.events import EventLog
 from common.hooks import HookRunner
 from common.journal.store import JournalCorrupt, JournalStore
+from common.metrics.collector import GroupCollector, MetricsSource
+from common.metrics.server import MetricsServer
 from common.pairrecord import FILE_NAME as PAIR_FILE_NAME
 from common.pairrecord import PairRecord, PairRecordError, RecordSaver
 from common.pairstate import Role
@@ -201,3 +206,21 @@ def close_volumes(volumes: Mapping[str, Volume]) -> None:
     for volume in volumes.values():
         volume.sync()
         volume.close()
+
+
+async def start_metrics(config: Config, source: MetricsSource) -> MetricsServer | None:
+    """Serve /metrics on metrics.listen (None when the key is absent). A registry of its own
+    per service start: after a role swap the new service registers afresh, never twice."""
+    listen = config.metrics.listen
+    if listen is None:
+        return None
+    registry = CollectorRegistry()
+    registry.register(GroupCollector(source))
+    ProcessCollector(registry=registry)  # CPU seconds, resident memory, open fds
+    server = MetricsServer(registry)
+    try:
+        host, port = await server.start(listen.host, listen.port)
+    except OSError as exc:
+        raise StartupError(f"metrics.listen {listen}: {exc.strerror or exc}") from None
+    log.info("metrics: serving /metrics on %s:%d", host, port)
+    return server

@@ -131,6 +131,7 @@ class PrimaryGroup:
         self.peer_state = ""  # the secondary's state, as its last Hello said
         self.peer_written = False  # hosts wrote the S-VOLs while SSWS (its last Hello)
         self.last_contact = time.monotonic()  # the secondary's last bytes (path watch)
+        self._last_read_journal = time.monotonic()  # the secondary's last request (metrics)
         self._pful_since = time.monotonic()  # PFUL since (overflow watch)
         self._reported: set[str] = set()  # volumes whose bitmap came in this generation
         # Hosts may write the P-VOLs (True) or not (a swap is under way); set by the service.
@@ -449,6 +450,10 @@ class PrimaryGroup:
     def heard(self) -> None:
         self.last_contact = time.monotonic()
 
+    def read_journal_age_s(self) -> float:
+        """Seconds since the secondary's last read-journal request (or this group's start)."""
+        return time.monotonic() - self._last_read_journal
+
     def link_closed(self, peer: str) -> None:
         if peer == self.link_peer:
             self.secondary = None
@@ -456,7 +461,7 @@ class PrimaryGroup:
             self.link_since = time.time()
 
     async def read_journal(self, request: ReadJournal) -> JournalBatch | Refuse:
-        self.last_contact = time.monotonic()
+        self.last_contact = self._last_read_journal = time.monotonic()
         try:
             return await self._read_journal(request)
         finally:

@@ -7,6 +7,7 @@ import logging
 
 from common.config import Config
 from common.daemon import StartupError
+from common.metrics.collector import MetricsSource
 from common.nbd.server import NbdServer
 from common.nbd.tls import load_nbd_tls, nbd_tls_mode
 from common.pairstate import Role
@@ -21,6 +22,7 @@ from common.service import (
     on_the_secondary,
     open_journal_or_set_aside,
     open_volumes,
+    start_metrics,
     until_either,
 )
 from primaryd.group import PrimaryGroup
@@ -53,6 +55,7 @@ async def serve(config: Config, stop: asyncio.Event) -> Role | None:
         limits=config.nbd,
         tls_context=load_nbd_tls(config.nbd),
         tls_mode=nbd_tls_mode(config.nbd),
+        count_requests=config.metrics.listen is not None,
     )
     group.host_access = lambda allowed: (
         nbd.set_writable(group.journal) if allowed else nbd.set_read_only()
@@ -66,6 +69,14 @@ async def serve(config: Config, stop: asyncio.Event) -> Role | None:
         "takeover": on_the_secondary("takeover"),
     }
     control = control_server(config, events, group.display, operations)
+    metrics_source = MetricsSource(
+        display=group.display,
+        dirty_bytes=lambda: {name: b.dirty_bytes for name, b in group.bitmaps.items()},
+        host_io={n: e.stats for n, e in nbd.exports.items() if e.stats is not None},
+        link=group.link_server.stats,
+        journal_sync=store.sync_latency,
+        read_journal_age_s=group.read_journal_age_s,
+    )
     async with asyncio.TaskGroup() as tasks:
         if hooks is not None:
             hooks.start(tasks)
@@ -75,9 +86,12 @@ async def serve(config: Config, stop: asyncio.Event) -> Role | None:
             "group %s: serving %s over NBD on %s:%d", config.group, ", ".join(volumes), host, port
         )
         await control.start()
+        metrics = await start_metrics(config, metrics_source)
         announce_ready(config, Role.PRIMARY, f"NBD on {host}:{port}")
         await until_either(stop, group.switching)
         log.info("stopping: answering in-flight requests")
+        if metrics is not None:
+            await metrics.stop()
         await nbd.stop()
         await control.stop()
         await group.stop()

@@ -19,11 +19,12 @@ PYTHON="${PYTHON:-python3}"
 # qemu-storage-daemon (in qemu-system-common: the bench's QEMU mirror peer); for the
 # failover integration (deploy/): systemd-analyze (systemd) to verify the units, and
 # ocf-tester with ocf-shellfuncs (resource-agents), xmllint (libxml2-utils) and shellcheck
-# for the OCF agent.
+# for the OCF agent; promtool (prometheus) to check the example alert rules
+# (deploy/prometheus/) and the daemons' /metrics output.
 DEB_PACKAGES=(
     qemu-utils libnbd-bin python3-libnbd fio fuse3 e2fsprogs nbdkit
     iproute2 util-linux procps qemu-system-common
-    systemd resource-agents libxml2-utils shellcheck
+    systemd resource-agents libxml2-utils shellcheck prometheus
 )
 
 log() { echo "setup: $*" >&2; }

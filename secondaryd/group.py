@@ -35,6 +35,7 @@ from common.marklog import MarkLog
 from common.pairrecord import PairRecord, RecordSaver
 from common.pairstate import PairInput, PairState, Refused, Role, is_suspended, next_state
 from common.progress import RateMeter
+from common.replication.linkstats import LinkStats
 from common.replication.messages import (
     JournalBatch,
     ReportBitmap,
@@ -121,6 +122,7 @@ class SecondaryGroup:
         if not record.swapped_out_of:
             self.swap_settled.set()
         self.link_up = False
+        self.link_stats = LinkStats()  # counted by the puller (metrics)
         self.link_why = "not connected yet"
         self.link_since = time.time()
         self.last_answer = time.monotonic()  # the primary's last bytes (path watch)

@@ -11,6 +11,7 @@ from common.daemon import StartupError
 from common.events import EventLog
 from common.journal.store import JournalStore
 from common.linksecurity import load_link_security
+from common.metrics.collector import MetricsSource
 from common.nbd.server import NbdServer
 from common.nbd.tls import load_nbd_tls, nbd_tls_mode
 from common.pairrecord import PairRecord, RecordSaver
@@ -27,6 +28,7 @@ from common.service import (
     on_the_primary,
     open_journal_or_set_aside,
     open_volumes,
+    start_metrics,
     until_either,
 )
 from secondaryd.group import SecondaryGroup
@@ -118,6 +120,7 @@ async def serve(config: Config, stop: asyncio.Event) -> Role | None:
         limits=config.nbd,
         tls_context=load_nbd_tls(config.nbd),
         tls_mode=nbd_tls_mode(config.nbd),
+        count_requests=config.metrics.listen is not None,
     )
     group.on_writable.append(nbd.set_writable)
     group.on_read_only.append(nbd.set_read_only)
@@ -133,6 +136,13 @@ async def serve(config: Config, stop: asyncio.Event) -> Role | None:
             "resync": group.resync,
             **{verb: on_the_primary(verb) for verb in ("create", "split", "delete")},
         },
+    )
+    metrics_source = MetricsSource(
+        display=group.display,
+        dirty_bytes=lambda: {name: b.dirty_bytes for name, b in group.bitmaps.items()},
+        host_io={n: e.stats for n, e in nbd.exports.items() if e.stats is not None},
+        link=group.link_stats,
+        journal_sync=store.sync_latency,
     )
     async with asyncio.TaskGroup() as tasks:
         if hooks is not None:
@@ -152,9 +162,12 @@ async def serve(config: Config, stop: asyncio.Event) -> Role | None:
             port,
         )
         await control.start()
+        metrics = await start_metrics(config, metrics_source)
         announce_ready(config, Role.SECONDARY, f"NBD on {host}:{port}")
         await until_either(stop, group.switching)
         log.info("stopping")
+        if metrics is not None:
+            await metrics.stop()
         for task in running:
             task.cancel()
         for task in running:
