@@ -647,3 +647,31 @@ def test_bitmap_region_is_a_size(tmp_path: Path, value: object, expected: int) -
 def test_bitmap_region_must_be_a_power_of_two_of_4kib_or_more(tmp_path: Path, value: str) -> None:
     message = error_of(tmp_path, PRIMARY + f"pair: {{bitmap_region: {value}}}\n")
     assert message.startswith("pair.bitmap_region:"), message
+
+
+# --- the optional metrics section ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("base", [PRIMARY, SECONDARY])
+def test_metrics_are_off_unless_metrics_listen_is_set(tmp_path: Path, base: str) -> None:
+    assert load_text(tmp_path, base).metrics.listen is None
+    text = base + "metrics: {listen: '127.0.0.1:9110'}\n"
+    assert load_text(tmp_path, text).metrics.listen == Address("127.0.0.1", 9110)
+
+
+@pytest.mark.parametrize(
+    ("metrics", "expected"),
+    [
+        ("{listen: 9110}", "metrics.listen: bad address 9110 (want host:port; quote it in YAML)"),
+        ("{listen: localhost}", "metrics.listen: bad address 'localhost' (want host:port)"),
+        ("{listen: '127.0.0.1:70000'}", "metrics.listen: bad port in '127.0.0.1:70000'"),
+        ("{}", "metrics.listen: missing"),
+        ("{port: 9110}", "metrics.port: unknown key"),
+        ("'127.0.0.1:9110'", "metrics: expected a mapping, got string"),
+        ("{listen: '127.0.0.1:10809'}", "metrics.listen: same address as listen.nbd"),
+        ("{listen: '127.0.0.1:7410'}", "metrics.listen: same address as listen.replication"),
+    ],
+)
+def test_metrics_errors_name_the_key(tmp_path: Path, metrics: str, expected: str) -> None:
+    message = error_of(tmp_path, PRIMARY + f"metrics: {metrics}\n")
+    assert message.startswith(expected), message
