@@ -538,15 +538,12 @@ class NbdConnection(asyncio.BufferedProtocol):
                 if req.cmd in _JOURNALED and not self._refused_fast_zero(export.volume, req):
                     self._journal(journal, export.volume.name, req)
             journal.flush_records()
-        stats = export.stats
-        if stats is None:
+        if export.stats is None:
             for req in batch:
                 self._request(req)
             return
-        arrived_ns = self._arrived_ns
-        for req in batch:
-            if self._request(req):
-                stats.answered(req.cmd, req.length, time.monotonic_ns() - arrived_ns)
+        answered = [req for req in batch if self._request(req)]  # replied to now
+        export.stats.answered(answered, time.monotonic_ns() - self._arrived_ns)
 
     @staticmethod
     def _journal(journal: WriteJournal, volume: str, req: Request) -> None:
@@ -678,7 +675,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                 if export.stats is not None:
                     now_ns = time.monotonic_ns()
                     for req, arrived_ns in answering:
-                        export.stats.answered(req.cmd, req.length, now_ns - arrived_ns)
+                        export.stats.answered((req,), now_ns - arrived_ns)
                 self._flush_out()
                 if self._waiting_for_sync:
                     self._waiting_for_sync = False
