@@ -267,8 +267,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--servers",
-        default=",".join(server_names),
-        help=f"comma-separated subset of: {', '.join(server_names)}",
+        default=",".join(s.name for s in SERVERS if s.by_default),
+        help=f"comma-separated subset of: {', '.join(server_names)} (default: all but "
+        "journalpair-metrics, which is journalpair with metrics.listen set)",
     )
     p.add_argument(
         "--pipeline-args",

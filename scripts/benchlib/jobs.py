@@ -113,7 +113,7 @@ class FioJob(Job):
 
     def runs_on(self, server: type[Server]) -> bool:
         """Replicating peers other than journalpair are there to compare writes."""
-        return self.direction == "write" or not server.replicates or server is JournalPair
+        return self.direction == "write" or not server.replicates or issubclass(server, JournalPair)
 
     def fio_command(self, uri: str, output: Path, opts: argparse.Namespace) -> list[str]:
         cmd = [

@@ -127,6 +127,7 @@ class Server:
 
     name: ClassVar[str] = "?"
     replicates: ClassVar[bool] = False  # runs the replicated (write) jobs only, with drain()
+    by_default: ClassVar[bool] = True  # in --servers when it is not given
 
     def __init__(self, run_dir: Path, volume: Path, opts: argparse.Namespace) -> None:
         self.run_dir = run_dir
@@ -325,6 +326,21 @@ class JournalPair(Server):
         return {"replica_equal": diff is None, "first_difference": diff}
 
 
+class JournalPairMetrics(JournalPair):
+    """journalpair with metrics.listen set on both daemons (NBD requests counted, /metrics
+    served): against `journalpair` it measures what the metrics cost."""
+
+    name = "journalpair-metrics"
+    by_default = False
+
+    def _config(self, role: str, volume: Path, listen: dict[str, str], repl: str) -> Path:
+        path = super()._config(role, volume, listen, repl)
+        config = yaml.safe_load(path.read_text())
+        config["metrics"] = {"listen": f"127.0.0.1:{free_port()}"}
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+
 class QemuMirror(Server):
     name = "qemu-mirror"
     replicates = True
@@ -423,4 +439,4 @@ class QemuMirror(Server):
         return {"replica_equal": diff is None, "first_difference": diff}
 
 
-SERVERS: list[type[Server]] = [JournalPair, QemuNbd, QemuMirror]
+SERVERS: list[type[Server]] = [JournalPair, QemuNbd, QemuMirror, JournalPairMetrics]
