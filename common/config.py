@@ -20,8 +20,9 @@ Relative paths (data_dir, control, volumes[].path, and a pair.hook executable gi
 slash) are resolved against the directory holding the config file, not the daemon's working
 directory, so a config means the same wherever the daemon is started from.
 
-Optional sections (``pair``, ``link``, ``nbd``, ``metrics``) take their dataclass's defaults
-when absent, so Config.pair, Config.link, Config.nbd and Config.metrics are always there.
+Optional sections (``pair``, ``link``, ``nbd``, ``metrics``, ``log``) take their
+dataclass's defaults when absent, so Config.pair, Config.link, Config.nbd,
+Config.metrics and Config.log are always there.
 """
 
 from __future__ import annotations
@@ -39,11 +40,14 @@ from typing import Any, Literal, NamedTuple, cast
 
 import yaml
 
+from common.logsetup import LEVELS, LOG_FORMATS
+
 __all__ = [
     "Address",
     "Config",
     "ConfigError",
     "JournalConfig",
+    "LogConfig",
     "MetricsConfig",
     "NbdConfig",
     "PairConfig",
@@ -125,6 +129,11 @@ class PairConfig:
     bitmap_region: int = BITMAP_REGION_DEFAULT_BYTES
     # Resync by itself when the link is back after a PSUE caused by a link failure.
     auto_resync: bool = False
+    # Lag in seconds (lag.seconds) over which the primary emits an rpo_exceeded event;
+    # None: not watched.
+    rpo_target_s: float | None = None
+    # HUR's inflow control: over rpo_target_s, delay host write replies a little (bounded).
+    inflow_control: bool = False
     # argv of the command run on every pair state transition; () when there is none.
     hook: tuple[str, ...] = ()
     hook_timeout_s: float = HOOK_TIMEOUT_DEFAULT_S
@@ -210,6 +219,14 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LogConfig:
+    """The optional ``log:`` section (common.logsetup): line format and level."""
+
+    format: str = "text"  # text | logfmt | json
+    level: str = "info"  # debug | info | warning | error
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: Path
     role: Role
@@ -225,6 +242,7 @@ class Config:
     link: LinkConfig = LinkConfig()
     nbd: NbdConfig = NbdConfig()
     metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
 
 
 # --- value parsers --------------------------------------------------------------------------
@@ -371,6 +389,22 @@ def _parse_nbd_tls_mode(value: object, key: str) -> NbdTlsMode:
     if value not in NBD_TLS_MODES:
         raise ConfigError(f"{key}: must be require or optional, got {value!r}")
     return value
+
+
+def _choice(allowed: tuple[str, ...]) -> Callable[[object, str], str]:
+    """One of ``allowed`` (a string)."""
+
+    def parse(value: object, key: str) -> str:
+        if value not in allowed:
+            choices = ", ".join(allowed[:-1]) + f" or {allowed[-1]}"
+            raise ConfigError(f"{key}: must be {choices}, got {value!r}")
+        return value
+
+    return parse
+
+
+def _parse_seconds_or_null(value: object, key: str) -> float | None:
+    return None if value is None else _parse_seconds(value, key)
 
 
 def _parse_bitmap_region(value: object, key: str) -> int:
@@ -579,6 +613,10 @@ _PAIR_KEYS: dict[str, _Key] = {
         default=BITMAP_REGION_DEFAULT_BYTES,
     ),
     "auto_resync": _Key(_plain(_parse_bool), "auto_resync", required=False, default=False),
+    "rpo_target_s": _Key(
+        _plain(_parse_seconds_or_null), "rpo_target_s", required=False, default=None
+    ),
+    "inflow_control": _Key(_plain(_parse_bool), "inflow_control", required=False, default=False),
     "hook": _Key(_parse_hook, "hook", required=False, default=()),
     "hook_timeout_s": _Key(
         _plain(_parse_seconds), "hook_timeout_s", required=False, default=HOOK_TIMEOUT_DEFAULT_S
@@ -639,6 +677,11 @@ _METRICS_KEYS: dict[str, _Key] = {
     "listen": _Key(_plain(parse_address), "listen"),
 }
 
+_LOG_KEYS: dict[str, _Key] = {
+    "format": _Key(_plain(_choice(LOG_FORMATS)), "format", required=False, default="text"),
+    "level": _Key(_plain(_choice(tuple(LEVELS))), "level", required=False, default="info"),
+}
+
 _TOP_KEYS: dict[str, _Key] = {
     "role": _Key(_plain(_parse_role), "role"),
     "group": _Key(_plain(_parse_name), "group"),
@@ -661,6 +704,7 @@ _TOP_KEYS: dict[str, _Key] = {
     "metrics": _Key(
         _section(_METRICS_KEYS, MetricsConfig), "metrics", required=False, default=MetricsConfig()
     ),
+    "log": _Key(_section(_LOG_KEYS, LogConfig), "log", required=False, default=LogConfig()),
 }
 
 
@@ -684,6 +728,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     _check_listen(config)
     _check_link(config)
     _check_nbd_memory(config.nbd)
+    _check_inflow(config.pair)
     return config
 
 
@@ -741,6 +786,11 @@ def _check_listen(config: Config) -> None:
     for key, other in (("listen.nbd", config.nbd_listen), ("listen.replication", replication)):
         if metrics == other:
             raise ConfigError(f"metrics.listen: same address as {key} ({metrics})")
+
+
+def _check_inflow(pair: PairConfig) -> None:
+    if pair.inflow_control and pair.rpo_target_s is None:
+        raise ConfigError("pair.inflow_control: needs pair.rpo_target_s (the lag it holds to)")
 
 
 def _check_nbd_memory(nbd: NbdConfig) -> None:

@@ -5,6 +5,9 @@ the role a fresh site starts in. Each program runs its own role: `primaryd` on a
 swap made the secondary starts `secondaryd` in its place (exec: same pid, same arguments),
 and a service that swaps roles while running returns the new role, so the daemon stops
 cleanly and execs the other program. The role packages never import each other.
+
+Signals: SIGTERM and SIGINT stop gracefully; SIGUSR1 switches the log level to DEBUG and,
+sent again, back to log.level (common.logsetup).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import NoReturn
 
 import uvloop
 
-from common import pairrecord
+from common import logsetup, pairrecord
 from common.config import Config, ConfigError, check_volume_files, load_config
 from common.control import ControlError
 from common.linksecurity import load_link_security
@@ -83,13 +86,12 @@ def run(prog: str, role: str, serve_role: RoleService, argv: list[str] | None = 
     parser = _Parser(prog=prog, description=f"journalpair {role} daemon")
     parser.add_argument("--config", required=True, help="YAML config file")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format=f"%(asctime)s {prog} %(levelname)s %(name)s: %(message)s",
-    )
+    logsetup.configure(prog)  # until the config says otherwise
     try:
         config = load_config(args.config)
+        logsetup.configure(prog, config.log.format, config.log.level)
+        # From here on: SIGUSR1's default action would kill the daemon.
+        signal.signal(signal.SIGUSR1, lambda _sig, _frame: logsetup.toggle_debug())
         site_role = _site_role(config)
         if site_role is None and config.role != role:
             raise ConfigError(f"role: config says {config.role}, this is {prog}")
@@ -169,6 +171,7 @@ async def _serve(config: Config, serve_role: RoleService) -> Role | None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _stopping, stop)
+    loop.add_signal_handler(signal.SIGUSR1, logsetup.toggle_debug)  # on the loop thread
     try:
         config.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

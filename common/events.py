@@ -1,9 +1,12 @@
-"""The transition event log: every pair state change as one JSON line, a log line, and a feed.
+"""The pair event log: every state change (and a few other events) as one JSON line, a log
+line, and a feed.
 
-    emit(old, new, reason, **extra)
-        │ {"time", "group", "role", "old", "new", "reason", **extra}
+    emit(old, new, reason, **extra)             a transition: "kind": "transition"
+    notice(kind, state, reason, **extra)        an event in a state, e.g. "rpo_exceeded"
+        │ {"time", "group", "role", "kind", "old", "new", "reason", **extra}
         ├─► events.log: one appended JSON line (rotated to events.log.1 past max_bytes)
-        ├─► log INFO  "group=jg0 role=primary PAIR -> PSUS: split by operator"
+        ├─► log INFO  "PAIR -> PSUS: split by operator" (fields group, role, state, old;
+        │             a notice at its own level, "rpo_exceeded in PAIR: ...")
         ├─► every follower's bounded queue (full: the oldest is dropped and counted)
         └─► every listener (add_listener), e.g. the pair.hook runner's submit()
 
@@ -13,6 +16,9 @@
 The file is not fsynced: the persisted state file is the durable record of a transition
 (invariant 6), this log is its explanation. A failed append is a WARNING, never an exception,
 so a full disk cannot stop a transition that was already persisted.
+
+A notice is not a transition: its "old" and "new" are both the current state, so a consumer
+that only looks at old and new (a hook written before notices existed) sees no change.
 
 A follower that does not keep up (a stalled `pairctl events --follow`) loses the oldest events
 rather than holding memory or the emitter: its queue is bounded, and the next event it gets
@@ -37,7 +43,13 @@ log = logging.getLogger("journalpair.events")
 
 EVENT_LOG_BYTES_MAX = 4 << 20  # per file; one rotated file is kept besides the current one
 FOLLOW_QUEUE_MAX = 1000  # events held for one follower that is not reading
-_RESERVED = ("time", "group", "role", "old", "new", "reason")
+_RESERVED = ("time", "group", "role", "kind", "old", "new", "reason")
+TRANSITION = "transition"  # the kind of a state change; notices name their own kind
+
+
+def _log_fields(extra: dict[str, Any]) -> dict[str, Any]:
+    """The event's extra keys that are log fields too (common.logsetup.FIELDS)."""
+    return {key: extra[key] for key in ("seq", "volume", "peer") if key in extra}
 
 
 def _now_iso() -> str:
@@ -98,21 +110,45 @@ class EventLog:
 
     def emit(self, old: str, new: str, reason: str, **extra: Any) -> dict[str, Any]:
         """Record the transition old -> new; returns the event as written and delivered."""
+        event = self._event(TRANSITION, str(old), str(new), reason, extra)
+        fields = {"group": self.group, "role": event["role"], "state": event["new"], "old": old}
+        fields.update(_log_fields(extra))
+        log.info("%s -> %s: %s", old, new, reason, extra={**fields, "event": TRANSITION})
+        return self._deliver(event)
+
+    def notice(
+        self, kind: str, state: str, reason: str, level: int = logging.INFO, **extra: Any
+    ) -> dict[str, Any]:
+        """Record an event of ``kind`` that changes no state (e.g. the lag crossed the RPO
+        target); it goes to the same file, followers, listeners and hook as transitions."""
+        if kind == TRANSITION:
+            raise ValueError("a transition goes through emit()")
+        event = self._event(kind, str(state), str(state), reason, extra)
+        fields = {"group": self.group, "role": event["role"], "state": event["new"], "event": kind}
+        fields.update(_log_fields(extra))
+        log.log(level, "%s in %s: %s", kind, state, reason, extra=fields)
+        return self._deliver(event)
+
+    def _event(
+        self, kind: str, old: str, new: str, reason: str, extra: dict[str, Any]
+    ) -> dict[str, Any]:
         clash = [key for key in _RESERVED if key in extra]
         if clash:
             raise ValueError(f"event keys reserved: {', '.join(clash)}")
-        role = str(self._role_fn())
-        event: dict[str, Any] = {
+        return {
             "time": _now_iso(),
             "group": self.group,
-            "role": role,
-            "old": str(old),
-            "new": str(new),
+            "role": str(self._role_fn()),
+            "kind": kind,
+            "old": old,
+            "new": new,
             "reason": reason,
             **extra,
         }
+
+    def _deliver(self, event: dict[str, Any]) -> dict[str, Any]:
         self._append(json.dumps(event, separators=(",", ":"), default=str) + "\n")
-        log.info("group=%s role=%s %s -> %s: %s", self.group, role, old, new, reason)
+        old, new = event["old"], event["new"]
         for follower in self._followers:
             follower.offer(event)
         for listener in self._listeners:

@@ -1,4 +1,5 @@
-"""The pair.hook command: run once per pair state transition, in order, never in the way.
+"""The pair.hook command: run once per pair event (transition or notice), in order, never in
+the way.
 
     EventLog.emit ── listener ──► submit(event)          (loop thread, never blocks)
                                     │ bounded deque (full: drop the oldest, count, ERROR)
@@ -184,6 +185,7 @@ class HookRunner:
         values = {
             "JP_GROUP": event.get("group", self.group),
             "JP_ROLE": event.get("role", self.role),
+            "JP_EVENT_KIND": event.get("kind", "transition"),
             "JP_OLD_STATE": event.get("old", ""),
             "JP_NEW_STATE": event.get("new", ""),
             "JP_REASON": event.get("reason", ""),
@@ -195,6 +197,9 @@ class HookRunner:
 
 
 def _transition(event: Mapping[str, Any]) -> str:
+    kind = event.get("kind", "transition")
+    if kind != "transition":  # a notice (common.events): no state change to show
+        return f"{kind} in {event.get('new', '?')}"
     return f"{event.get('old', '?')} -> {event.get('new', '?')}"
 
 

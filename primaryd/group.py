@@ -65,6 +65,7 @@ from common.siteid import site_id
 from common.volume import Volume
 from primaryd.copier import CopyAborted, CopyProgress, Ranges, copy_volumes
 from primaryd.master import MasterJournal, Mode
+from primaryd.rpo import RpoChange, RpoWatch
 
 log = logging.getLogger("journalpair.primary")
 
@@ -141,6 +142,8 @@ class PrimaryGroup:
         self.switching = asyncio.Event()
         self._all_reported = asyncio.Event()
         self.journal.mode = _mode_for(record.state)
+        target_s = config.pair.rpo_target_s
+        self._rpo = None if target_s is None else RpoWatch(target_s, config.pair.inflow_control)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -584,6 +587,62 @@ class PrimaryGroup:
                     f"journal over the high-water mark ({use:.0%}) for more than "
                     f"overflow_watch_s {self.config.pair.overflow_watch_s:g}",
                 )
+            if self._rpo is not None:
+                self._watch_rpo(self._rpo)
+
+    def _watch_rpo(self, rpo: RpoWatch) -> None:
+        """The lag against pair.rpo_target_s, in PAIR and PFUL only (COPY is behind by
+        design, a suspended pair has no lag to speak of): an event when it goes over and
+        when it is back under; with inflow control, the host write reply delay."""
+        state = self.record.state
+        if state not in (PairState.PAIR, PairState.PFUL):
+            if rpo.over:
+                log.info("RPO watch off: the pair is %s", state.value, extra=self._fields())
+            rpo.reset()
+            self.journal.ack_delay_s = 0.0
+            return
+        lag_s = self._lag_seconds() if self.store.last_seq > self.applied_seq else 0.0
+        change = rpo.update(lag_s, time.monotonic())
+        self.journal.ack_delay_s = rpo.ack_delay_s(lag_s)
+        if change is None:
+            return
+        oldest = self.applied_seq + 1  # the record whose age is the lag
+        if change is RpoChange.EXCEEDED:
+            inflow = "; inflow control: host write replies delayed" if rpo.inflow_control else ""
+            reason = f"lag {lag_s:.1f} s over rpo_target_s {rpo.target_s:g}{inflow}"
+            self.events.notice(
+                change.value,
+                state.value,
+                reason,
+                logging.WARNING,
+                lag_s=round(lag_s, 3),
+                target_s=rpo.target_s,
+                seq=oldest,
+            )
+        else:
+            over_s = time.monotonic() - rpo.over_since
+            reason = (
+                f"lag {lag_s:.1f} s back under rpo_target_s {rpo.target_s:g} "
+                f"(peak {rpo.peak_lag_s:.1f} s, over for {over_s:.1f} s)"
+            )
+            self.events.notice(
+                change.value,
+                state.value,
+                reason,
+                lag_s=round(lag_s, 3),
+                target_s=rpo.target_s,
+                peak_lag_s=round(rpo.peak_lag_s, 3),
+                seq=oldest,
+            )
+
+    def _fields(self, **more: Any) -> dict[str, Any]:
+        """The log fields of this group (common.logsetup.FIELDS)."""
+        return {
+            "group": self.config.group,
+            "role": Role.PRIMARY.value,
+            "state": self.record.state.value,
+            **more,
+        }
 
     async def _save_bitmaps_forever(self) -> None:
         """While suspended, marks go to the bitmaps in memory; a crash must not lose more
@@ -689,7 +748,7 @@ class PrimaryGroup:
             f"{reason}: this site is the secondary now",
             new_role="secondary",
         )
-        log.warning("%s: this site becomes the secondary", reason)
+        log.warning("%s: this site becomes the secondary", reason, extra=self._fields())
         self.switch_to = Role.SECONDARY
         asyncio.get_running_loop().call_later(SWITCH_DELAY_S, self.switching.set)
 
@@ -819,6 +878,7 @@ class PrimaryGroup:
             copied,
             time.monotonic() - started,
             end_seq,
+            extra=self._fields(seq=end_seq),
         )
         self._secondary_position(self.restored_seq, self.applied_seq)
 
@@ -868,7 +928,11 @@ class PrimaryGroup:
     def _journal_failed(self, why: str) -> None:
         """The journal disk failed a write or an fdatasync (full, I/O error): replication
         stops, host I/O does not (invariant 4)."""
-        log.error("%s: suspending the pair; host writes go on, marked for the resync", why)
+        log.error(
+            "%s: suspending the pair; host writes go on, marked for the resync",
+            why,
+            extra=self._fields(),
+        )
         self._suspend(self.record.next_state(PairInput.LINK_LOST), f"journal disk error: {why}")
 
     def _mark_unrestored(self) -> None:

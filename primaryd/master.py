@@ -87,6 +87,9 @@ class MasterJournal:
         # sent before the stop was read while last_seq was at most what it is now.
         self.ref_horizon_seq = store.last_seq
         self.on_ref_sent: Callable[[int], None] | None = None  # bytes read for a reference
+        # Inflow control (pair.inflow_control): how long the NBD server holds the reply to a
+        # host write; set by the group's RPO watch, 0 when under the target.
+        self.ack_delay_s = 0.0
 
     # -- the NBD WriteJournal hooks ----------------------------------------------------
 
@@ -256,6 +259,7 @@ class MasterJournal:
                 store.used_bytes,
                 store.capacity_bytes,
                 seq,
+                extra={"seq": seq, "volume": volume},
             )
             self._on_full()  # switches to Mode.BITMAP
             return False
@@ -267,7 +271,12 @@ class MasterJournal:
 
     def _rebase(self, volume: str, offset: int, length: int, why: str) -> None:
         log.warning(
-            "volume %s %d+%d: journaling its content again: %s", volume, offset, length, why
+            "volume %s %d+%d: journaling its content again: %s",
+            volume,
+            offset,
+            length,
+            why,
+            extra={"volume": volume},
         )
         end = offset + length
         while offset < end and self.mode is Mode.JOURNAL:

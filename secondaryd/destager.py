@@ -108,7 +108,12 @@ class Destager:
                 # An OSError is an S-VOL write or fdatasync that failed (a full or failing
                 # disk): retrying an fdatasync proves nothing, so destaging stops here too.
                 self.error = str(exc)
-                log.error("destaging stopped at seq %d: %s", self.applied_seq, exc)
+                log.error(
+                    "destaging stopped at seq %d: %s",
+                    self.applied_seq,
+                    exc,
+                    extra={"seq": self.applied_seq},
+                )
                 if self.on_error is not None:
                     self.on_error(self.error)
                 return

@@ -317,7 +317,7 @@ class SecondaryGroup:
         self.events.emit(
             old.value, state.value, f"{reason}: this site is the primary now", new_role="primary"
         )
-        log.warning("%s: this site becomes the primary", reason)
+        log.warning("%s: this site becomes the primary", reason, extra=self._fields())
         self.switch_to = Role.PRIMARY
         asyncio.get_running_loop().call_later(SWITCH_DELAY_S, self.switching.set)
 
@@ -341,7 +341,12 @@ class SecondaryGroup:
         self.events.emit(old.value, state.value, reason, applied_seq=applied)
         for hook in self.on_writable:
             hook(self.marker)
-        log.info("the S-VOLs are writable (SSWS), consistent at seq %d: %s", applied, reason)
+        log.info(
+            "the S-VOLs are writable (SSWS), consistent at seq %d: %s",
+            applied,
+            reason,
+            extra=self._fields(seq=applied),
+        )
         return applied
 
     def _forget_swapped_out(self) -> None:
@@ -611,10 +616,19 @@ class SecondaryGroup:
         # seconds does not flood the log, a new kind of failure is always told.
         if up != self.link_up or why != self.link_why:
             level = logging.INFO if up else logging.WARNING
-            log.log(level, "link %s: %s", "up" if up else "down", why)
+            log.log(level, "link %s: %s", "up" if up else "down", why, extra=self._fields())
         if up != self.link_up:
             self.link_since = time.time()
         self.link_up, self.link_why = up, why
+
+    def _fields(self, **more: Any) -> dict[str, Any]:
+        """The log fields of this group (common.logsetup.FIELDS)."""
+        return {
+            "group": self.group,
+            "role": Role.SECONDARY.value,
+            "state": self.record.state.value,
+            **more,
+        }
 
     # -- display -------------------------------------------------------------------------
 

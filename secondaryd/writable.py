@@ -10,6 +10,7 @@ class BitmapMarker:
     def __init__(self, log: MarkLog) -> None:
         self.log = log
         self.marks = 0  # host writes marked (the group persists "written while SSWS")
+        self.ack_delay_s = 0.0  # no inflow control on an SSWS secondary
 
     def wrote(self, volume: str, offset: int, payload: bytes | memoryview) -> None:
         self._mark(volume, offset, len(payload))

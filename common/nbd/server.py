@@ -37,6 +37,7 @@ path (receive into the core's buffer, sendfile for big reads) is untouched.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import ssl
@@ -87,6 +88,9 @@ JOURNAL_BATCH_REQUESTS = 256
 # connection stops being read until a sync round answers them (a flood of FLUSH costs a
 # bounded list, not a task each).
 SYNC_WAITERS_MAX = 1024
+# Inflow control: write replies held back per connection at most; beyond, a write is answered
+# at once (a client pipelining that much is not slowed by a few ms anyway).
+DELAYED_REPLIES_MAX = 1024
 STOP_DRAIN_S = 10.0  # on SIGTERM, how long clients get to read the replies owed to them
 _SENDFILE_MIN_BYTES = 128 << 10  # below this one pread + write is cheaper than a syscall dance
 # READ reply bytes made before the sender gets them and the backlog is checked: without a
@@ -118,6 +122,10 @@ class WriteJournal(Protocol):
 
     async def sync(self) -> None:
         """FLUSH/FUA: records so far are durable when this returns (OSError if not)."""
+
+    # Inflow control: hold the replies to this batch's writes (without FUA) this long, 0 for
+    # none. Read once per batch; the server awaits it, it never blocks the loop.
+    ack_delay_s: float
 
 
 class Export:
@@ -171,6 +179,10 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._sync_waiting: list[tuple[Request, int]] = []
         self._sync_rounds: asyncio.Task[None] | None = None
         self._waiting_for_sync = False  # held: too many requests wait for a sync
+        # Inflow control: write replies (payload dropped) with the loop time they are due at,
+        # oldest first, and the one task that sends them.
+        self._delayed: collections.deque[tuple[float, Request]] = collections.deque()
+        self._delay_task: asyncio.Task[None] | None = None
         self._sender: ReplySender | None = None
         self._closing = False
         self._received_bytes = 0
@@ -533,17 +545,42 @@ class NbdConnection(asyncio.BufferedProtocol):
         export = self._export
         assert export is not None
         journal = export.journal
+        delay_s = 0.0
         if journal is not None:
             for req in batch:
                 if req.cmd in _JOURNALED and not self._refused_fast_zero(export.volume, req):
                     self._journal(journal, export.volume.name, req)
             journal.flush_records()
+            delay_s = journal.ack_delay_s
         if export.stats is None:
             for req in batch:
-                self._request(req)
+                self._request(req, delay_s)
             return
-        answered = [req for req in batch if self._request(req)]  # replied to now
+        answered = [req for req in batch if self._request(req, delay_s)]  # replied to now
         export.stats.answered(answered, time.monotonic_ns() - self._arrived_ns)
+
+    def _reply_later(self, req: Request, delay_s: float) -> None:
+        """Inflow control: the write is done and journaled; its reply waits ``delay_s``."""
+        loop = asyncio.get_running_loop()
+        self._delayed.append((loop.time() + delay_s, req._replace(payload=b"")))
+        if self._delay_task is None:
+            self._delay_task = loop.create_task(self._send_delayed())
+            self._track(self._delay_task)
+
+    async def _send_delayed(self) -> None:
+        """Send each held reply when it is due, in order; one task per connection."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._delayed:
+                due, _ = self._delayed[0]
+                if due > loop.time():
+                    await asyncio.sleep(due - loop.time())
+                now = loop.time()
+                while self._delayed and self._delayed[0][0] <= now:
+                    self._core.reply_ok(self._delayed.popleft()[1])
+                self._flush_out()
+        finally:
+            self._delay_task = None
 
     @staticmethod
     def _journal(journal: WriteJournal, volume: str, req: Request) -> None:
@@ -561,9 +598,11 @@ class NbdConnection(asyncio.BufferedProtocol):
             return False
         return not volume.zero_is_fast(allocate=bool(req.flags & c.CMD_FLAG_NO_HOLE))
 
-    def _request(self, req: Request) -> bool:
-        """Run one request; True when it is answered now, False when its reply waits for
-        an fdatasync (FLUSH, FUA: _sync_then_reply answers it)."""
+    def _request(self, req: Request, delay_s: float = 0.0) -> bool:
+        """Run one request; True when it is answered now (or, with ``delay_s``, inflow
+        control, held that much before its reply goes: a journaled write without FUA that
+        succeeded), False when its reply waits for an fdatasync (FLUSH, FUA:
+        _reply_after_sync answers it)."""
         export = self._export
         assert export is not None
         volume = export.volume
@@ -593,19 +632,17 @@ class NbdConnection(asyncio.BufferedProtocol):
         except OSError as exc:
             if export.journal is not None and req.cmd in _JOURNALED:
                 export.journal.failed(volume.name, req.offset, req.length)
-            log.error(
-                "export %s: %s failed at %d+%d: %s",
-                volume.name,
-                req.cmd.name,
-                req.offset,
-                req.length,
-                exc,
+            self._server.io_error(
+                volume.name, f"{req.cmd.name} failed at {req.offset}+{req.length}: {exc}"
             )
             self._core.reply_error(req, c.ENOSPC if exc.errno == 28 else c.EIO, str(exc))
             return True
         if cmd is _FLUSH or req.flags & _FUA:
             self._reply_after_sync(export, req)
             return False
+        if delay_s > 0 and cmd in _JOURNALED and len(self._delayed) < DELAYED_REPLIES_MAX:
+            self._reply_later(req, delay_s)  # the payload is dropped: it is the receive buffer
+            return True
         self._core.reply_ok(req)
         return True
 
@@ -666,7 +703,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                     else:
                         await asyncio.gather(export.syncer.sync(), export.journal.sync())
                 except OSError as exc:
-                    log.error("export %s: fdatasync failed: %s", export.volume.name, exc)
+                    self._server.io_error(export.volume.name, f"fdatasync failed: {exc}")
                     for req, _ in answering:
                         self._core.reply_error(req, c.EIO, f"fdatasync: {exc}")
                 else:
@@ -731,6 +768,7 @@ class NbdServer:
         self._watch_timer: asyncio.TimerHandle | None = None
         self._refusals = LogLimiter()
         self._drops = LogLimiter()
+        self._io_errors = LogLimiter()  # a failing disk fails every request: not a line each
 
     def hold_memory(self, conn: NbdConnection, nbytes: int) -> None:
         """``conn`` holds ``nbytes`` now; wake the connections waiting if that freed some."""
@@ -745,6 +783,11 @@ class NbdServer:
     def refused(self, peer: str, why: str) -> None:
         if self._refusals.allow(asyncio.get_running_loop().time()):
             log.warning("client %s refused: %s", peer, why)
+
+    def io_error(self, volume: str, what: str) -> None:
+        """A host request failed on the volume (the client got EIO/ENOSPC); limited."""
+        if self._io_errors.allow(asyncio.get_running_loop().time()):
+            log.error("export %s: %s", volume, what, extra={"volume": volume})
 
     def log_drop(self, peer: str, why: str, level: int = logging.WARNING) -> None:
         """One line per client dropped, or gone, before it was any use; limited (a flood)."""
@@ -769,6 +812,14 @@ class NbdServer:
                     what,
                     limiter.interval_s,
                 )
+        count = self._io_errors.summary(now)
+        if count:
+            log.error(
+                "%d more host requests failed on the volumes in the last %.0f s "
+                "(not logged one by one)",
+                count,
+                self._io_errors.interval_s,
+            )
         self._watch_timer = loop.call_later(self._tick_s(), self._watch)
 
     def _tick_s(self) -> float:

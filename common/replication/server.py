@@ -89,7 +89,7 @@ class ServerConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self._server.connections.add(self)
-        log.info("secondary %s connected", self.peer)
+        log.info("secondary %s connected", self.peer, extra={"peer": self.peer})
         if self._tls is None:
             self._greet()
         else:  # the challenge waits for the TLS handshake, which the secondary starts
@@ -119,7 +119,9 @@ class ServerConnection(asyncio.Protocol):
             self._answering.cancel()
         if self._welcomed:
             self._server.source.link_closed(self.peer)
-        log.info("secondary %s disconnected (%s)", self.peer, exc or "closed")
+        log.info(
+            "secondary %s disconnected (%s)", self.peer, exc or "closed", extra={"peer": self.peer}
+        )
 
     def close(self) -> None:
         if self._transport is not None:

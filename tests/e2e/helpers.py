@@ -318,11 +318,12 @@ def config_text(
     pair: Mapping[str, Any] | None = None,
     link: Mapping[str, Any] | None = None,
     nbd: Mapping[str, Any] | None = None,
+    log: Mapping[str, Any] | None = None,
 ) -> str:
     """A config in the ARCHITECTURE.md contract; ``peer_port`` is replication or primary.
 
-    ``pair``, ``link`` and ``nbd`` become the optional sections, written as JSON mappings
-    (JSON is YAML)."""
+    ``pair``, ``link``, ``nbd`` and ``log`` become the optional sections, written as JSON
+    mappings (JSON is YAML)."""
     lines = [
         f"role: {role}",
         "group: jg0",
@@ -342,6 +343,8 @@ def config_text(
         lines.append(f"link: {json.dumps(dict(link))}")
     if nbd is not None:
         lines.append(f"nbd: {json.dumps(dict(nbd))}")
+    if log is not None:
+        lines.append(f"log: {json.dumps(dict(log))}")
     return "\n".join(lines) + "\n"
 
 
@@ -361,6 +364,7 @@ class Daemons:
         pair: Mapping[str, Any] | None = None,
         link: Mapping[str, Any] | None = None,
         nbd: Mapping[str, Any] | None = None,
+        log: Mapping[str, Any] | None = None,
     ) -> Daemon:
         """Write the config (fresh ports, paths under tmp_path) without starting anything."""
         name = name or f"{role}{sum(d.role == role for d in self.started) or ''}"
@@ -381,6 +385,7 @@ class Daemons:
                 pair=pair,
                 link=link,
                 nbd=nbd,
+                log=log,
             )
         )
         daemon = Daemon(name, role, config_path, site / f"{name}.log", nbd_port, vols, peer_port)
@@ -557,10 +562,14 @@ def create_pair(primary: Daemon, secondary: Daemon, timeout_s: float = 60.0) -> 
     wait_state(secondary, "PAIR", timeout_s)
 
 
+def events(daemon: Daemon) -> list[dict[str, Any]]:
+    """Every event the daemon recorded (transitions and notices), from `pairctl events`."""
+    return [json.loads(line) for line in pairctl(daemon, "events").stdout.splitlines()]
+
+
 def transitions(daemon: Daemon) -> list[tuple[str, str]]:
     """Every (old, new) state the daemon went through, from `pairctl events`."""
-    lines = pairctl(daemon, "events").stdout.splitlines()
-    return [(event["old"], event["new"]) for event in map(json.loads, lines)]
+    return [(e["old"], e["new"]) for e in events(daemon) if e.get("kind") == "transition"]
 
 
 def pair_through_proxy(
@@ -570,16 +579,17 @@ def pair_through_proxy(
     *,
     pair: Mapping[str, Any],
     create: bool = True,
+    log: Mapping[str, Any] | None = None,
 ) -> tuple[Daemon, Daemon, FaultProxy]:
     """A primary, and a secondary that pulls through a FaultProxy (added to ``proxies``):
 
     secondaryd ──► proxy ──► primaryd's replication port       paired unless not ``create``
     """
-    primary = daemons.prepare("primary", volumes, pair=pair)
+    primary = daemons.prepare("primary", volumes, pair=pair, log=log)
     primary.start()
     proxy = FaultProxy(HOST, primary.peer_port).start()
     proxies.append(proxy)
-    secondary = daemons.prepare("secondary", volumes, primary_port=proxy.port, pair=pair)
+    secondary = daemons.prepare("secondary", volumes, primary_port=proxy.port, pair=pair, log=log)
     secondary.start()
     wait_until(lambda: display(primary)["link"]["up"], 15, "the secondary to connect")
     if create:

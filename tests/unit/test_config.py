@@ -14,6 +14,7 @@ from common.config import (
     Config,
     ConfigError,
     JournalConfig,
+    LogConfig,
     PairConfig,
     VolumeConfig,
     check_volume_files,
@@ -674,4 +675,52 @@ def test_metrics_are_off_unless_metrics_listen_is_set(tmp_path: Path, base: str)
 )
 def test_metrics_errors_name_the_key(tmp_path: Path, metrics: str, expected: str) -> None:
     message = error_of(tmp_path, PRIMARY + f"metrics: {metrics}\n")
+    assert message.startswith(expected), message
+
+
+# --- log: and the RPO target ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("base", [PRIMARY, SECONDARY])
+def test_log_section_is_optional_with_defaults(tmp_path: Path, base: str) -> None:
+    assert load_text(tmp_path, base).log == LogConfig(format="text", level="info")
+    config = load_text(tmp_path, base + "log: {format: json, level: debug}\n")
+    assert config.log == LogConfig(format="json", level="debug")
+
+
+@pytest.mark.parametrize(
+    ("log", "expected"),
+    [
+        ("{format: yaml}", "log.format: must be text, logfmt or json, got 'yaml'"),
+        ("{format: JSON}", "log.format: must be text, logfmt or json, got 'JSON'"),
+        ("{level: verbose}", "log.level: must be debug, info, warning or error, got 'verbose'"),
+        ("{level: 10}", "log.level: must be debug, info, warning or error, got 10"),
+        ("{colour: true}", "log.colour: unknown key"),
+        ("json", "log: expected a mapping, got string"),
+    ],
+)
+def test_log_errors_name_the_key(tmp_path: Path, log: str, expected: str) -> None:
+    assert error_of(tmp_path, PRIMARY + f"log: {log}\n") == expected
+
+
+def test_rpo_target_and_inflow_control(tmp_path: Path) -> None:
+    pair = load_text(tmp_path, with_pair(PRIMARY, "rpo_target_s: 2.5\ninflow_control: true\n")).pair
+    assert (pair.rpo_target_s, pair.inflow_control) == (2.5, True)
+    assert (PairConfig().rpo_target_s, PairConfig().inflow_control) == (None, False)
+
+
+@pytest.mark.parametrize(
+    ("pair", "expected"),
+    [
+        ("rpo_target_s: 0", "pair.rpo_target_s: must be a positive number of seconds, got 0"),
+        ("rpo_target_s: 2s", "pair.rpo_target_s: expected a number of seconds, got string"),
+        ("inflow_control: 'on'", "pair.inflow_control: expected true or false, got string"),
+        (
+            "inflow_control: true",
+            "pair.inflow_control: needs pair.rpo_target_s (the lag it holds to)",
+        ),
+    ],
+)
+def test_rpo_errors_name_the_key(tmp_path: Path, pair: str, expected: str) -> None:
+    message = error_of(tmp_path, with_pair(PRIMARY, pair + "\n"))
     assert message.startswith(expected), message

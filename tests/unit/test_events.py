@@ -31,6 +31,7 @@ def test_emit_appends_one_json_line_and_logs_it(
     assert event == {
         "group": "jg0",
         "role": "primary",
+        "kind": "transition",
         "old": "PAIR",
         "new": "PSUS",
         "reason": "split by operator",
@@ -38,10 +39,43 @@ def test_emit_appends_one_json_line_and_logs_it(
     }
     [line] = (tmp_path / "events.log").read_text().splitlines()
     written = json.loads(line)
-    assert list(written) == ["time", "group", "role", "old", "new", "reason", "seq"]
-    assert [r.getMessage() for r in caplog.records] == [
-        "group=jg0 role=primary PAIR -> PSUS: split by operator"
-    ]
+    assert list(written) == ["time", "group", "role", "kind", "old", "new", "reason", "seq"]
+    [record] = caplog.records
+    assert record.getMessage() == "PAIR -> PSUS: split by operator"
+    fields = {k: getattr(record, k) for k in ("group", "role", "state", "old", "event")}
+    assert fields == {
+        "group": "jg0",
+        "role": "primary",
+        "state": "PSUS",
+        "old": "PAIR",
+        "event": "transition",
+    }
+
+
+def test_a_notice_is_an_event_in_the_current_state(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    events = make_log(tmp_path)
+    heard: list[dict[str, Any]] = []
+    events.add_listener(heard.append)
+    with caplog.at_level(logging.INFO, logger="journalpair.events"):
+        event = events.notice(
+            "rpo_exceeded", "PAIR", "lag 3.0 s over 2 s", level=logging.WARNING, lag_s=3.0
+        )
+    assert (event["kind"], event["old"], event["new"], event["lag_s"]) == (
+        "rpo_exceeded",
+        "PAIR",
+        "PAIR",
+        3.0,
+    )
+    assert heard == [event]
+    assert events.history() == [event]
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == "rpo_exceeded in PAIR: lag 3.0 s over 2 s"
+    assert (record.event, record.state, record.group) == ("rpo_exceeded", "PAIR", "jg0")  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="emit"):
+        events.notice("transition", "PAIR", "x")
 
 
 def test_role_is_asked_at_each_emit(tmp_path: Path) -> None:

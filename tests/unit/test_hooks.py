@@ -108,6 +108,7 @@ async def test_hook_gets_the_event_in_its_environment(
         "JP_FROM_PARENT": "kept",  # os.environ is passed on
         "JP_GROUP": "jg0",
         "JP_ROLE": "primary",
+        "JP_EVENT_KIND": "transition",
         "JP_OLD_STATE": "PAIR",
         "JP_NEW_STATE": "PSUE",
         "JP_REASON": "link down past path watch",
@@ -127,6 +128,18 @@ async def test_the_events_role_wins_and_nul_is_dropped(recorder: tuple[Path, Pat
     [run] = runs(out)
     assert run["env"]["JP_ROLE"] == "secondary"
     assert run["env"]["JP_REASON"] == "peer said ab"
+
+
+@pytest.mark.asyncio
+async def test_a_notice_names_its_kind(recorder: tuple[Path, Path]) -> None:
+    hook, out = recorder
+    hooks = runner([hook])
+    hooks.start()
+    hooks.submit(event("PAIR", "PAIR", "lag 3.1 s over rpo_target_s 2", kind="rpo_exceeded"))
+    await hooks.stop()
+    [run] = runs(out)
+    kind_and_states = [run["env"][k] for k in ("JP_EVENT_KIND", "JP_OLD_STATE", "JP_NEW_STATE")]
+    assert kind_and_states == ["rpo_exceeded", "PAIR", "PAIR"]
 
 
 @pytest.mark.asyncio
