@@ -23,9 +23,9 @@ import pytest
 
 from tests.e2e.faultproxy import FaultProxy
 from tests.e2e.helpers import (
-    MiB,
     Daemon,
     Daemons,
+    MiB,
     events,
     pair_through_proxy,
     wait_caught_up,
