@@ -248,9 +248,10 @@ def test_a_cut_in_the_middle_of_a_takeover_leaves_the_primary_serving(
 ) -> None:
     """A has stopped host writes for the swap, the link is cut before COMMIT: the takeover
     is refused on B, A stays the primary and serves its hosts again at once (not after
-    SWAP_COMMIT_S); PSUE on both; resync brings PAIR back, roles unchanged."""
+    SWAP_COMMIT_S); PSUE on both; resync brings PAIR back, roles unchanged. Over the slow
+    link a long poll and a round trip are 2 s of silence: the path watch must be longer."""
     a, b, writer = paired_and_writing(
-        daemons, proxied, LONG_FAULT_PATH_WATCH_S, seed=24, writes=200
+        daemons, proxied, SHORT_FAULT_PATH_WATCH_S, seed=24, writes=200
     )
     proxied[-1].set_delay(SWAP_LINK_DELAY_S)
     takeover = InBackground(lambda: pairctl(b, "takeover", check=False))
