@@ -1,0 +1,314 @@
+"""SCSI block commands for a disk LUN (SPC-4, SBC-3): CDB in, reply or I/O to do out.
+
+    cdb ─► execute(cdb, lun, luns) ─► Reply(status, data, sense)    answered here
+                                  └─► Io(kind, offset, length, fua)  the adapter does it
+
+No disk access: READ/WRITE/SYNCHRONIZE CACHE become an `Io` for the adapter; everything
+else (INQUIRY, READ CAPACITY, MODE SENSE, REPORT LUNS, ...) is answered from `LunInfo`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import Enum, IntEnum
+
+BLOCK_BYTES = 512
+VENDOR = b"JPAIR   "  # 8 bytes, T10 vendor identification
+PRODUCT = b"journalpair     "  # 16 bytes
+REVISION = b"0001"
+
+
+class Status(IntEnum):
+    GOOD = 0x00
+    CHECK_CONDITION = 0x02
+
+
+class SenseKey(IntEnum):
+    NO_SENSE = 0x0
+    NOT_READY = 0x2
+    MEDIUM_ERROR = 0x3
+    ILLEGAL_REQUEST = 0x5
+    DATA_PROTECT = 0x7
+
+
+# (sense key, additional sense code, qualifier)
+LBA_OUT_OF_RANGE = (SenseKey.ILLEGAL_REQUEST, 0x21, 0x00)
+INVALID_FIELD_IN_CDB = (SenseKey.ILLEGAL_REQUEST, 0x24, 0x00)
+INVALID_OPCODE = (SenseKey.ILLEGAL_REQUEST, 0x20, 0x00)
+LUN_NOT_SUPPORTED = (SenseKey.ILLEGAL_REQUEST, 0x25, 0x00)
+SAVING_NOT_SUPPORTED = (SenseKey.ILLEGAL_REQUEST, 0x39, 0x00)
+WRITE_PROTECTED = (SenseKey.DATA_PROTECT, 0x27, 0x00)
+READ_ERROR = (SenseKey.MEDIUM_ERROR, 0x11, 0x00)
+WRITE_ERROR = (SenseKey.MEDIUM_ERROR, 0x0C, 0x00)
+
+
+class Opcode(IntEnum):
+    TEST_UNIT_READY = 0x00
+    REQUEST_SENSE = 0x03
+    INQUIRY = 0x12
+    MODE_SENSE_6 = 0x1A
+    READ_CAPACITY_10 = 0x25
+    READ_10 = 0x28
+    WRITE_10 = 0x2A
+    SYNCHRONIZE_CACHE_10 = 0x35
+    MODE_SENSE_10 = 0x5A
+    READ_16 = 0x88
+    WRITE_16 = 0x8A
+    SYNCHRONIZE_CACHE_16 = 0x91
+    SERVICE_ACTION_IN_16 = 0x9E
+    REPORT_LUNS = 0xA0
+
+
+READ_CAPACITY_16_ACTION = 0x10
+CDB_BYTES = {  # the CDB length by group code (opcode >> 5)
+    0: 6,
+    1: 10,
+    2: 10,
+    4: 16,
+    5: 12,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LunInfo:
+    size_bytes: int
+    serial: str
+    read_only: bool = False
+
+    @property
+    def blocks(self) -> int:
+        return self.size_bytes // BLOCK_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: Status
+    data: bytes = b""
+    sense: bytes = b""
+
+
+class IoKind(Enum):
+    READ = "read"
+    WRITE = "write"
+    FLUSH = "flush"
+
+
+@dataclass(frozen=True, slots=True)
+class Io:
+    kind: IoKind
+    offset: int = 0
+    length: int = 0
+    fua: bool = False
+
+
+def sense_data(key_asc_ascq: tuple[int, int, int]) -> bytes:
+    """Fixed-format sense data (SPC-4 4.5.3), current error."""
+    key, asc, ascq = key_asc_ascq
+    sense = bytearray(18)
+    sense[0] = 0x70
+    sense[2] = key & 0x0F
+    sense[7] = 10  # additional sense length
+    sense[12] = asc
+    sense[13] = ascq
+    return bytes(sense)
+
+
+def check_condition(key_asc_ascq: tuple[int, int, int]) -> Reply:
+    return Reply(Status.CHECK_CONDITION, sense=sense_data(key_asc_ascq))
+
+
+def encode_lun(lun: int) -> bytes:
+    """SAM LUN: peripheral addressing below 256, flat addressing up to 16383."""
+    if lun < 256:
+        return bytes((0, lun)) + bytes(6)
+    return bytes((0x40 | (lun >> 8), lun & 0xFF)) + bytes(6)
+
+
+def decode_lun(field: bytes) -> int:
+    method = field[0] >> 6
+    if method in (0, 1):  # peripheral (bus 0) or flat
+        return ((field[0] & 0x3F) << 8) | field[1]
+    return -1  # an addressing method we do not serve: no such LUN
+
+
+def execute(cdb: bytes, lun: int, luns: Mapping[int, LunInfo]) -> Reply | Io:
+    opcode = cdb[0]
+    if opcode == Opcode.REPORT_LUNS:
+        return _report_luns(cdb, luns)
+    info = luns.get(lun)
+    if opcode == Opcode.INQUIRY:
+        return _inquiry(cdb, lun, info)
+    if opcode == Opcode.REQUEST_SENSE:
+        return Reply(Status.GOOD, sense_data((SenseKey.NO_SENSE, 0, 0))[: cdb[4]])
+    if info is None:
+        return check_condition(LUN_NOT_SUPPORTED)
+    handler = _HANDLERS.get(opcode)
+    if handler is None:
+        return check_condition(INVALID_OPCODE)
+    return handler(cdb, info)
+
+
+def _test_unit_ready(cdb: bytes, info: LunInfo) -> Reply | Io:
+    return Reply(Status.GOOD)
+
+
+def _read_capacity_10(cdb: bytes, info: LunInfo) -> Reply | Io:
+    last = min(info.blocks - 1, 0xFFFFFFFF)
+    return Reply(Status.GOOD, struct.pack(">II", last, BLOCK_BYTES))
+
+
+def _service_action_in_16(cdb: bytes, info: LunInfo) -> Reply | Io:
+    if cdb[1] & 0x1F != READ_CAPACITY_16_ACTION:
+        return check_condition(INVALID_FIELD_IN_CDB)
+    allocation = struct.unpack_from(">I", cdb, 10)[0]
+    data = struct.pack(">QI", info.blocks - 1, BLOCK_BYTES) + bytes(20)
+    return Reply(Status.GOOD, data[:allocation])
+
+
+def _rw(cdb: bytes, info: LunInfo) -> Reply | Io:
+    opcode = cdb[0]
+    if opcode in (Opcode.READ_10, Opcode.WRITE_10):
+        lba, blocks = struct.unpack_from(">I", cdb, 2)[0], struct.unpack_from(">H", cdb, 7)[0]
+    else:
+        lba, blocks = struct.unpack_from(">QI", cdb, 2)
+    write = opcode in (Opcode.WRITE_10, Opcode.WRITE_16)
+    if lba + blocks > info.blocks:
+        return check_condition(LBA_OUT_OF_RANGE)
+    if write and info.read_only:
+        return check_condition(WRITE_PROTECTED)
+    if blocks * BLOCK_BYTES > MAX_TRANSFER_BYTES:
+        return check_condition(INVALID_FIELD_IN_CDB)
+    kind = IoKind.WRITE if write else IoKind.READ
+    return Io(kind, lba * BLOCK_BYTES, blocks * BLOCK_BYTES, fua=bool(cdb[1] & 0x08))
+
+
+def _synchronize_cache(cdb: bytes, info: LunInfo) -> Reply | Io:
+    if cdb[0] == Opcode.SYNCHRONIZE_CACHE_10:
+        lba, blocks = struct.unpack_from(">I", cdb, 2)[0], struct.unpack_from(">H", cdb, 7)[0]
+    else:
+        lba, blocks = struct.unpack_from(">QI", cdb, 2)
+    if lba + blocks > info.blocks:
+        return check_condition(LBA_OUT_OF_RANGE)
+    return Io(IoKind.FLUSH)
+
+
+def _mode_pages(page: int, changeable: bool) -> bytes | None:
+    caching = bytearray(20)
+    caching[0:2] = b"\x08\x12"
+    control = bytearray(12)
+    control[0:2] = b"\x0a\x0a"
+    if not changeable:
+        caching[2] = 0x04  # WCE: writes are cached until SYNCHRONIZE CACHE (or FUA)
+    pages = {0x08: bytes(caching), 0x0A: bytes(control)}
+    if page == 0x3F:
+        return b"".join(pages.values())
+    return pages.get(page)
+
+
+def _mode_sense(cdb: bytes, info: LunInfo) -> Reply | Io:
+    six = cdb[0] == Opcode.MODE_SENSE_6
+    dbd = bool(cdb[1] & 0x08)
+    control, page, subpage = cdb[2] >> 6, cdb[2] & 0x3F, cdb[3]
+    if control == 3:
+        return check_condition(SAVING_NOT_SUPPORTED)
+    pages = _mode_pages(page, changeable=control == 1) if subpage in (0, 0xFF) else None
+    if pages is None:
+        return check_condition(INVALID_FIELD_IN_CDB)
+    device_specific = 0x10 | (0x80 if info.read_only else 0)  # DPOFUA, WP
+    block_descriptor = b""
+    if not dbd:
+        blocks = min(info.blocks, 0xFFFFFF)
+        block_descriptor = struct.pack(">I", blocks) + struct.pack(">I", BLOCK_BYTES)
+    body = block_descriptor + pages
+    if six:
+        header = bytes((3 + len(body), 0, device_specific, len(block_descriptor)))
+        allocation = cdb[4]
+    else:
+        header = struct.pack(">HBBBBH", 6 + len(body), 0, device_specific, 0, 0, len(block_descriptor))
+        allocation = struct.unpack_from(">H", cdb, 7)[0]
+    return Reply(Status.GOOD, (header + body)[:allocation])
+
+
+def _inquiry(cdb: bytes, lun: int, info: LunInfo | None) -> Reply:
+    evpd, page = cdb[1] & 0x01, cdb[2]
+    allocation = struct.unpack_from(">H", cdb, 3)[0]
+    if cdb[1] & 0xFE or (not evpd and page):
+        return check_condition(INVALID_FIELD_IN_CDB)
+    qualifier_type = 0x00 if info is not None else 0x7F  # 0x7F: no LUN here (SPC-4 6.6.2)
+    if not evpd:
+        data = bytearray(36)
+        data[0] = qualifier_type
+        data[2] = 0x06  # SPC-4
+        data[3] = 0x12  # HiSup, response data format 2
+        data[4] = len(data) - 5
+        data[7] = 0x02  # CmdQue
+        data[8:36] = VENDOR + PRODUCT + REVISION
+        return Reply(Status.GOOD, bytes(data[:allocation]))
+    if info is None:
+        return check_condition(LUN_NOT_SUPPORTED)
+    body = _vpd_page(page, lun, info)
+    if body is None:
+        return check_condition(INVALID_FIELD_IN_CDB)
+    data = bytes((qualifier_type, page)) + struct.pack(">H", len(body)) + body
+    return Reply(Status.GOOD, data[:allocation])
+
+
+VPD_PAGES = (0x00, 0x80, 0x83, 0xB0)
+# The largest READ/WRITE served (Block Limits VPD page): it bounds a write's buffer.
+MAX_TRANSFER_BYTES = 4 << 20
+
+
+def _vpd_page(page: int, lun: int, info: LunInfo) -> bytes | None:
+    serial = info.serial.encode("ascii")
+    if page == 0x00:
+        return bytes(VPD_PAGES)
+    if page == 0xB0:
+        limits = bytearray(60)
+        struct.pack_into(">I", limits, 4, MAX_TRANSFER_BYTES // BLOCK_BYTES)
+        return bytes(limits)
+    if page == 0x80:
+        return serial
+    if page == 0x83:
+        # NAA locally assigned (type 3): 60 bits from the serial, stable across restarts.
+        naa = (0x3 << 60) | (int.from_bytes(_fnv64(serial), "big") & ((1 << 60) - 1))
+        t10 = VENDOR + serial
+        return (
+            bytes((0x01, 0x03, 0x00, 8))
+            + naa.to_bytes(8, "big")
+            + bytes((0x02, 0x01, 0x00, len(t10)))
+            + t10
+        )
+    return None
+
+
+def _fnv64(data: bytes) -> bytes:
+    value = 0xCBF29CE484222325
+    for byte in data:
+        value = ((value ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return value.to_bytes(8, "big")
+
+
+def _report_luns(cdb: bytes, luns: Mapping[int, LunInfo]) -> Reply:
+    allocation = struct.unpack_from(">I", cdb, 6)[0]
+    if allocation < 16 or cdb[2] not in (0x00, 0x01, 0x02):
+        return check_condition(INVALID_FIELD_IN_CDB)
+    entries = b"".join(encode_lun(lun) for lun in sorted(luns))
+    data = struct.pack(">I", len(entries)) + bytes(4) + entries
+    return Reply(Status.GOOD, data[:allocation])
+
+
+_HANDLERS: dict[int, Callable[[bytes, LunInfo], Reply | Io]] = {
+    Opcode.TEST_UNIT_READY: _test_unit_ready,
+    Opcode.READ_CAPACITY_10: _read_capacity_10,
+    Opcode.SERVICE_ACTION_IN_16: _service_action_in_16,
+    Opcode.READ_10: _rw,
+    Opcode.READ_16: _rw,
+    Opcode.WRITE_10: _rw,
+    Opcode.WRITE_16: _rw,
+    Opcode.SYNCHRONIZE_CACHE_10: _synchronize_cache,
+    Opcode.SYNCHRONIZE_CACHE_16: _synchronize_cache,
+    Opcode.MODE_SENSE_6: _mode_sense,
+    Opcode.MODE_SENSE_10: _mode_sense,
+}

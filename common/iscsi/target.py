@@ -1,0 +1,717 @@
+"""Sans-I/O iSCSI target connection (RFC 7143): bytes in, events out, PDUs queued.
+
+    LOGIN ── Login Request (CSG 0 security: AuthMethod=None only) ──────────┐
+      │      Login Request (CSG 1 operational: keys negotiated, textkeys.py)│
+      │      T=1 NSG=3 ─► Login Response with TSIH, digests switched on ◄───┘
+      ▼
+    FULL_FEATURE
+      Discovery session: Text Request SendTargets ─► Text Response; Logout
+      Normal session:    SCSI Command ─► scsi.execute()
+                           ├─ Reply  ─► Data-In (S bit) or SCSI Response (sense)
+                           ├─ READ   ─► event ReadRequest ─► read_done(itt, data) ─► Data-In
+                           ├─ WRITE  ─► immediate data, then R2T / Data-Out (one R2T at a
+                           │            time, MaxBurstLength each) ─► event WriteRequest
+                           │            ─► write_done(itt) ─► SCSI Response
+                           └─ FLUSH  ─► event FlushRequest ─► flush_done(itt)
+                         NOP-Out ─► NOP-In; Logout ─► Logout Response, CLOSED
+
+ErrorRecoveryLevel is 0: any protocol error closes the connection (the adapter catches
+RemoteProtocolError). The command window (MaxCmdSN) and the transfer size bound what a
+connection holds: at most `cmd_window` tasks, each with at most MAX_TRANSFER_BYTES.
+No clock, no disk, no await.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+from common.iscsi import scsi
+from common.iscsi.pdu import (
+    FLAG_FINAL,
+    RESERVED_TAG,
+    LocalProtocolError,
+    Op,
+    Pdu,
+    PduReader,
+    RemoteProtocolError,
+    encode_pdu,
+    pack_fields,
+)
+from common.iscsi.textkeys import (
+    MAX_TEXT_BYTES,
+    Negotiator,
+    Pairs,
+    SessionParams,
+    TargetLimits,
+    encode_text,
+    parse_text,
+)
+
+# Login stages (CSG/NSG)
+SECURITY = 0
+OPERATIONAL = 1
+FULL_FEATURE = 3
+# Login status (class, detail), RFC 7143 11.13.5
+LOGIN_OK = (0x00, 0x00)
+LOGIN_AUTH_FAILED = (0x02, 0x01)
+LOGIN_NOT_FOUND = (0x02, 0x03)
+LOGIN_UNSUPPORTED_VERSION = (0x02, 0x05)
+LOGIN_MISSING_PARAMETER = (0x02, 0x07)
+LOGIN_NO_SESSION = (0x02, 0x0A)
+LOGIN_INITIATOR_ERROR = (0x02, 0x00)
+# Reject reasons, RFC 7143 11.17.1
+REJECT_COMMAND_NOT_SUPPORTED = 0x05
+REJECT_IMMEDIATE = 0x06
+REJECT_INVALID_FIELD = 0x09
+REJECT_PROTOCOL_ERROR = 0x04
+TMF_NOT_SUPPORTED = 0x05
+
+MAX_IMMEDIATE_TASKS = 4
+_SCSI_FLAG_READ = 0x40
+_SCSI_FLAG_WRITE = 0x20
+_RESIDUAL_OVERFLOW = 0x04
+_RESIDUAL_UNDERFLOW = 0x02
+_DATA_IN_STATUS = 0x01
+_LOGIN_TRANSIT = 0x80
+_CONTINUE = 0x40
+
+
+@dataclass(frozen=True, slots=True)
+class TargetConfig:
+    iqn: str
+    luns: Mapping[int, scsi.LunInfo]
+    portal: str  # "host:port" for SendTargets' TargetAddress
+    limits: TargetLimits = field(default_factory=TargetLimits)
+    portal_group: int = 1
+    cmd_window: int = 8
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedIn:
+    session_type: str
+    initiator_name: str
+    params: SessionParams
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRequest:
+    itt: int
+    lun: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRequest:
+    """`data` is the whole write, owned by the event."""
+
+    itt: int
+    lun: int
+    offset: int
+    data: bytes
+    fua: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FlushRequest:
+    itt: int
+    lun: int
+
+
+@dataclass(frozen=True, slots=True)
+class Closing:
+    """The connection is done (logout, failed login): send what is queued, then close."""
+
+    why: str
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+Event = LoggedIn | ReadRequest | WriteRequest | FlushRequest | Closing
+
+
+class Phase(Enum):
+    LOGIN = auto()
+    FULL_FEATURE = auto()
+    CLOSED = auto()
+
+
+@dataclass(slots=True)
+class _Task:
+    itt: int
+    lun: int
+    expected_bytes: int  # ExpectedDataTransferLength
+    immediate: bool
+    io: scsi.Io | None = None
+    buffer: bytearray = field(default_factory=bytearray)
+    received: int = 0
+    ttt: int = RESERVED_TAG
+    r2t_end: int = 0
+    r2t_sn: int = 0
+    data_sn: int = 0  # next expected DataSN of the current R2T's Data-Out sequence
+
+
+def _serial_le(a: int, b: int) -> bool:
+    """a <= b in 32-bit serial number arithmetic (RFC 1982)."""
+    return ((b - a) & 0xFFFFFFFF) < 0x80000000
+
+
+class IscsiTargetConnection:
+    """One initiator connection, from the first Login Request to the Logout Response."""
+
+    def __init__(self, config: TargetConfig, tsih: int) -> None:
+        self.config = config
+        self.tsih = tsih & 0xFFFF or 1
+        self.phase = Phase.LOGIN
+        self.reader = PduReader(config.limits.max_recv_data_segment_bytes)
+        self.negotiator = Negotiator(config.limits)
+        self.params = self.negotiator.params
+        self._out: list[bytes] = []
+        self._events: list[Event] = []
+        self._digests = (False, False)
+        self._stage = -1  # the login stage the next Login Request must be in; -1: first
+        self._isid = bytes(6)
+        self._login_text = bytearray()
+        self._first_login_response = True
+        self.stat_sn = 0
+        self.exp_cmd_sn = 0
+        self._tasks: dict[int, _Task] = {}
+        self._next_ttt = 1
+
+    # -- the adapter's side -------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        if self.reader.buffered + len(data) > self.reader.buffer_limit + (1 << 20):
+            raise LocalProtocolError("receive_data without draining next_event()")
+        self.reader.feed(data)
+
+    def next_event(self) -> Event | _NeedData:
+        while not self._events:
+            if self.phase is Phase.CLOSED:
+                return NEED_DATA
+            pdu = self.reader.next_pdu()
+            if pdu is None:
+                return NEED_DATA
+            self._handle(pdu)
+        return self._events.pop(0)
+
+    def data_to_send(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    @property
+    def outstanding_tasks(self) -> int:
+        return len(self._tasks)
+
+    def read_done(self, itt: int, data: bytes) -> None:
+        task = self._pop_task(itt, scsi.IoKind.READ)
+        self._send_data_in(task, data, scsi.Status.GOOD)
+
+    def write_done(self, itt: int) -> None:
+        task = self._pop_task(itt, scsi.IoKind.WRITE)
+        self._send_response(task, scsi.Reply(scsi.Status.GOOD), transferred=task.expected_bytes)
+
+    def flush_done(self, itt: int) -> None:
+        task = self._pop_task(itt, scsi.IoKind.FLUSH)
+        self._send_response(task, scsi.Reply(scsi.Status.GOOD))
+
+    def io_failed(self, itt: int) -> None:
+        task = self._tasks.pop(itt)
+        kind = task.io.kind if task.io else scsi.IoKind.READ
+        error = scsi.READ_ERROR if kind is scsi.IoKind.READ else scsi.WRITE_ERROR
+        self._send_response(task, scsi.check_condition(error))
+
+    def _pop_task(self, itt: int, kind: scsi.IoKind) -> _Task:
+        task = self._tasks.get(itt)
+        if task is None or task.io is None or task.io.kind is not kind:
+            raise LocalProtocolError(f"no {kind.value} outstanding with ITT 0x{itt:08x}")
+        del self._tasks[itt]
+        return task
+
+    # -- dispatch -----------------------------------------------------------------------
+
+    def _handle(self, pdu: Pdu) -> None:
+        if self.phase is Phase.LOGIN:
+            if pdu.opcode != Op.LOGIN_REQ:
+                raise RemoteProtocolError(f"opcode 0x{pdu.opcode:02x} before login completed")
+            self._login(pdu)
+            return
+        handler = {
+            Op.SCSI_CMD: self._scsi_command,
+            Op.DATA_OUT: self._data_out,
+            Op.NOP_OUT: self._nop_out,
+            Op.TEXT_REQ: self._text,
+            Op.LOGOUT_REQ: self._logout,
+            Op.TASK_MGMT_REQ: self._task_management,
+        }.get(Op(pdu.opcode))
+        if handler is None:
+            self._reject(pdu, REJECT_COMMAND_NOT_SUPPORTED)
+            return
+        handler(pdu)
+
+    def _send(self, pdu: Pdu) -> None:
+        header_digest, data_digest = self._digests
+        self._out.append(encode_pdu(pdu, header_digest=header_digest, data_digest=data_digest))
+
+    def _max_cmd_sn(self) -> int:
+        queued = sum(1 for task in self._tasks.values() if not task.immediate)
+        return (self.exp_cmd_sn + self.config.cmd_window - queued - 1) & 0xFFFFFFFF
+
+    def _next_stat_sn(self) -> int:
+        value = self.stat_sn
+        self.stat_sn = (self.stat_sn + 1) & 0xFFFFFFFF
+        return value
+
+    def _accept_cmd_sn(self, pdu: Pdu) -> bool:
+        """Whether a command is in the window; a non-immediate one advances ExpCmdSN."""
+        cmd_sn = pdu.field32(24)
+        if pdu.immediate:
+            return True
+        if cmd_sn != self.exp_cmd_sn or not _serial_le(cmd_sn, self._max_cmd_sn()):
+            return False  # RFC 7143 4.2.2.1: outside the window is silently ignored
+        self.exp_cmd_sn = (self.exp_cmd_sn + 1) & 0xFFFFFFFF
+        return True
+
+    def _reject(self, pdu: Pdu, reason: int) -> None:
+        self._send(
+            Pdu(
+                Op.REJECT,
+                flags=FLAG_FINAL,
+                spec2=reason,
+                itt=RESERVED_TAG,
+                opcode_specific=pack_fields(
+                    0, self.stat_sn, self.exp_cmd_sn, self._max_cmd_sn(), 0, 0, 0
+                ),
+                data=pdu.bhs(),
+            )
+        )
+
+    # -- login --------------------------------------------------------------------------
+
+    def _login(self, pdu: Pdu) -> None:
+        transit, cont = bool(pdu.flags & _LOGIN_TRANSIT), bool(pdu.flags & _CONTINUE)
+        csg, nsg = (pdu.flags >> 2) & 0x3, pdu.flags & 0x3
+        if transit and cont:
+            raise RemoteProtocolError("Login Request with both T and C set")
+        if self._stage == -1:
+            self._first_login(pdu)
+            if self.phase is Phase.CLOSED:
+                return
+        elif pdu.lun_or_isid[:6] != self._isid:
+            raise RemoteProtocolError("ISID changed during login")
+        if csg not in (SECURITY, OPERATIONAL) or (self._stage >= 0 and csg != self._stage):
+            self._login_fail(pdu, LOGIN_INITIATOR_ERROR, f"login stage {csg}, expected {self._stage}")
+            return
+        if transit and (nsg <= csg or nsg == 2):
+            self._login_fail(pdu, LOGIN_INITIATOR_ERROR, f"login transition {csg} -> {nsg}")
+            return
+        self._stage = csg
+        self._login_text += pdu.data
+        if len(self._login_text) > MAX_TEXT_BYTES:
+            raise RemoteProtocolError("login text keys too long")
+        if cont:  # more of the same text to come: acknowledge with an empty response
+            self._login_response(pdu, csg, None, b"")
+            return
+        pairs = parse_text(bytes(self._login_text))
+        self._login_text.clear()
+        self._login_keys(pdu, csg, nsg if transit else None, pairs)
+
+    def _first_login(self, pdu: Pdu) -> None:
+        self._isid = pdu.lun_or_isid[:6]
+        self.exp_cmd_sn = pdu.field32(24)
+        self.stat_sn = pdu.field32(28)  # the initiator's ExpStatSN
+        version_max, version_min = pdu.spec2, pdu.spec3
+        if version_min > 0 or version_max < 0:
+            self._login_fail(pdu, LOGIN_UNSUPPORTED_VERSION, f"version {version_min}..{version_max}")
+            return
+        if int.from_bytes(pdu.lun_or_isid[6:8], "big") != 0:
+            self._login_fail(pdu, LOGIN_NO_SESSION, "session reinstatement is not supported")
+            return
+        self._stage = (pdu.flags >> 2) & 0x3
+
+    def _login_keys(self, pdu: Pdu, csg: int, nsg: int | None, pairs: Pairs) -> None:
+        offered = dict(pairs)
+        try:
+            reply = self.negotiator.answer(pairs)
+        except RemoteProtocolError as exc:
+            self._login_fail(pdu, LOGIN_INITIATOR_ERROR, str(exc))
+            return
+        if offered.get("AuthMethod") is not None and dict(reply)["AuthMethod"] != "None":
+            self._login_fail(pdu, LOGIN_AUTH_FAILED, "no AuthMethod=None offered (no CHAP yet)")
+            return
+        params = self.params
+        if self._first_login_response:
+            if not params.initiator_name:
+                self._login_fail(pdu, LOGIN_MISSING_PARAMETER, "no InitiatorName")
+                return
+            if params.session_type == "Normal":
+                if params.target_name != self.config.iqn:
+                    self._login_fail(pdu, LOGIN_NOT_FOUND, f"no target {params.target_name!r}")
+                    return
+                reply.append(("TargetPortalGroupTag", str(self.config.portal_group)))
+        if csg == OPERATIONAL or nsg == FULL_FEATURE:
+            reply.extend(self.negotiator.own_declarations())
+        self._login_response(pdu, csg, nsg, encode_text(reply))
+        if nsg is not None:
+            self._stage = nsg
+        if nsg == FULL_FEATURE:
+            self._enter_full_feature()
+
+    def _login_response(
+        self,
+        pdu: Pdu,
+        csg: int,
+        nsg: int | None,
+        data: bytes,
+        status: tuple[int, int] = LOGIN_OK,
+    ) -> None:
+        flags = (csg << 2) | ((_LOGIN_TRANSIT | nsg) if nsg is not None else 0)
+        done = nsg == FULL_FEATURE and status == LOGIN_OK
+        isid_tsih = self._isid + struct.pack(">H", self.tsih if done else 0)
+        stat_sn = self._next_stat_sn()
+        self._first_login_response = False
+        self._send(
+            Pdu(
+                Op.LOGIN_RSP,
+                flags=flags,
+                lun_or_isid=isid_tsih,
+                itt=pdu.itt,
+                opcode_specific=pack_fields(
+                    0,
+                    stat_sn,
+                    self.exp_cmd_sn,
+                    self._max_cmd_sn(),
+                    (status[0] << 24) | (status[1] << 16),
+                    0,
+                    0,
+                ),
+                data=data,
+            )
+        )
+
+    def _login_fail(self, pdu: Pdu, status: tuple[int, int], why: str) -> None:
+        csg = max(self._stage, 0) if self._stage != FULL_FEATURE else OPERATIONAL
+        self._isid = pdu.lun_or_isid[:6]
+        self._login_response(pdu, csg, None, b"", status)
+        self._close(f"login refused: {why}")
+
+    def _enter_full_feature(self) -> None:
+        self.phase = Phase.FULL_FEATURE
+        self.reader.header_digest = self.params.header_digest
+        self.reader.data_digest = self.params.data_digest
+        self._digests = (self.params.header_digest, self.params.data_digest)
+        self._events.append(
+            LoggedIn(self.params.session_type, self.params.initiator_name, self.params)
+        )
+
+    def _close(self, why: str) -> None:
+        self.phase = Phase.CLOSED
+        self._events.append(Closing(why))
+
+    # -- full feature phase: text, NOP, logout, task management ---------------------------
+
+    def _text(self, pdu: Pdu) -> None:
+        if pdu.flags & _CONTINUE or pdu.field32(20) != RESERVED_TAG:
+            raise RemoteProtocolError("continued Text Requests are not supported")
+        if not self._accept_cmd_sn(pdu):
+            return
+        reply: Pairs = []
+        for key, value in parse_text(pdu.data):
+            if key == "SendTargets":
+                reply.extend(self._send_targets(value))
+            else:
+                reply.append((key, "NotUnderstood"))
+        data = encode_text(reply)
+        if len(data) > self.params.initiator_recv_data_segment_bytes:
+            raise LocalProtocolError("text response larger than the initiator accepts")
+        self._send(
+            Pdu(
+                Op.TEXT_RSP,
+                flags=FLAG_FINAL,
+                lun_or_isid=pdu.lun_or_isid,
+                itt=pdu.itt,
+                opcode_specific=pack_fields(
+                    RESERVED_TAG,
+                    self._next_stat_sn(),
+                    self.exp_cmd_sn,
+                    self._max_cmd_sn(),
+                    0,
+                    0,
+                    0,
+                ),
+                data=data,
+            )
+        )
+
+    def _send_targets(self, value: str) -> Pairs:
+        iqn = self.config.iqn
+        wanted = value == "All" if self.params.session_type == "Discovery" else value in ("", iqn)
+        if not (wanted or value == iqn):
+            return []
+        return [
+            ("TargetName", iqn),
+            ("TargetAddress", f"{self.config.portal},{self.config.portal_group}"),
+        ]
+
+    def _nop_out(self, pdu: Pdu) -> None:
+        if pdu.itt == RESERVED_TAG:
+            return  # an answer to a NOP-In of ours (we send none yet): nothing to say
+        if not self._accept_cmd_sn(pdu):
+            return
+        self._send(
+            Pdu(
+                Op.NOP_IN,
+                flags=FLAG_FINAL,
+                lun_or_isid=pdu.lun_or_isid,
+                itt=pdu.itt,
+                opcode_specific=pack_fields(
+                    RESERVED_TAG,
+                    self._next_stat_sn(),
+                    self.exp_cmd_sn,
+                    self._max_cmd_sn(),
+                    0,
+                    0,
+                    0,
+                ),
+                data=pdu.data,
+            )
+        )
+
+    def _logout(self, pdu: Pdu) -> None:
+        if not self._accept_cmd_sn(pdu):
+            return
+        reason = pdu.flags & 0x7F
+        response = 0 if reason in (0, 1) else 2  # 2: connection recovery not supported
+        self._send(
+            Pdu(
+                Op.LOGOUT_RSP,
+                flags=FLAG_FINAL,
+                spec2=response,
+                itt=pdu.itt,
+                opcode_specific=pack_fields(
+                    0,
+                    self._next_stat_sn(),
+                    self.exp_cmd_sn,
+                    self._max_cmd_sn(),
+                    0,
+                    (self.params.default_time2wait_s << 16) | self.params.default_time2retain_s,
+                    0,
+                ),
+            )
+        )
+        self._close("logout")
+
+    def _task_management(self, pdu: Pdu) -> None:
+        if not self._accept_cmd_sn(pdu):
+            return
+        self._send(
+            Pdu(
+                Op.TASK_MGMT_RSP,
+                flags=FLAG_FINAL,
+                spec2=TMF_NOT_SUPPORTED,
+                itt=pdu.itt,
+                opcode_specific=pack_fields(
+                    0, self._next_stat_sn(), self.exp_cmd_sn, self._max_cmd_sn(), 0, 0, 0
+                ),
+            )
+        )
+
+    # -- SCSI ---------------------------------------------------------------------------
+
+    def _scsi_command(self, pdu: Pdu) -> None:
+        if self.params.session_type != "Normal":
+            self._reject(pdu, REJECT_PROTOCOL_ERROR)
+            return
+        if pdu.itt in self._tasks or pdu.itt == RESERVED_TAG:
+            self._reject(pdu, REJECT_INVALID_FIELD)
+            return
+        immediates = sum(1 for task in self._tasks.values() if task.immediate)
+        if pdu.immediate and immediates >= MAX_IMMEDIATE_TASKS:
+            self._reject(pdu, REJECT_IMMEDIATE)
+            return
+        if not self._accept_cmd_sn(pdu):
+            return
+        if pdu.data and not (self.params.immediate_data and pdu.flags & _SCSI_FLAG_WRITE):
+            raise RemoteProtocolError("immediate data not negotiated or not a write")
+        if len(pdu.data) > min(self.params.first_burst_bytes, pdu.field32(20)):
+            raise RemoteProtocolError("immediate data beyond FirstBurstLength or the transfer")
+        lun = scsi.decode_lun(pdu.lun_or_isid)
+        task = _Task(pdu.itt, lun, pdu.field32(20), pdu.immediate)
+        cdb = pdu.opcode_specific[12:28]
+        result = scsi.execute(cdb, lun, self.config.luns)
+        if isinstance(result, scsi.Reply):
+            self._reply(task, result, pdu.flags)
+        else:
+            self._start_io(task, result, pdu)
+
+    def _reply(self, task: _Task, reply: scsi.Reply, flags: int) -> None:
+        if reply.status == scsi.Status.GOOD and reply.data and flags & _SCSI_FLAG_READ:
+            self._send_data_in(task, reply.data, reply.status)
+        else:
+            self._send_response(task, reply)
+
+    def _start_io(self, task: _Task, io: scsi.Io, pdu: Pdu) -> None:
+        wants_write = io.kind is scsi.IoKind.WRITE
+        if io.kind is not scsi.IoKind.FLUSH and io.length and (
+            bool(pdu.flags & _SCSI_FLAG_WRITE) != wants_write
+            or bool(pdu.flags & _SCSI_FLAG_READ) == wants_write
+        ):
+            self._send_response(task, scsi.check_condition(scsi.INVALID_FIELD_IN_CDB))
+            return
+        if wants_write and task.expected_bytes != io.length:
+            self._send_response(task, scsi.check_condition(scsi.INVALID_FIELD_IN_CDB))
+            return
+        task.io = io
+        if io.kind is not scsi.IoKind.FLUSH and io.length == 0:
+            self._send_response(task, scsi.Reply(scsi.Status.GOOD))
+            return
+        self._tasks[task.itt] = task
+        if io.kind is scsi.IoKind.READ:
+            self._events.append(ReadRequest(task.itt, task.lun, io.offset, io.length))
+        elif io.kind is scsi.IoKind.FLUSH:
+            self._events.append(FlushRequest(task.itt, task.lun))
+        else:
+            task.buffer = bytearray(io.length)
+            task.buffer[: len(pdu.data)] = pdu.data
+            task.received = len(pdu.data)
+            self._write_progress(task)
+
+    def _write_progress(self, task: _Task) -> None:
+        assert task.io is not None
+        if task.received == task.io.length:
+            self._events.append(
+                WriteRequest(task.itt, task.lun, task.io.offset, bytes(task.buffer), task.io.fua)
+            )
+            task.buffer = bytearray()
+            return
+        want = min(self.params.max_burst_bytes, task.io.length - task.received)
+        task.ttt = self._next_ttt
+        self._next_ttt = (self._next_ttt + 1) % RESERVED_TAG or 1
+        task.r2t_end = task.received + want
+        task.data_sn = 0
+        self._send(
+            Pdu(
+                Op.R2T,
+                flags=FLAG_FINAL,
+                lun_or_isid=scsi.encode_lun(task.lun),
+                itt=task.itt,
+                opcode_specific=pack_fields(
+                    task.ttt,
+                    self.stat_sn,
+                    self.exp_cmd_sn,
+                    self._max_cmd_sn(),
+                    task.r2t_sn,
+                    task.received,
+                    want,
+                ),
+            )
+        )
+        task.r2t_sn += 1
+
+    def _data_out(self, pdu: Pdu) -> None:
+        task = self._tasks.get(pdu.itt)
+        if task is None or task.ttt == RESERVED_TAG or pdu.field32(20) != task.ttt:
+            raise RemoteProtocolError(f"Data-Out for no open R2T (ITT 0x{pdu.itt:08x})")
+        offset, data_sn = pdu.field32(40), pdu.field32(36)
+        if data_sn != task.data_sn:
+            raise RemoteProtocolError(f"Data-Out DataSN {data_sn}, expected {task.data_sn}")
+        if offset != task.received or offset + len(pdu.data) > task.r2t_end:
+            raise RemoteProtocolError(
+                f"Data-Out at {offset}+{len(pdu.data)} outside the R2T "
+                f"{task.received}..{task.r2t_end}"
+            )
+        task.buffer[offset : offset + len(pdu.data)] = pdu.data
+        task.received += len(pdu.data)
+        task.data_sn += 1
+        if pdu.final != (task.received == task.r2t_end):
+            raise RemoteProtocolError("Data-Out F bit does not end the R2T's data")
+        if pdu.final:
+            task.ttt = RESERVED_TAG
+            self._write_progress(task)
+
+    def _send_data_in(self, task: _Task, data: bytes, status: scsi.Status) -> None:
+        flags, residual = self._residual(task.expected_bytes, len(data))
+        if task.expected_bytes == 0:  # nothing may go in Data-In: a response with overflow
+            self._send_response(task, scsi.Reply(status), transferred=len(data))
+            return
+        data = data[: task.expected_bytes]
+        step = self.params.initiator_recv_data_segment_bytes
+        burst = self.params.max_burst_bytes
+        # (offset, end) of each PDU: none crosses a MaxBurstLength boundary, and the F bit
+        # ends each burst (a Data-In sequence, RFC 7143 11.7.1)
+        chunks = [
+            (at, min(at + step, start + burst, len(data)))
+            for start in range(0, len(data), burst)
+            for at in range(start, min(start + burst, len(data)), step)
+        ]
+        lun = scsi.encode_lun(task.lun)
+        for data_sn, (offset, end) in enumerate(chunks):
+            last = data_sn == len(chunks) - 1
+            burst_end = end % burst == 0
+            pdu_flags = (FLAG_FINAL | _DATA_IN_STATUS | flags) if last else 0
+            pdu_flags |= FLAG_FINAL if burst_end else 0
+            self._send(
+                Pdu(
+                    Op.DATA_IN,
+                    flags=pdu_flags,
+                    spec3=status if last else 0,
+                    lun_or_isid=lun,
+                    itt=task.itt,
+                    opcode_specific=pack_fields(
+                        RESERVED_TAG,
+                        self._next_stat_sn() if last else 0,
+                        self.exp_cmd_sn,
+                        self._max_cmd_sn(),
+                        data_sn,
+                        offset,
+                        residual if last else 0,
+                    ),
+                    data=data[offset:end],
+                )
+            )
+
+    @staticmethod
+    def _residual(expected: int, actual: int) -> tuple[int, int]:
+        if actual > expected:
+            return _RESIDUAL_OVERFLOW, actual - expected
+        if actual < expected:
+            return _RESIDUAL_UNDERFLOW, expected - actual
+        return 0, 0
+
+    def _send_response(
+        self, task: _Task, reply: scsi.Reply, transferred: int | None = None
+    ) -> None:
+        data = struct.pack(">H", len(reply.sense)) + reply.sense if reply.sense else b""
+        flags, residual = 0, 0
+        if reply.status == scsi.Status.GOOD:
+            actual = len(reply.data) if transferred is None else transferred
+            flags, residual = self._residual(task.expected_bytes, actual)
+        self._send(
+            Pdu(
+                Op.SCSI_RSP,
+                flags=FLAG_FINAL | flags,
+                spec2=0,  # command completed at target
+                spec3=reply.status,
+                itt=task.itt,
+                opcode_specific=pack_fields(
+                    0,
+                    self._next_stat_sn(),
+                    self.exp_cmd_sn,
+                    self._max_cmd_sn(),
+                    0,
+                    0,
+                    residual,
+                ),
+                data=data,
+            )
+        )
