@@ -232,8 +232,10 @@ class PduReader:
                 view[header_end:data_start]
             ):
                 raise DigestError(f"header digest mismatch on opcode 0x{pdu.opcode:02x}")
-            if self.data_digest and data_bytes and digest(view[data_start:data_end]) != bytes(
-                view[data_end:total]
+            if (
+                self.data_digest
+                and data_bytes
+                and digest(view[data_start:data_end]) != bytes(view[data_end:total])
             ):
                 raise DigestError(f"data digest mismatch on opcode 0x{pdu.opcode:02x}")
             pdu.ahs = bytes(view[BHS_BYTES:header_end])

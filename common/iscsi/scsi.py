@@ -226,7 +226,9 @@ def _mode_sense(cdb: bytes, info: LunInfo) -> Reply | Io:
         header = bytes((3 + len(body), 0, device_specific, len(block_descriptor)))
         allocation = cdb[4]
     else:
-        header = struct.pack(">HBBBBH", 6 + len(body), 0, device_specific, 0, 0, len(block_descriptor))
+        header = struct.pack(
+            ">HBBBBH", 6 + len(body), 0, device_specific, 0, 0, len(block_descriptor)
+        )
         allocation = struct.unpack_from(">H", cdb, 7)[0]
     return Reply(Status.GOOD, (header + body)[:allocation])
 

@@ -67,7 +67,10 @@ class IscsiServer:
                 await writer.wait_closed()
 
     async def _serve(
-        self, conn: IscsiTargetConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        conn: IscsiTargetConnection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
     ) -> None:
         while True:
             data = await reader.read(READ_CHUNK_BYTES)
@@ -89,7 +92,18 @@ class IscsiServer:
     async def _do(self, conn: IscsiTargetConnection, event: object) -> None:
         loop = asyncio.get_running_loop()
         if isinstance(event, LoggedIn):
-            log.info("iscsi: %s session for %s", event.session_type, event.initiator_name)
+            params = event.params
+            log.info(
+                "iscsi: %s session for %s (HeaderDigest %s, DataDigest %s, "
+                "MaxRecvDataSegmentLength %d, MaxBurstLength %d, ImmediateData %s)",
+                event.session_type,
+                event.initiator_name,
+                "CRC32C" if params.header_digest else "None",
+                "CRC32C" if params.data_digest else "None",
+                params.initiator_recv_data_segment_bytes,
+                params.max_burst_bytes,
+                params.immediate_data,
+            )
         elif isinstance(event, ReadRequest):
             try:
                 data = self.volumes[event.lun].read(event.offset, event.length)

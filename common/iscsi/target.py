@@ -263,6 +263,12 @@ class IscsiTargetConnection:
         header_digest, data_digest = self._digests
         self._out.append(encode_pdu(pdu, header_digest=header_digest, data_digest=data_digest))
 
+    @property
+    def _burst_bytes(self) -> int:
+        """MaxBurstLength as used: an initiator that never sent the key has the RFC default
+        (256 KiB), and a smaller R2T or Data-In sequence is always allowed."""
+        return min(self.params.max_burst_bytes, self.config.limits.max_burst_bytes)
+
     def _max_cmd_sn(self) -> int:
         queued = sum(1 for task in self._tasks.values() if not task.immediate)
         return (self.exp_cmd_sn + self.config.cmd_window - queued - 1) & 0xFFFFFFFF
@@ -310,7 +316,9 @@ class IscsiTargetConnection:
         elif pdu.lun_or_isid[:6] != self._isid:
             raise RemoteProtocolError("ISID changed during login")
         if csg not in (SECURITY, OPERATIONAL) or (self._stage >= 0 and csg != self._stage):
-            self._login_fail(pdu, LOGIN_INITIATOR_ERROR, f"login stage {csg}, expected {self._stage}")
+            self._login_fail(
+                pdu, LOGIN_INITIATOR_ERROR, f"login stage {csg}, expected {self._stage}"
+            )
             return
         if transit and (nsg <= csg or nsg == 2):
             self._login_fail(pdu, LOGIN_INITIATOR_ERROR, f"login transition {csg} -> {nsg}")
@@ -332,7 +340,9 @@ class IscsiTargetConnection:
         self.stat_sn = pdu.field32(28)  # the initiator's ExpStatSN
         version_max, version_min = pdu.spec2, pdu.spec3
         if version_min > 0 or version_max < 0:
-            self._login_fail(pdu, LOGIN_UNSUPPORTED_VERSION, f"version {version_min}..{version_max}")
+            self._login_fail(
+                pdu, LOGIN_UNSUPPORTED_VERSION, f"version {version_min}..{version_max}"
+            )
             return
         if int.from_bytes(pdu.lun_or_isid[6:8], "big") != 0:
             self._login_fail(pdu, LOGIN_NO_SESSION, "session reinstatement is not supported")
@@ -562,9 +572,13 @@ class IscsiTargetConnection:
 
     def _start_io(self, task: _Task, io: scsi.Io, pdu: Pdu) -> None:
         wants_write = io.kind is scsi.IoKind.WRITE
-        if io.kind is not scsi.IoKind.FLUSH and io.length and (
-            bool(pdu.flags & _SCSI_FLAG_WRITE) != wants_write
-            or bool(pdu.flags & _SCSI_FLAG_READ) == wants_write
+        if (
+            io.kind is not scsi.IoKind.FLUSH
+            and io.length
+            and (
+                bool(pdu.flags & _SCSI_FLAG_WRITE) != wants_write
+                or bool(pdu.flags & _SCSI_FLAG_READ) == wants_write
+            )
         ):
             self._send_response(task, scsi.check_condition(scsi.INVALID_FIELD_IN_CDB))
             return
@@ -594,7 +608,7 @@ class IscsiTargetConnection:
             )
             task.buffer = bytearray()
             return
-        want = min(self.params.max_burst_bytes, task.io.length - task.received)
+        want = min(self._burst_bytes, task.io.length - task.received)
         task.ttt = self._next_ttt
         self._next_ttt = (self._next_ttt + 1) % RESERVED_TAG or 1
         task.r2t_end = task.received + want
@@ -646,7 +660,7 @@ class IscsiTargetConnection:
             return
         data = data[: task.expected_bytes]
         step = self.params.initiator_recv_data_segment_bytes
-        burst = self.params.max_burst_bytes
+        burst = self._burst_bytes
         # (offset, end) of each PDU: none crosses a MaxBurstLength boundary, and the F bit
         # ends each burst (a Data-In sequence, RFC 7143 11.7.1)
         chunks = [

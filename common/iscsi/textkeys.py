@@ -182,7 +182,9 @@ class Negotiator:
     def _answer_operational(self, key: str, value: str) -> str | None:
         p, lim = self.params, self.limits
         if key == "MaxBurstLength":
-            p.max_burst_bytes = min(_number(key, value, 512, MAX_DATA_SEGMENT_BYTES), lim.max_burst_bytes)
+            p.max_burst_bytes = min(
+                _number(key, value, 512, MAX_DATA_SEGMENT_BYTES), lim.max_burst_bytes
+            )
             return str(p.max_burst_bytes)
         if key == "FirstBurstLength":
             offered = _number(key, value, 512, MAX_DATA_SEGMENT_BYTES)
@@ -197,7 +199,11 @@ class Negotiator:
             return "Yes"
         if key in ("DataPDUInOrder", "DataSequenceInOrder"):
             result = _boolean(key, value)  # AND with our Yes
-            setattr(p, "data_pdu_in_order" if key == "DataPDUInOrder" else "data_sequence_in_order", result)
+            setattr(
+                p,
+                "data_pdu_in_order" if key == "DataPDUInOrder" else "data_sequence_in_order",
+                result,
+            )
             return _yes(result)
         if key in ("MaxConnections", "MaxOutstandingR2T"):
             _number(key, value, 1, 65535)
