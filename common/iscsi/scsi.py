@@ -18,6 +18,8 @@ BLOCK_BYTES = 512
 VENDOR = b"JPAIR   "  # 8 bytes, T10 vendor identification
 PRODUCT = b"journalpair     "  # 16 bytes
 REVISION = b"0001"
+# SAM-5, iSCSI, SPC-4, SBC-3 (SPC-4 table 32): what standard INQUIRY claims
+VERSION_DESCRIPTORS = struct.pack(">4H", 0x00A0, 0x0960, 0x0460, 0x04C0)
 
 
 class Status(IntEnum):
@@ -174,6 +176,8 @@ def _rw(cdb: bytes, info: LunInfo) -> Reply | Io:
     else:
         lba, blocks = struct.unpack_from(">QI", cdb, 2)
     write = opcode in (Opcode.WRITE_10, Opcode.WRITE_16)
+    if cdb[1] & 0xE0:  # RDPROTECT/WRPROTECT: no protection information here
+        return check_condition(INVALID_FIELD_IN_CDB)
     if lba + blocks > info.blocks:
         return check_condition(LBA_OUT_OF_RANGE)
     if write and info.read_only:
@@ -240,13 +244,14 @@ def _inquiry(cdb: bytes, lun: int, info: LunInfo | None) -> Reply:
         return check_condition(INVALID_FIELD_IN_CDB)
     qualifier_type = 0x00 if info is not None else 0x7F  # 0x7F: no LUN here (SPC-4 6.6.2)
     if not evpd:
-        data = bytearray(36)
+        data = bytearray(66)
         data[0] = qualifier_type
         data[2] = 0x06  # SPC-4
         data[3] = 0x12  # HiSup, response data format 2
         data[4] = len(data) - 5
         data[7] = 0x02  # CmdQue
         data[8:36] = VENDOR + PRODUCT + REVISION
+        data[58:66] = VERSION_DESCRIPTORS
         return Reply(Status.GOOD, bytes(data[:allocation]))
     if info is None:
         return check_condition(LUN_NOT_SUPPORTED)

@@ -219,7 +219,8 @@ class IscsiTargetConnection:
 
     def write_done(self, itt: int) -> None:
         task = self._pop_task(itt, scsi.IoKind.WRITE)
-        self._send_response(task, scsi.Reply(scsi.Status.GOOD), transferred=task.expected_bytes)
+        assert task.io is not None
+        self._send_response(task, scsi.Reply(scsi.Status.GOOD), transferred=task.io.length)
 
     def flush_done(self, itt: int) -> None:
         task = self._pop_task(itt, scsi.IoKind.FLUSH)
@@ -582,7 +583,7 @@ class IscsiTargetConnection:
         ):
             self._send_response(task, scsi.check_condition(scsi.INVALID_FIELD_IN_CDB))
             return
-        if wants_write and task.expected_bytes != io.length:
+        if wants_write and task.expected_bytes > scsi.MAX_TRANSFER_BYTES:
             self._send_response(task, scsi.check_condition(scsi.INVALID_FIELD_IN_CDB))
             return
         task.io = io
@@ -595,20 +596,28 @@ class IscsiTargetConnection:
         elif io.kind is scsi.IoKind.FLUSH:
             self._events.append(FlushRequest(task.itt, task.lun))
         else:
-            task.buffer = bytearray(io.length)
+            # Everything the initiator means to send is taken (ExpectedDataTransferLength,
+            # bounded above); the whole blocks of it that the CDB asks for are written and
+            # the difference is a residual (RFC 7143 11.4.5).
+            task.buffer = bytearray(task.expected_bytes)
             task.buffer[: len(pdu.data)] = pdu.data
             task.received = len(pdu.data)
             self._write_progress(task)
 
     def _write_progress(self, task: _Task) -> None:
         assert task.io is not None
-        if task.received == task.io.length:
-            self._events.append(
-                WriteRequest(task.itt, task.lun, task.io.offset, bytes(task.buffer), task.io.fua)
-            )
+        if task.received == task.expected_bytes:
+            write_bytes = min(task.expected_bytes, task.io.length)
+            write_bytes -= write_bytes % scsi.BLOCK_BYTES
+            data = bytes(task.buffer[:write_bytes])
             task.buffer = bytearray()
+            if not write_bytes:
+                del self._tasks[task.itt]
+                self._send_response(task, scsi.Reply(scsi.Status.GOOD), task.io.length)
+                return
+            self._events.append(WriteRequest(task.itt, task.lun, task.io.offset, data, task.io.fua))
             return
-        want = min(self._burst_bytes, task.io.length - task.received)
+        want = min(self._burst_bytes, task.expected_bytes - task.received)
         task.ttt = self._next_ttt
         self._next_ttt = (self._next_ttt + 1) % RESERVED_TAG or 1
         task.r2t_end = task.received + want

@@ -409,8 +409,9 @@ def test_inquiry_answers_in_one_data_in_with_status() -> None:
     session.send(scsi_cmd(bytes((0x12, 0, 0, 0, 96, 0)), 1, 100, 96, read=True))
     (reply,) = session.replies()
     assert reply.opcode == Op.DATA_IN and reply.flags & 0x81 == 0x81  # F and S
-    assert reply.data[8:16] == scsi.VENDOR and len(reply.data) == 36
-    assert reply.flags & 0x02 and reply.field32(44) == 60  # underflow residual
+    assert reply.data[8:16] == scsi.VENDOR and len(reply.data) == 66
+    assert reply.data[58:66] == scsi.VERSION_DESCRIPTORS
+    assert reply.flags & 0x02 and reply.field32(44) == 30  # underflow residual
 
 
 @pytest.mark.parametrize(
@@ -421,6 +422,7 @@ def test_inquiry_answers_in_one_data_in_with_status() -> None:
         (bytes((0x12, 1, 0x99, 0, 36, 0)), 36, scsi.INVALID_FIELD_IN_CDB),
         (bytes((0xC7,)) + bytes(15), 0, scsi.INVALID_OPCODE),
         (bytes((0x1A, 0, 0x3F | 0xC0, 0, 255, 0)), 255, scsi.SAVING_NOT_SUPPORTED),
+        (bytes((0x28, 0x20, 0, 0, 0, 0, 0, 0, 1, 0)), 512, scsi.INVALID_FIELD_IN_CDB),
     ],
 )
 def test_errors_answer_check_condition_with_sense(
@@ -605,3 +607,24 @@ def test_negotiated_digests_apply_to_both_directions_after_login() -> None:
     session.conn.receive_data(raw)
     with pytest.raises(DigestError):
         session.conn.next_event()
+
+
+@pytest.mark.parametrize(
+    ("blocks", "edtl", "written", "flags", "residual"),
+    [
+        (1, 1024, 512, 0x02, 512),  # the initiator sends more than the CDB asks: underflow
+        (2, 512, 512, 0x04, 512),  # less: the whole blocks sent are written, overflow
+    ],
+)
+def test_a_write_whose_transfer_length_differs_from_the_cdb_reports_a_residual(
+    blocks: int, edtl: int, written: int, flags: int, residual: int
+) -> None:
+    session = Session()
+    session.login([("ImmediateData", "Yes")])
+    payload = bytes(range(256)) * (edtl // 256)
+    cdb = bytes((0x2A, 0, 0, 0, 0, 0, 0, 0, blocks, 0))
+    events = session.send(scsi_cmd(cdb, 4, 100, edtl, write=True, data=payload))
+    assert events == [WriteRequest(4, 0, 0, payload[:written], fua=False)]
+    session.conn.write_done(4)
+    (reply,) = session.replies()
+    assert reply.spec3 == 0 and reply.flags & 0x06 == flags and reply.field32(44) == residual
