@@ -20,11 +20,14 @@ PYTHON="${PYTHON:-python3}"
 # failover integration (deploy/): systemd-analyze (systemd) to verify the units, and
 # ocf-tester with ocf-shellfuncs (resource-agents), xmllint (libxml2-utils) and shellcheck
 # for the OCF agent; promtool (prometheus) to check the example alert rules
-# (deploy/prometheus/) and the daemons' /metrics output.
+# (deploy/prometheus/) and the daemons' /metrics output. For the iSCSI front end: libiscsi-bin
+# (iscsi-ls, iscsi-inq, iscsi-readcapacity16, iscsi-test-cu) and qemu-block-extra (qemu-io's
+# iscsi:// driver) as real initiators.
 DEB_PACKAGES=(
     qemu-utils libnbd-bin python3-libnbd fio fuse3 e2fsprogs nbdkit
     iproute2 util-linux procps qemu-system-common
     systemd resource-agents libxml2-utils shellcheck prometheus
+    libiscsi-bin qemu-block-extra
 )
 
 log() { echo "setup: $*" >&2; }

@@ -258,8 +258,8 @@ def _inquiry(cdb: bytes, lun: int, info: LunInfo | None) -> Reply:
     body = _vpd_page(page, lun, info)
     if body is None:
         return check_condition(INVALID_FIELD_IN_CDB)
-    data = bytes((qualifier_type, page)) + struct.pack(">H", len(body)) + body
-    return Reply(Status.GOOD, data[:allocation])
+    page_data = bytes((qualifier_type, page)) + struct.pack(">H", len(body)) + body
+    return Reply(Status.GOOD, page_data[:allocation])
 
 
 VPD_PAGES = (0x00, 0x80, 0x83, 0xB0)

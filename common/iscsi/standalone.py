@@ -10,10 +10,10 @@ LUN n is the n-th --lun; a missing file is created sparse at --size. Prints
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import asyncio
+import dataclasses
+import hashlib
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -45,11 +45,16 @@ def open_volumes(paths: list[Path], size: int) -> dict[int, Volume]:
     return volumes
 
 
+def lun_serial(iqn: str, lun: int) -> str:
+    """A serial (and so a VPD 0x83 identity) that stays the same across restarts."""
+    return f"jp{hashlib.sha256(iqn.encode()).hexdigest()[:12]}l{lun}"
+
+
 async def serve(args: argparse.Namespace) -> None:
     host, _, port = args.listen.rpartition(":")
     volumes = open_volumes(args.lun, args.size)
     luns = {
-        number: scsi.LunInfo(volume.size, serial=f"jp{os.getpid():x}l{number}")
+        number: scsi.LunInfo(volume.size, serial=lun_serial(args.iqn, number))
         for number, volume in volumes.items()
     }
     config = TargetConfig(

@@ -154,7 +154,7 @@ class Negotiator:
         return [("MaxRecvDataSegmentLength", str(self.limits.max_recv_data_segment_bytes))]
 
     def _answer_one(self, key: str, value: str) -> str | None:
-        p, lim = self.params, self.limits
+        p = self.params
         if key in _DECLARATIVE:
             p.declared[key] = value
             if key == "InitiatorName":
