@@ -1,0 +1,149 @@
+"""Hostile bytes into the sans-I/O iSCSI target core: a valid initiator stream, mutated.
+
+Whatever an initiator sends, the core raises nothing but RemoteProtocolError, asks only for
+I/O inside the LUN, holds no more than one PDU plus the slack of one receive, and gives the
+same replies however the transport splits the stream.
+"""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from common.iscsi import scsi
+from common.iscsi.pdu import RESERVED_TAG, Op, Pdu, RemoteProtocolError, encode_pdu, pack_fields
+from common.iscsi.target import (
+    NEED_DATA,
+    Closing,
+    FlushRequest,
+    IscsiTargetConnection,
+    LoggedIn,
+    ReadRequest,
+    TargetConfig,
+    WriteRequest,
+)
+from common.iscsi.textkeys import TargetLimits
+from tests.unit.fuzzing import mutate
+from tests.unit.test_iscsi_core import INITIATOR, IQN, data_out, login_pdu, scsi_cmd
+
+LUN_BYTES = 64 << 10
+LIMITS = TargetLimits(max_recv_data_segment_bytes=8192, max_burst_bytes=4096)
+SLACK_BYTES = 1 << 20  # what receive_data tolerates above one PDU before it calls it misuse
+
+
+def valid_stream() -> bytes:
+    """Login, INQUIRY, READ, a WRITE with immediate data and two R2Ts, NOP, SYNC, Logout.
+    TTTs are handed out from 1 in order, so the Data-Out can be written in advance."""
+    pdus = [
+        login_pdu(
+            [
+                ("InitiatorName", INITIATOR),
+                ("TargetName", IQN),
+                ("AuthMethod", "None"),
+            ],
+            0,
+            1,
+        ),
+        login_pdu([("MaxRecvDataSegmentLength", "8192"), ("ImmediateData", "Yes")], 1, 3),
+        scsi_cmd(bytes((0x12, 0, 0, 0, 96, 0)), 1, 100, 96, read=True),
+        scsi_cmd(bytes((0x28, 0, 0, 0, 0, 8, 0, 0, 16, 0)), 2, 101, 8192, read=True),
+        scsi_cmd(
+            bytes((0x2A, 0, 0, 0, 0, 4, 0, 0, 20, 0)), 3, 102, 10240, write=True, data=bytes(2048)
+        ),
+        data_out(3, 1, 2048, b"\x11" * 4096, 0, final=True),
+        data_out(3, 2, 6144, b"\x22" * 4096, 0, final=True),
+        Pdu(
+            Op.NOP_OUT,
+            flags=0x80,
+            itt=4,
+            opcode_specific=pack_fields(RESERVED_TAG, 103, 0, 0, 0, 0, 0),
+            data=b"ping",
+        ),
+        scsi_cmd(bytes((0x35,)) + bytes(9), 5, 104, 0),
+        Pdu(
+            Op.LOGOUT_REQ,
+            flags=0x80,
+            immediate=True,
+            itt=6,
+            opcode_specific=pack_fields(0, 105, 0, 0, 0, 0, 0),
+        ),
+    ]
+    return b"".join(encode_pdu(pdu) for pdu in pdus)
+
+
+def drive(stream: bytes, chunk_sizes: list[int]) -> tuple[bytes, list[object]]:
+    """Feed `stream` in chunks as the adapter does; run every I/O against a checking fake."""
+    luns = {0: scsi.LunInfo(LUN_BYTES, serial="fuzz")}
+    conn = IscsiTargetConnection(TargetConfig(IQN, luns, "127.0.0.1:3260", LIMITS), tsih=1)
+    out = bytearray()
+    events: list[object] = []
+    at, index = 0, 0
+    try:
+        while at < len(stream):
+            size = chunk_sizes[index % len(chunk_sizes)] if chunk_sizes else len(stream)
+            index += 1
+            conn.receive_data(stream[at : at + size])
+            at += size
+            assert conn.reader.buffered <= conn.reader.buffer_limit + size
+            while (event := conn.next_event()) is not NEED_DATA:
+                events.append(event)
+                serve(conn, event)
+                out += conn.data_to_send()
+                if isinstance(event, Closing):
+                    return bytes(out), events
+            out += conn.data_to_send()
+    except RemoteProtocolError as exc:
+        events.append(("error", str(exc)))
+    return bytes(out), events
+
+
+def serve(conn: IscsiTargetConnection, event: object) -> None:
+    if isinstance(event, ReadRequest):
+        assert event.lun == 0 and 0 < event.length <= scsi.MAX_TRANSFER_BYTES
+        assert event.offset + event.length <= LUN_BYTES
+        conn.read_done(event.itt, bytes(event.length))
+    elif isinstance(event, WriteRequest):
+        assert event.lun == 0 and 0 < len(event.data) <= scsi.MAX_TRANSFER_BYTES
+        assert event.offset + len(event.data) <= LUN_BYTES
+        conn.write_done(event.itt)
+    elif isinstance(event, FlushRequest):
+        conn.flush_done(event.itt)
+    else:
+        assert isinstance(event, (LoggedIn, Closing))
+
+
+def test_the_valid_stream_runs_to_logout_with_every_reply() -> None:
+    out, events = drive(valid_stream(), [])
+    kinds = [type(event).__name__ for event in events]
+    assert kinds == [
+        "LoggedIn",
+        "ReadRequest",
+        "WriteRequest",
+        "FlushRequest",
+        "Closing",
+    ]
+    write = events[2]
+    assert isinstance(write, WriteRequest)
+    assert write.data == bytes(2048) + b"\x11" * 4096 + b"\x22" * 4096
+    assert len(out) > 0
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_a_mutated_stream_raises_only_the_protocol_error(data: st.DataObject) -> None:
+    stream = mutate(data.draw, valid_stream(), 64)
+    drive(stream, [])
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 300), min_size=1, max_size=8),
+    header=st.binary(min_size=48, max_size=48),
+)
+def test_replies_do_not_depend_on_how_the_stream_is_split(sizes: list[int], header: bytes) -> None:
+    stream = valid_stream()
+    assert drive(stream, sizes) == drive(stream, [])
+    # a random BHS after a good login: only the protocol error, never a crash
+    first_command = encode_pdu(scsi_cmd(bytes((0x12, 0, 0, 0, 96, 0)), 1, 100, 96, read=True))
+    login = stream[: stream.index(first_command)]
+    drive(login + header + bytes(64), sizes)
