@@ -127,8 +127,13 @@ def parse_target_pdus(
 class Session:
     """A target connection with helpers to send PDUs and collect what comes back."""
 
-    def __init__(self, limits: TargetLimits | None = None, read_only: bool = False) -> None:
-        luns = {0: scsi.LunInfo(LUN_BYTES, serial="unit0", read_only=read_only)}
+    def __init__(
+        self,
+        limits: TargetLimits | None = None,
+        read_only: bool = False,
+        lun_bytes: int = LUN_BYTES,
+    ) -> None:
+        luns = {0: scsi.LunInfo(lun_bytes, serial="unit0", read_only=read_only)}
         config = TargetConfig(IQN, luns, portal="127.0.0.1:3260", limits=limits or TargetLimits())
         self.conn = IscsiTargetConnection(config, tsih=5)
         self.digests = (False, False)
@@ -628,3 +633,31 @@ def test_a_write_whose_transfer_length_differs_from_the_cdb_reports_a_residual(
     session.conn.write_done(4)
     (reply,) = session.replies()
     assert reply.spec3 == 0 and reply.flags & 0x06 == flags and reply.field32(44) == residual
+
+
+def test_mode_sense_10_has_an_8_byte_header_and_read_only_sets_wp() -> None:
+    session = Session(read_only=True)
+    session.login()
+    cdb = bytes((0x5A, 0x08, 0x08, 0, 0, 0, 0)) + struct.pack(">H", 512) + bytes(1)  # DBD
+    session.send(scsi_cmd(cdb, 1, 100, 512, read=True))
+    data = session.replies()[0].data
+    assert struct.unpack_from(">H", data)[0] == len(data) - 2
+    assert data[3] & 0x80 and struct.unpack_from(">H", data, 6)[0] == 0  # WP, no descriptor
+    assert data[8:10] == b"\x08\x12" and data[10] & 0x04  # caching page, WCE
+
+
+def test_read_capacity_10_points_past_2_tib_to_read_capacity_16() -> None:
+    info = scsi.LunInfo(3 << 40, serial="big")
+    reply = scsi.execute(bytes((0x25,)) + bytes(15), 0, {0: info})
+    assert isinstance(reply, scsi.Reply)
+    assert reply.data == struct.pack(">II", 0xFFFFFFFF, 512)
+
+
+def test_a_transfer_over_the_limit_is_refused_before_any_buffer_is_made() -> None:
+    session = Session(lun_bytes=1 << 30)
+    session.login()
+    blocks = scsi.MAX_TRANSFER_BYTES // 512 + 1
+    cdb = bytes((0x8A, 0)) + struct.pack(">QI", 0, blocks) + bytes(2)
+    session.send(scsi_cmd(cdb, 1, 100, blocks * 512, write=True))
+    assert sense_of(session.replies()[0]) == scsi.INVALID_FIELD_IN_CDB
+    assert session.conn.outstanding_tasks == 0
