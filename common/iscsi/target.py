@@ -227,7 +227,9 @@ class IscsiTargetConnection:
         self._send_response(task, scsi.Reply(scsi.Status.GOOD))
 
     def io_failed(self, itt: int) -> None:
-        task = self._tasks.pop(itt)
+        task = self._tasks.pop(itt, None)
+        if task is None:
+            raise LocalProtocolError(f"no I/O outstanding with ITT 0x{itt:08x}")
         kind = task.io.kind if task.io else scsi.IoKind.READ
         error = scsi.READ_ERROR if kind is scsi.IoKind.READ else scsi.WRITE_ERROR
         self._send_response(task, scsi.check_condition(error))

@@ -12,6 +12,7 @@ from common.iscsi.pdu import (
     BHS_BYTES,
     RESERVED_TAG,
     DigestError,
+    LocalProtocolError,
     Op,
     Pdu,
     PduReader,
@@ -661,3 +662,13 @@ def test_a_transfer_over_the_limit_is_refused_before_any_buffer_is_made() -> Non
     session.send(scsi_cmd(cdb, 1, 100, blocks * 512, write=True))
     assert sense_of(session.replies()[0]) == scsi.INVALID_FIELD_IN_CDB
     assert session.conn.outstanding_tasks == 0
+
+
+def test_a_failed_read_answers_medium_error() -> None:
+    session = Session()
+    session.login()
+    session.send(scsi_cmd(bytes((0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0)), 3, 100, 512, read=True))
+    session.conn.io_failed(3)
+    assert sense_of(session.replies()[0]) == scsi.READ_ERROR
+    with pytest.raises(LocalProtocolError):
+        session.conn.io_failed(3)
