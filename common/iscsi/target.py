@@ -276,6 +276,15 @@ class IscsiTargetConnection:
         queued = sum(1 for task in self._tasks.values() if not task.immediate)
         return (self.exp_cmd_sn + self.config.cmd_window - queued - 1) & 0xFFFFFFFF
 
+    def _status_fields(
+        self, *, tag: int = 0, word4: int = 0, word5: int = 0, word6: int = 0
+    ) -> bytes:
+        """Bytes 20..47 of a response: a tag, the next StatSN, ExpCmdSN and MaxCmdSN, then
+        three words the opcode gives meaning to (RFC 7143's layout for every response)."""
+        return pack_fields(
+            tag, self._next_stat_sn(), self.exp_cmd_sn, self._max_cmd_sn(), word4, word5, word6
+        )
+
     def _next_stat_sn(self) -> int:
         value = self.stat_sn
         self.stat_sn = (self.stat_sn + 1) & 0xFFFFFFFF
@@ -453,15 +462,7 @@ class IscsiTargetConnection:
                 flags=FLAG_FINAL,
                 lun_or_isid=pdu.lun_or_isid,
                 itt=pdu.itt,
-                opcode_specific=pack_fields(
-                    RESERVED_TAG,
-                    self._next_stat_sn(),
-                    self.exp_cmd_sn,
-                    self._max_cmd_sn(),
-                    0,
-                    0,
-                    0,
-                ),
+                opcode_specific=self._status_fields(tag=RESERVED_TAG),
                 data=data,
             )
         )
@@ -487,15 +488,7 @@ class IscsiTargetConnection:
                 flags=FLAG_FINAL,
                 lun_or_isid=pdu.lun_or_isid,
                 itt=pdu.itt,
-                opcode_specific=pack_fields(
-                    RESERVED_TAG,
-                    self._next_stat_sn(),
-                    self.exp_cmd_sn,
-                    self._max_cmd_sn(),
-                    0,
-                    0,
-                    0,
-                ),
+                opcode_specific=self._status_fields(tag=RESERVED_TAG),
                 data=pdu.data,
             )
         )
@@ -511,14 +504,9 @@ class IscsiTargetConnection:
                 flags=FLAG_FINAL,
                 spec2=response,
                 itt=pdu.itt,
-                opcode_specific=pack_fields(
-                    0,
-                    self._next_stat_sn(),
-                    self.exp_cmd_sn,
-                    self._max_cmd_sn(),
-                    0,
-                    (self.params.default_time2wait_s << 16) | self.params.default_time2retain_s,
-                    0,
+                opcode_specific=self._status_fields(
+                    word5=(self.params.default_time2wait_s << 16)
+                    | self.params.default_time2retain_s
                 ),
             )
         )
@@ -533,9 +521,7 @@ class IscsiTargetConnection:
                 flags=FLAG_FINAL,
                 spec2=TMF_NOT_SUPPORTED,
                 itt=pdu.itt,
-                opcode_specific=pack_fields(
-                    0, self._next_stat_sn(), self.exp_cmd_sn, self._max_cmd_sn(), 0, 0, 0
-                ),
+                opcode_specific=self._status_fields(),
             )
         )
 
@@ -728,15 +714,7 @@ class IscsiTargetConnection:
                 spec2=0,  # command completed at target
                 spec3=reply.status,
                 itt=task.itt,
-                opcode_specific=pack_fields(
-                    0,
-                    self._next_stat_sn(),
-                    self.exp_cmd_sn,
-                    self._max_cmd_sn(),
-                    0,
-                    0,
-                    residual,
-                ),
+                opcode_specific=self._status_fields(word6=residual),
                 data=data,
             )
         )
