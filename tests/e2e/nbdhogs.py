@@ -75,8 +75,13 @@ def bystander_io(uri: str) -> float:
 def hog(daemon: Daemon, read_hogs: int, write_hogs: int, rss_before: int) -> HogReport:
     """Open the hogs, let each send until refused, time a bystander while they hold, close
     them. ``rss_before``: the daemon's RSS before any hog connected."""
-    peak = PeakRss(daemon.pid)
-    peak.start()
+    with PeakRss(daemon.pid) as peak:
+        bystander_s = _hold_and_time(daemon, read_hogs, write_hogs)
+    return HogReport(rss_before, peak.peak, bystander_s)
+
+
+def _hold_and_time(daemon: Daemon, read_hogs: int, write_hogs: int) -> float:
+    """The hogs send until refused; a bystander's I/O is timed while they hold."""
     readers = open_hogs(daemon.nbd_port, read_hogs)
     writers = open_hogs(daemon.nbd_port, write_hogs)
     try:
@@ -91,10 +96,7 @@ def hog(daemon: Daemon, read_hogs: int, write_hogs: int, rss_before: int) -> Hog
             sender.start()
         for sender in senders:
             sender.join(60)
-        bystander_s = bystander_io(daemon.uri())
+        return bystander_io(daemon.uri())
     finally:
         for h in readers + writers:
             h.close()
-        peak.stop.set()
-        peak.join(5)
-    return HogReport(rss_before, peak.peak, bystander_s)

@@ -23,6 +23,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 
 import nbd
 import pytest
@@ -221,13 +222,26 @@ BURST_RSS_GROWTH_MAX_BYTES = QUEUE_HIGH_BYTES + 2 * REPLY_CHUNK_BYTES + 16 * MiB
 
 
 class PeakRss(threading.Thread):
-    """Samples a process's VmRSS until stopped; keeps the highest value."""
+    """Samples a process's VmRSS until stopped; keeps the highest value. As a context
+    manager: sampling from entry to exit, `grown` the peak over the RSS at creation."""
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
         self.pid = pid
-        self.peak = rss_bytes(pid)
+        self.before = self.peak = rss_bytes(pid)
         self.stop = threading.Event()
+
+    def __enter__(self) -> PeakRss:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop.set()
+        self.join(5)
+
+    @property
+    def grown(self) -> int:
+        return self.peak - self.before
 
     def run(self) -> None:
         while not self.stop.wait(0.005):
@@ -263,20 +277,12 @@ def test_burst_of_reads_never_read_back_keeps_memory_bounded_until_dropped(
     guarded: Daemon, bystander: nbd.NBD
 ) -> None:
     offset = len(guarded.log_text())
-    rss_before = rss_bytes(guarded.pid)
-    peak = PeakRss(guarded.pid)
-    peak.start()
-    client = TightClient(guarded.nbd_port)
-    try:
+    with PeakRss(guarded.pid) as peak, closing(TightClient(guarded.nbd_port)) as client:
         client.handshake()
         sent = send_until_refused(client, read_burst(client, BURST_READS))
         assert_bystander_works(bystander)  # while the hostile client is held
         drop_line(guarded, offset, client, "stalled mid-request")
-    finally:
-        client.close()
-        peak.stop.set()
-        peak.join(5)
-    grown = peak.peak - rss_before
+    grown = peak.grown
     print(f"\n{sent // 28} READ headers taken; RSS grew by {grown / MiB:.1f} MiB at the peak")
     assert grown < BURST_RSS_GROWTH_MAX_BYTES, f"grew by {grown / MiB:.1f} MiB"
     assert_bystander_works(bystander)
@@ -317,11 +323,7 @@ FLUSH_RSS_GROWTH_MAX_BYTES = 16 * MiB
 def test_a_flood_of_flush_requests_is_answered_in_sync_rounds_in_bounded_memory(
     guarded: Daemon, bystander: nbd.NBD
 ) -> None:
-    rss_before = rss_bytes(guarded.pid)
-    peak = PeakRss(guarded.pid)
-    peak.start()
-    client = TightClient(guarded.nbd_port)
-    try:
+    with PeakRss(guarded.pid) as peak, closing(TightClient(guarded.nbd_port)) as client:
         client.handshake()
         flood = b"".join(
             client.request_header(CMD_FLUSH, 0, 0, cookie=i) for i in range(FLUSH_FLOOD)
@@ -330,11 +332,7 @@ def test_a_flood_of_flush_requests_is_answered_in_sync_rounds_in_bounded_memory(
         sender.start()  # the server stops reading while its sync rounds catch up
         answered = {client.simple_reply() for _ in range(FLUSH_FLOOD)}
         sender.join(DROP_TIMEOUT_S)
-    finally:
-        client.close()
-        peak.stop.set()
-        peak.join(5)
-    grown = peak.peak - rss_before
+    grown = peak.grown
     print(f"\n{FLUSH_FLOOD} FLUSH: RSS grew by {grown / MiB:.1f} MiB at the peak")
     assert answered == {(0, cookie) for cookie in range(FLUSH_FLOOD)}
     assert grown < FLUSH_RSS_GROWTH_MAX_BYTES, f"grew by {grown / MiB:.1f} MiB"
