@@ -353,10 +353,19 @@ def requests(draw: st.DrawFn, size: int) -> bytes:
 def sessions(draw: st.DrawFn) -> bytes:
     name = draw(st.sampled_from(sorted(EXPORTS)))
     size = EXPORTS[name].size
-    parts = [draw(handshakes(name)), *draw(st.lists(requests(size), max_size=8))]
-    if draw(st.booleans()):
+    asked = draw(st.lists(requests(size), max_size=8))
+    # Bytes after a WRITE whose payload was cut short are that payload's rest, not requests:
+    # a valid session ends there (the core discards them, then reads whatever follows).
+    whole = [i for i, req in enumerate(asked) if _cut_short(req)]
+    parts = [draw(handshakes(name)), *(asked[: whole[0] + 1] if whole else asked)]
+    if not whole and draw(st.booleans()):
         parts.append(request(c.Cmd.DISC, 0, 1, 0, 0))
     return b"".join(parts)
+
+
+def _cut_short(req: bytes) -> bool:
+    _, _, cmd, _, _, length = _REQUEST.unpack_from(req)
+    return cmd == c.Cmd.WRITE and length > len(req) - _REQUEST.size
 
 
 @st.composite
