@@ -427,7 +427,8 @@ def test_the_plans_reach_every_message_and_refuse_code() -> None:
     seen: set[type] = set()
     codes: set[RefuseCode] = set()
 
-    @settings(FUZZ, max_examples=150)
+    # 400: at 150 one full-suite run missed bad_request (a Refuse the plans draw 1 time in 12)
+    @settings(FUZZ, max_examples=400)
     @given(plan=plans)
     def collect(plan: Plan) -> None:
         for end in converse(plan, SMALL).values():
