@@ -55,16 +55,36 @@ class IscsiServer:
         self._connections += 1
         conn = IscsiTargetConnection(self.config, next(self._tsih))
         try:
-            await self._serve(conn, reader, writer)
-        except RemoteProtocolError as exc:
-            log.warning("iscsi: %s broke the protocol: %s", peer, exc)
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            log.info("iscsi: %s: connection lost: %s", peer, exc)
+            async with asyncio.TaskGroup() as tasks:
+                pinger = tasks.create_task(self._keep_alive(conn, writer, peer))
+                try:
+                    await self._serve(conn, reader, writer)
+                except RemoteProtocolError as exc:
+                    log.warning("iscsi: %s broke the protocol: %s", peer, exc)
+                except (ConnectionError, asyncio.IncompleteReadError) as exc:
+                    log.info("iscsi: %s: connection lost: %s", peer, exc)
+                finally:
+                    pinger.cancel()
         finally:
             self._connections -= 1
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+    async def _keep_alive(
+        self, conn: IscsiTargetConnection, writer: asyncio.StreamWriter, peer: object
+    ) -> None:
+        """Drives conn.tick(): NOP-In pings to a silent initiator; an unanswered ping drops
+        the connection (aborting the transport ends _serve's read)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(conn.tick_interval_s)
+            closing = conn.tick(loop.time())
+            writer.write(conn.data_to_send())
+            if closing is not None:
+                log.warning("iscsi: dropping %s: %s", peer, closing.why)
+                writer.transport.abort()
+                return
 
     async def _serve(
         self,

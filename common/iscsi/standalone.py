@@ -3,7 +3,8 @@
     python -m common.iscsi.standalone --listen 127.0.0.1:3260 \\
         --iqn iqn.2026-01.org.journalpair:test --lun FILE [--lun FILE ...] [--size BYTES]
 
-LUN n is the n-th --lun; a missing file is created sparse at --size. Prints
+LUN n is the n-th --lun; a missing file is created sparse at --size. --chap-user with
+--chap-secret-file makes every login pass CHAP (secrets of 12 bytes or more). Prints
 "listening on HOST:PORT" on stderr once it accepts connections; SIGTERM/SIGINT stop it.
 """
 
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 from common.iscsi import scsi
+from common.iscsi.chap import ChapSecrets
 from common.iscsi.server import IscsiServer
 from common.iscsi.target import TargetConfig
 from common.iscsi.textkeys import TargetLimits
@@ -32,7 +34,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lun", action="append", required=True, type=Path, help="a volume file")
     parser.add_argument("--size", type=int, default=0, help="size of a file to create (bytes)")
     parser.add_argument("--prefer-crc32c", action="store_true", help="pick CRC32C digests")
+    parser.add_argument("--nop-in-interval", type=float, default=5.0, help="ping after S idle")
+    parser.add_argument("--nop-in-timeout", type=float, default=10.0, help="drop after S")
+    parser.add_argument("--chap-user", help="require CHAP with this initiator user")
+    parser.add_argument("--chap-secret-file", type=Path, help="the initiator's CHAP secret")
+    parser.add_argument("--chap-mutual-user", help="the target's user for mutual CHAP")
+    parser.add_argument("--chap-mutual-secret-file", type=Path, help="the target's secret")
     return parser.parse_args(argv)
+
+
+def chap_secrets(args: argparse.Namespace) -> ChapSecrets | None:
+    """--chap-user and --chap-secret-file (one line, its trailing newline dropped)."""
+    if (args.chap_user is None) != (args.chap_secret_file is None):
+        raise ValueError("--chap-user and --chap-secret-file go together")
+    if args.chap_user is None:
+        return None
+
+    def secret(path: Path | None) -> bytes | None:
+        return path.read_bytes().rstrip(b"\r\n") if path is not None else None
+
+    return ChapSecrets(
+        args.chap_user,
+        secret(args.chap_secret_file) or b"",
+        args.chap_mutual_user,
+        secret(args.chap_mutual_secret_file),
+    )
 
 
 def open_volumes(paths: list[Path], size: int) -> dict[int, Volume]:
@@ -50,7 +76,7 @@ def lun_serial(iqn: str, lun: int) -> str:
     return f"jp{hashlib.sha256(iqn.encode()).hexdigest()[:12]}l{lun}"
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace, chap: ChapSecrets | None) -> None:
     host, _, port = args.listen.rpartition(":")
     volumes = open_volumes(args.lun, args.size)
     luns = {
@@ -58,7 +84,13 @@ async def serve(args: argparse.Namespace) -> None:
         for number, volume in volumes.items()
     }
     config = TargetConfig(
-        args.iqn, luns, portal=args.listen, limits=TargetLimits(prefer_crc32c=args.prefer_crc32c)
+        args.iqn,
+        luns,
+        portal=args.listen,
+        limits=TargetLimits(prefer_crc32c=args.prefer_crc32c),
+        nop_in_interval_s=args.nop_in_interval,
+        nop_in_timeout_s=args.nop_in_timeout,
+        chap=chap,
     )
     target = IscsiServer(config, volumes)
     server = await asyncio.start_server(target.handle, host, int(port), reuse_address=True)
@@ -80,7 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = parse_args(argv)
     try:
-        asyncio.run(serve(args))
+        chap = chap_secrets(args)
+    except (ValueError, OSError) as exc:
+        print(f"error: CHAP: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(args, chap))
     except VolumeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,34 +1,41 @@
 """Sans-I/O iSCSI target connection (RFC 7143): bytes in, events out, PDUs queued.
 
-    LOGIN ── Login Request (CSG 0 security: AuthMethod=None only) ──────────┐
-      │      Login Request (CSG 1 operational: keys negotiated, textkeys.py)│
-      │      T=1 NSG=3 ─► Login Response with TSIH, digests switched on ◄───┘
+    LOGIN ── Login Request (CSG 0 security: AuthMethod=None, or CHAP when configured:
+      │        AuthMethod=CHAP, CHAP_A ─► CHAP_I/CHAP_C, CHAP_N/CHAP_R checked, chap.py)
+      │      Login Request (CSG 1 operational: keys negotiated, textkeys.py)
+      │      T=1 NSG=3 ─► Login Response with TSIH, digests switched on
       ▼
     FULL_FEATURE
       Discovery session: Text Request SendTargets ─► Text Response; Logout
       Normal session:    SCSI Command ─► scsi.execute()
                            ├─ Reply  ─► Data-In (S bit) or SCSI Response (sense)
                            ├─ READ   ─► event ReadRequest ─► read_done(itt, data) ─► Data-In
-                           ├─ WRITE  ─► immediate data, then R2T / Data-Out (one R2T at a
-                           │            time, MaxBurstLength each) ─► event WriteRequest
+                           ├─ WRITE  ─► immediate data, unsolicited Data-Out (InitialR2T=No,
+                           │            up to FirstBurstLength), then R2T / Data-Out (one R2T
+                           │            at a time, MaxBurstLength each) ─► event WriteRequest
                            │            ─► write_done(itt) ─► SCSI Response
                            └─ FLUSH  ─► event FlushRequest ─► flush_done(itt)
+                         Task Management ─► tasks dropped without SCSI Response; TMF
+                           Response once the adapter has answered the aborted I/O it holds
                          NOP-Out ─► NOP-In; Logout ─► Logout Response, CLOSED
+      tick(now) ─► NOP-In ping to a silent initiator; no answer in time ─► Closing
 
-ErrorRecoveryLevel is 0: any protocol error closes the connection (the adapter catches
-RemoteProtocolError). The command window (MaxCmdSN) and the transfer size bound what a
-connection holds: at most `cmd_window` tasks, each with at most MAX_TRANSFER_BYTES.
-No clock, no disk, no await.
+ErrorRecoveryLevel is 0: a protocol error closes the connection (the adapter catches
+RemoteProtocolError); a lost Data-Out (DataSN gap) fails its command only. The command
+window (MaxCmdSN) and the transfer size bound what a connection holds: at most
+`cmd_window` tasks, each with at most MAX_TRANSFER_BYTES. No clock, no disk, no await.
 """
 
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
 from common.iscsi import scsi
+from common.iscsi.chap import ChapAuthenticator, ChapError, ChapSecrets
 from common.iscsi.pdu import (
     FLAG_FINAL,
     RESERVED_TAG,
@@ -67,7 +74,21 @@ REJECT_COMMAND_NOT_SUPPORTED = 0x05
 REJECT_IMMEDIATE = 0x06
 REJECT_INVALID_FIELD = 0x09
 REJECT_PROTOCOL_ERROR = 0x04
+# Task management functions and responses, RFC 7143 11.5.1 and 11.6.1
+TMF_ABORT_TASK = 1
+TMF_ABORT_TASK_SET = 2
+TMF_CLEAR_TASK_SET = 4
+TMF_LUN_RESET = 5
+TMF_TARGET_WARM_RESET = 6
+TMF_TASK_REASSIGN = 8
+TMF_COMPLETE = 0x00
+TMF_NO_TASK = 0x01
+TMF_NO_LUN = 0x02
+TMF_REASSIGN_NOT_SUPPORTED = 0x04
 TMF_NOT_SUPPORTED = 0x05
+# iSCSI conditions as sense data (key ABORTED COMMAND), RFC 7143 11.4.7.2
+PROTOCOL_SERVICE_CRC_ERROR = (0x0B, 0x47, 0x05)
+UNEXPECTED_UNSOLICITED_DATA = (0x0B, 0x0C, 0x0C)
 
 MAX_IMMEDIATE_TASKS = 4
 _SCSI_FLAG_READ = 0x40
@@ -87,6 +108,11 @@ class TargetConfig:
     limits: TargetLimits = field(default_factory=TargetLimits)
     portal_group: int = 1
     cmd_window: int = 8
+    # a NOP-In ping after this long without a byte from the initiator; no NOP-Out answer
+    # within nop_in_timeout_s drops the connection
+    nop_in_interval_s: float = 5.0
+    nop_in_timeout_s: float = 10.0
+    chap: ChapSecrets | None = None  # when set, every login must pass CHAP
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +181,26 @@ class _Task:
     ttt: int = RESERVED_TAG
     r2t_end: int = 0
     r2t_sn: int = 0
-    data_sn: int = 0  # next expected DataSN of the current R2T's Data-Out sequence
+    data_sn: int = 0  # next expected DataSN of the current Data-Out sequence
+    unsolicited_open: bool = False  # unsolicited Data-Out (TTT reserved) may still come
+    unsolicited_end: int = 0  # ... up to this offset: min(FirstBurstLength, EDTL)
+    in_flight: bool = False  # the adapter has its I/O event and has not answered yet
+    aborted: bool = False  # by a TMF while in flight: the answer is dropped
+    # the answer (and bytes transferred) to send once the initiator ends the Data-Out
+    # sequence it is in (F bit): the command failed while data was still expected, whose
+    # data is dropped (RFC 7143 11.4, Status: the response waits for that F bit)
+    pending: tuple[scsi.Reply, int | None] | None = None
+
+
+@dataclass(slots=True)
+class _PendingTmf:
+    """A TMF response held until the adapter has answered every aborted task it holds, so
+    nothing of an aborted task (a late write above all) happens after the initiator is told
+    it is gone (RFC 7143 11.5/11.6 with SAM: a TMF completes once its tasks are ended)."""
+
+    itt: int
+    response: int
+    waiting: set[int]
 
 
 def _serial_le(a: int, b: int) -> bool:
@@ -184,6 +229,16 @@ class IscsiTargetConnection:
         self.exp_cmd_sn = 0
         self._tasks: dict[int, _Task] = {}
         self._next_ttt = 1
+        # ITTs of tasks aborted while the initiator may still send Data-Out for them:
+        # those PDUs are dropped quietly (bounded: the oldest are forgotten)
+        self._aborted_itts: OrderedDict[int, None] = OrderedDict()
+        self._pending_tmfs: list[_PendingTmf] = []
+        self._chap = ChapAuthenticator(config.chap) if config.chap else None
+        self._authenticated = config.chap is None
+        # NOP-In pings: times come from tick(now), never from a clock of ours
+        self._heard_since_tick = False
+        self._last_heard_s: float | None = None
+        self._ping: tuple[int, float] | None = None  # (TTT, sent at) of the open ping
 
     # -- the adapter's side -------------------------------------------------------------
 
@@ -192,7 +247,37 @@ class IscsiTargetConnection:
             return
         if self.reader.buffered + len(data) > self.reader.buffer_limit + (1 << 20):
             raise LocalProtocolError("receive_data without draining next_event()")
+        self._heard_since_tick = self._heard_since_tick or bool(data)
         self.reader.feed(data)
+
+    def tick(self, now_s: float) -> Closing | None:
+        """Time has passed (the adapter calls this every tick_interval_s with a monotonic
+        clock). In full feature phase, an initiator silent for nop_in_interval_s gets a
+        NOP-In asking for a NOP-Out; a ping unanswered for nop_in_timeout_s returns the
+        Closing the adapter must act on (drop the connection). Also queues bytes to send."""
+        if self.phase is Phase.CLOSED:
+            return None
+        if self._heard_since_tick or self._last_heard_s is None:
+            self._last_heard_s = now_s
+            self._heard_since_tick = False
+        if self.phase is not Phase.FULL_FEATURE:
+            return None
+        if self._ping is not None:
+            ttt, sent_s = self._ping
+            if now_s - sent_s < self.config.nop_in_timeout_s:
+                return None
+            self.phase = Phase.CLOSED
+            return Closing(
+                f"no NOP-Out answered the NOP-In ping (TTT 0x{ttt:08x}) in "
+                f"{self.config.nop_in_timeout_s:g} s: the initiator is gone"
+            )
+        if now_s - self._last_heard_s >= self.config.nop_in_interval_s:
+            self._send_ping(now_s)
+        return None
+
+    @property
+    def tick_interval_s(self) -> float:
+        return max(0.05, min(self.config.nop_in_interval_s, self.config.nop_in_timeout_s) / 4)
 
     def next_event(self) -> Event | _NeedData:
         while not self._events:
@@ -214,32 +299,45 @@ class IscsiTargetConnection:
         return len(self._tasks)
 
     def read_done(self, itt: int, data: bytes) -> None:
-        task = self._pop_task(itt, scsi.IoKind.READ)
-        self._send_data_in(task, data, scsi.Status.GOOD)
+        task = self._finish(itt, scsi.IoKind.READ)
+        if task is not None:
+            self._send_data_in(task, data, scsi.Status.GOOD)
 
     def write_done(self, itt: int) -> None:
-        task = self._pop_task(itt, scsi.IoKind.WRITE)
-        assert task.io is not None
-        self._send_response(task, scsi.Reply(scsi.Status.GOOD), transferred=task.io.length)
+        task = self._finish(itt, scsi.IoKind.WRITE)
+        if task is not None:
+            assert task.io is not None
+            self._send_response(task, scsi.Reply(scsi.Status.GOOD), transferred=task.io.length)
 
     def flush_done(self, itt: int) -> None:
-        task = self._pop_task(itt, scsi.IoKind.FLUSH)
-        self._send_response(task, scsi.Reply(scsi.Status.GOOD))
+        task = self._finish(itt, scsi.IoKind.FLUSH)
+        if task is not None:
+            self._send_response(task, scsi.Reply(scsi.Status.GOOD))
 
     def io_failed(self, itt: int) -> None:
-        task = self._tasks.pop(itt, None)
-        if task is None:
-            raise LocalProtocolError(f"no I/O outstanding with ITT 0x{itt:08x}")
-        kind = task.io.kind if task.io else scsi.IoKind.READ
-        error = scsi.READ_ERROR if kind is scsi.IoKind.READ else scsi.WRITE_ERROR
-        self._send_response(task, scsi.check_condition(error))
+        task = self._finish(itt, None)
+        if task is not None:
+            kind = task.io.kind if task.io else scsi.IoKind.READ
+            error = scsi.READ_ERROR if kind is scsi.IoKind.READ else scsi.WRITE_ERROR
+            self._send_response(task, scsi.check_condition(error))
 
-    def _pop_task(self, itt: int, kind: scsi.IoKind) -> _Task:
+    def _finish(self, itt: int, kind: scsi.IoKind | None) -> _Task | None:
+        """The task whose I/O the adapter has done, or None when a TMF aborted it meanwhile
+        (its answer is dropped, and a TMF response waiting for it may now go out)."""
         task = self._tasks.get(itt)
-        if task is None or task.io is None or task.io.kind is not kind:
+        if task is None or not task.in_flight or task.io is None:
+            raise LocalProtocolError(f"no I/O outstanding with ITT 0x{itt:08x}")
+        if kind is not None and task.io.kind is not kind:
             raise LocalProtocolError(f"no {kind.value} outstanding with ITT 0x{itt:08x}")
         del self._tasks[itt]
-        return task
+        if not task.aborted:
+            return task
+        for pending in self._pending_tmfs:
+            pending.waiting.discard(itt)
+        while self._pending_tmfs and not self._pending_tmfs[0].waiting:
+            done = self._pending_tmfs.pop(0)
+            self._send_tmf_response(done.itt, done.response)
+        return None
 
     # -- dispatch -----------------------------------------------------------------------
 
@@ -362,14 +460,25 @@ class IscsiTargetConnection:
         self._stage = (pdu.flags >> 2) & 0x3
 
     def _login_keys(self, pdu: Pdu, csg: int, nsg: int | None, pairs: Pairs) -> None:
-        offered = dict(pairs)
+        auth_keys = [(k, v) for k, v in pairs if k == "AuthMethod" or k.startswith("CHAP_")]
         try:
-            reply = self.negotiator.answer(pairs)
+            reply = self.negotiator.answer([pair for pair in pairs if pair not in auth_keys])
         except RemoteProtocolError as exc:
             self._login_fail(pdu, LOGIN_INITIATOR_ERROR, str(exc))
             return
-        if offered.get("AuthMethod") is not None and dict(reply)["AuthMethod"] != "None":
-            self._login_fail(pdu, LOGIN_AUTH_FAILED, "no AuthMethod=None offered (no CHAP yet)")
+        if csg == SECURITY:
+            try:
+                reply += self._authenticate(dict(auth_keys))
+            except ChapError as exc:
+                self._login_fail(pdu, LOGIN_AUTH_FAILED, str(exc))
+                return
+            if not self._authenticated:
+                nsg = None  # stay in the security stage until CHAP is done
+        elif auth_keys:
+            self._login_fail(pdu, LOGIN_INITIATOR_ERROR, "authentication keys after security")
+            return
+        elif not self._authenticated:
+            self._login_fail(pdu, LOGIN_AUTH_FAILED, "CHAP is required: no security stage")
             return
         params = self.params
         if self._first_login_response:
@@ -388,6 +497,30 @@ class IscsiTargetConnection:
             self._stage = nsg
         if nsg == FULL_FEATURE:
             self._enter_full_feature()
+
+    def _authenticate(self, keys: dict[str, str]) -> Pairs:
+        """The security stage's auth keys: AuthMethod=None when no CHAP is configured;
+        otherwise AuthMethod=CHAP, then CHAP_A, then CHAP_N/CHAP_R (chap.py)."""
+        if "AuthMethod" in keys:
+            offered = [method.strip() for method in keys.pop("AuthMethod").split(",")]
+            if self._chap is None:
+                if "None" not in offered:
+                    raise ChapError(f"AuthMethod {','.join(offered)[:64]}: only None here")
+                return [("AuthMethod", "None")]
+            if "CHAP" not in offered:
+                raise ChapError(f"CHAP is required; AuthMethod {','.join(offered)[:64]}")
+            return [("AuthMethod", "CHAP")]
+        if self._chap is None:
+            if keys:
+                raise ChapError("CHAP keys without CHAP configured")
+            return []
+        if "CHAP_A" in keys:
+            return self._chap.challenge(keys)
+        if "CHAP_R" in keys or "CHAP_N" in keys:
+            reply = self._chap.verify(keys)
+            self._authenticated = True
+            return reply
+        return []
 
     def _login_response(
         self,
@@ -478,8 +611,10 @@ class IscsiTargetConnection:
         ]
 
     def _nop_out(self, pdu: Pdu) -> None:
-        if pdu.itt == RESERVED_TAG:
-            return  # an answer to a NOP-In of ours (we send none yet): nothing to say
+        if pdu.itt == RESERVED_TAG:  # no answer wanted: a reply to our ping, or a ping
+            if self._ping is not None and pdu.field32(20) == self._ping[0]:
+                self._ping = None
+            return
         if not self._accept_cmd_sn(pdu):
             return
         self._send(
@@ -512,15 +647,88 @@ class IscsiTargetConnection:
         )
         self._close("logout")
 
+    def _send_ping(self, now_s: float) -> None:
+        """A NOP-In asking for a NOP-Out (RFC 7143 11.19: ITT reserved, a TTT, the StatSN
+        not advanced)."""
+        ttt = self._new_ttt()
+        self._ping = (ttt, now_s)
+        self._send(
+            Pdu(
+                Op.NOP_IN,
+                flags=FLAG_FINAL,
+                itt=RESERVED_TAG,
+                opcode_specific=pack_fields(
+                    ttt, self.stat_sn, self.exp_cmd_sn, self._max_cmd_sn(), 0, 0, 0
+                ),
+            )
+        )
+
     def _task_management(self, pdu: Pdu) -> None:
+        """RFC 7143 11.5: aborted tasks get no SCSI response; the TMF response waits for
+        the adapter to answer the aborted I/O it still holds (see _PendingTmf)."""
         if not self._accept_cmd_sn(pdu):
             return
+        function = pdu.flags & 0x7F
+        lun = scsi.decode_lun(pdu.lun_or_isid)
+        affected: list[_Task] = []
+        if function == TMF_ABORT_TASK:
+            response, affected = self._abort_task_lookup(pdu)
+        elif function in (TMF_ABORT_TASK_SET, TMF_CLEAR_TASK_SET, TMF_LUN_RESET):
+            # one session a connection and one connection a session: the task set of the
+            # LUN as this core sees it is every task of this connection on that LUN
+            response = TMF_COMPLETE if lun in self.config.luns else TMF_NO_LUN
+            affected = [task for task in self._tasks.values() if task.lun == lun]
+        elif function == TMF_TARGET_WARM_RESET:
+            response, affected = TMF_COMPLETE, list(self._tasks.values())
+        elif function == TMF_TASK_REASSIGN:
+            response = TMF_REASSIGN_NOT_SUPPORTED  # ErrorRecoveryLevel 0
+        else:
+            response = TMF_NOT_SUPPORTED
+        if response != TMF_COMPLETE:
+            affected = []
+        waiting = {task.itt for task in affected if task.in_flight and not task.aborted}
+        for task in affected:
+            self._abort(task)
+        if waiting:
+            self._pending_tmfs.append(_PendingTmf(pdu.itt, response, waiting))
+        else:
+            self._send_tmf_response(pdu.itt, response)
+
+    def _abort_task_lookup(self, pdu: Pdu) -> tuple[int, list[_Task]]:
+        task = self._tasks.get(pdu.field32(20))  # Referenced Task Tag
+        if task is not None and not task.aborted:
+            return TMF_COMPLETE, [task]
+        if task is not None:  # aborted already, its answer pending
+            return TMF_COMPLETE, []
+        # RFC 7143 11.6.1: a task we never got whose RefCmdSN is still in the window and
+        # before the TMF's own CmdSN is taken as received (and so done with); else none
+        ref_cmd_sn, cmd_sn = pdu.field32(32), pdu.field32(24)
+        in_window = _serial_le(self.exp_cmd_sn, ref_cmd_sn) and _serial_le(
+            ref_cmd_sn, self._max_cmd_sn()
+        )
+        if in_window and ref_cmd_sn != cmd_sn and _serial_le(ref_cmd_sn, cmd_sn):
+            if ref_cmd_sn == self.exp_cmd_sn:
+                self.exp_cmd_sn = (self.exp_cmd_sn + 1) & 0xFFFFFFFF
+            return TMF_COMPLETE, []
+        return TMF_NO_TASK, []
+
+    def _abort(self, task: _Task) -> None:
+        if task.in_flight:
+            task.aborted = True  # stays until the adapter answers; its answer is dropped
+            return
+        del self._tasks[task.itt]
+        if task.io is not None and task.io.kind is scsi.IoKind.WRITE:
+            self._aborted_itts[task.itt] = None  # Data-Out may still be on its way
+            while len(self._aborted_itts) > 2 * (self.config.cmd_window + MAX_IMMEDIATE_TASKS):
+                self._aborted_itts.popitem(last=False)
+
+    def _send_tmf_response(self, itt: int, response: int) -> None:
         self._send(
             Pdu(
                 Op.TASK_MGMT_RSP,
                 flags=FLAG_FINAL,
-                spec2=TMF_NOT_SUPPORTED,
-                itt=pdu.itt,
+                spec2=response,
+                itt=itt,
                 opcode_specific=self._status_fields(),
             )
         )
@@ -540,48 +748,64 @@ class IscsiTargetConnection:
             return
         if not self._accept_cmd_sn(pdu):
             return
-        if pdu.data and not (self.params.immediate_data and pdu.flags & _SCSI_FLAG_WRITE):
+        writes = bool(pdu.flags & _SCSI_FLAG_WRITE)
+        if pdu.data and not (self.params.immediate_data and writes):
             raise RemoteProtocolError("immediate data not negotiated or not a write")
         if len(pdu.data) > min(self.params.first_burst_bytes, pdu.field32(20)):
             raise RemoteProtocolError("immediate data beyond FirstBurstLength or the transfer")
+        if not pdu.final and (self.params.initial_r2t or not writes):
+            raise RemoteProtocolError("SCSI Command without F bit: no unsolicited Data-Out here")
+        self._aborted_itts.pop(pdu.itt, None)  # the ITT names a new task from now on
         lun = scsi.decode_lun(pdu.lun_or_isid)
-        task = _Task(pdu.itt, lun, pdu.field32(20), pdu.immediate)
-        cdb = pdu.opcode_specific[12:28]
-        result = scsi.execute(cdb, lun, self.config.luns)
-        if isinstance(result, scsi.Reply):
-            self._reply(task, result, pdu.flags)
-        else:
+        task = _Task(pdu.itt, lun, pdu.field32(20), pdu.immediate, received=len(pdu.data))
+        task.unsolicited_open = not pdu.final
+        task.unsolicited_end = min(self.params.first_burst_bytes, task.expected_bytes)
+        result = scsi.execute(pdu.opcode_specific[12:28], lun, self.config.luns)
+        if isinstance(result, scsi.Io):
             self._start_io(task, result, pdu)
-
-    def _reply(self, task: _Task, reply: scsi.Reply, flags: int) -> None:
-        if reply.status == scsi.Status.GOOD and reply.data and flags & _SCSI_FLAG_READ:
-            self._send_data_in(task, reply.data, reply.status)
+        elif task.unsolicited_open:
+            self._answer_after_data(task, result, None)
+        elif result.status == scsi.Status.GOOD and result.data and pdu.flags & _SCSI_FLAG_READ:
+            self._send_data_in(task, result.data, result.status)
         else:
-            self._send_response(task, reply)
+            self._send_response(task, result)
+
+    def _answer_after_data(self, task: _Task, reply: scsi.Reply, transferred: int | None) -> None:
+        """Answer now, or once the Data-Out sequence the initiator is in ends."""
+        if not task.unsolicited_open and task.ttt == RESERVED_TAG:
+            self._tasks.pop(task.itt, None)
+            self._send_response(task, reply, transferred)
+            return
+        task.pending = (reply, transferred)
+        task.buffer = bytearray()
+        self._tasks[task.itt] = task
 
     def _start_io(self, task: _Task, io: scsi.Io, pdu: Pdu) -> None:
+        reads, writes = bool(pdu.flags & _SCSI_FLAG_READ), bool(pdu.flags & _SCSI_FLAG_WRITE)
+        task.io = io
+        if io.kind is scsi.IoKind.READ and io.length and not reads:
+            # The initiator expects no Data-In: what it sent is dropped and, as for a READ
+            # with an Expected Data Transfer Length of 0, nothing is read and the whole
+            # length is an overflow residual (RFC 7143 11.4.5.1)
+            task.expected_bytes = 0
+            self._answer_after_data(task, scsi.Reply(scsi.Status.GOOD), io.length)
+            return
         wants_write = io.kind is scsi.IoKind.WRITE
-        if (
-            io.kind is not scsi.IoKind.FLUSH
-            and io.length
-            and (
-                bool(pdu.flags & _SCSI_FLAG_WRITE) != wants_write
-                or bool(pdu.flags & _SCSI_FLAG_READ) == wants_write
-            )
-        ):
-            self._send_response(task, scsi.check_condition(scsi.INVALID_FIELD_IN_CDB))
+        if wants_write and io.length and (reads or not writes):
+            self._answer_after_data(task, scsi.check_condition(scsi.INVALID_FIELD_IN_CDB), None)
             return
         if wants_write and task.expected_bytes > scsi.MAX_TRANSFER_BYTES:
-            self._send_response(task, scsi.check_condition(scsi.INVALID_FIELD_IN_CDB))
+            self._answer_after_data(task, scsi.check_condition(scsi.INVALID_FIELD_IN_CDB), None)
             return
-        task.io = io
         if io.kind is not scsi.IoKind.FLUSH and io.length == 0:
-            self._send_response(task, scsi.Reply(scsi.Status.GOOD))
+            self._answer_after_data(task, scsi.Reply(scsi.Status.GOOD), None)
             return
         self._tasks[task.itt] = task
         if io.kind is scsi.IoKind.READ:
+            task.in_flight = True
             self._events.append(ReadRequest(task.itt, task.lun, io.offset, io.length))
         elif io.kind is scsi.IoKind.FLUSH:
+            task.in_flight = True
             self._events.append(FlushRequest(task.itt, task.lun))
         else:
             # Everything the initiator means to send is taken (ExpectedDataTransferLength,
@@ -589,11 +813,12 @@ class IscsiTargetConnection:
             # the difference is a residual (RFC 7143 11.4.5).
             task.buffer = bytearray(task.expected_bytes)
             task.buffer[: len(pdu.data)] = pdu.data
-            task.received = len(pdu.data)
             self._write_progress(task)
 
     def _write_progress(self, task: _Task) -> None:
         assert task.io is not None
+        if task.unsolicited_open:
+            return  # R2Ts only once the unsolicited data has ended (F bit)
         if task.received == task.expected_bytes:
             write_bytes = min(task.expected_bytes, task.io.length)
             write_bytes -= write_bytes % scsi.BLOCK_BYTES
@@ -603,11 +828,11 @@ class IscsiTargetConnection:
                 del self._tasks[task.itt]
                 self._send_response(task, scsi.Reply(scsi.Status.GOOD), task.io.length)
                 return
+            task.in_flight = True
             self._events.append(WriteRequest(task.itt, task.lun, task.io.offset, data, task.io.fua))
             return
         want = min(self._burst_bytes, task.expected_bytes - task.received)
-        task.ttt = self._next_ttt
-        self._next_ttt = (self._next_ttt + 1) % RESERVED_TAG or 1
+        task.ttt = self._new_ttt()
         task.r2t_end = task.received + want
         task.data_sn = 0
         self._send(
@@ -629,26 +854,65 @@ class IscsiTargetConnection:
         )
         task.r2t_sn += 1
 
+    def _new_ttt(self) -> int:
+        ttt = self._next_ttt
+        self._next_ttt = (self._next_ttt + 1) % RESERVED_TAG or 1
+        return ttt
+
     def _data_out(self, pdu: Pdu) -> None:
+        """Data-Out answering an R2T (its TTT) or unsolicited (TTT reserved, InitialR2T=No,
+        up to FirstBurstLength). A DataSN out of sequence means a PDU was lost: at
+        ErrorRecoveryLevel 0 the command ends with CHECK CONDITION "protocol service CRC
+        error" once the sequence ends (RFC 7143's digest and sequence errors), and the
+        session goes on; a broken offset or F bit is a protocol error (connection closed)."""
         task = self._tasks.get(pdu.itt)
-        if task is None or task.ttt == RESERVED_TAG or pdu.field32(20) != task.ttt:
-            raise RemoteProtocolError(f"Data-Out for no open R2T (ITT 0x{pdu.itt:08x})")
+        ttt = pdu.field32(20)
+        if task is None or task.in_flight:
+            if pdu.itt in self._aborted_itts:  # the rest of an aborted write: dropped
+                return
+            raise RemoteProtocolError(f"Data-Out for no open transfer (ITT 0x{pdu.itt:08x})")
+        if ttt == RESERVED_TAG and task.unsolicited_open:
+            end = task.unsolicited_end
+        elif ttt != RESERVED_TAG and ttt == task.ttt:
+            end = task.r2t_end
+        else:
+            raise RemoteProtocolError(
+                f"Data-Out TTT 0x{ttt:08x} matches no open sequence (ITT 0x{pdu.itt:08x})"
+            )
+        if task.pending is None:
+            self._take_data(task, pdu, end)
+        task.data_sn += 1
+        if not pdu.final:
+            return
+        if ttt == RESERVED_TAG:
+            task.unsolicited_open = False
+        else:
+            task.ttt = RESERVED_TAG
+        task.data_sn = 0
+        if task.pending is not None:
+            reply, transferred = task.pending
+            del self._tasks[task.itt]
+            self._send_response(task, reply, transferred)
+            return
+        self._write_progress(task)
+
+    def _take_data(self, task: _Task, pdu: Pdu, end: int) -> None:
         offset, data_sn = pdu.field32(40), pdu.field32(36)
         if data_sn != task.data_sn:
-            raise RemoteProtocolError(f"Data-Out DataSN {data_sn}, expected {task.data_sn}")
-        if offset != task.received or offset + len(pdu.data) > task.r2t_end:
+            self._answer_after_data(task, scsi.check_condition(PROTOCOL_SERVICE_CRC_ERROR), None)
+            return
+        unsolicited = pdu.field32(20) == RESERVED_TAG
+        if unsolicited and offset == task.received and offset + len(pdu.data) > end:
+            self._answer_after_data(task, scsi.check_condition(UNEXPECTED_UNSOLICITED_DATA), None)
+            return
+        if offset != task.received or offset + len(pdu.data) > end:
             raise RemoteProtocolError(
-                f"Data-Out at {offset}+{len(pdu.data)} outside the R2T "
-                f"{task.received}..{task.r2t_end}"
+                f"Data-Out at {offset}+{len(pdu.data)} outside the sequence {task.received}..{end}"
             )
         task.buffer[offset : offset + len(pdu.data)] = pdu.data
         task.received += len(pdu.data)
-        task.data_sn += 1
-        if pdu.final != (task.received == task.r2t_end):
+        if pdu.final != (task.received == end) and not (unsolicited and pdu.final):
             raise RemoteProtocolError("Data-Out F bit does not end the R2T's data")
-        if pdu.final:
-            task.ttt = RESERVED_TAG
-            self._write_progress(task)
 
     def _send_data_in(self, task: _Task, data: bytes, status: scsi.Status) -> None:
         flags, residual = self._residual(task.expected_bytes, len(data))

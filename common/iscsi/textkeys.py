@@ -71,6 +71,7 @@ class TargetLimits:
     max_burst_bytes: int = 1 << 20
     first_burst_bytes: int = 256 << 10
     immediate_data: bool = True
+    initial_r2t: bool = False  # No: an initiator asking for unsolicited Data-Out gets it
     # The digests we accept, best first; the initiator's order decides, except that
     # a target preferring CRC32C picks it whenever the initiator offers it.
     digests: tuple[str, ...] = ("None", "CRC32C")
@@ -193,10 +194,9 @@ class Negotiator:
         if key == "ImmediateData":
             p.immediate_data = _boolean(key, value) and lim.immediate_data
             return _yes(p.immediate_data)
-        if key == "InitialR2T":
-            _boolean(key, value)
-            p.initial_r2t = True  # OR with our Yes: unsolicited Data-Out is never allowed
-            return "Yes"
+        if key == "InitialR2T":  # OR: unsolicited Data-Out only if both sides say No
+            p.initial_r2t = _boolean(key, value) or lim.initial_r2t
+            return _yes(p.initial_r2t)
         if key in ("DataPDUInOrder", "DataSequenceInOrder"):
             result = _boolean(key, value)  # AND with our Yes
             setattr(

@@ -24,7 +24,14 @@ from common.iscsi.target import (
 )
 from common.iscsi.textkeys import TargetLimits
 from tests.unit.fuzzing import mutate
-from tests.unit.test_iscsi_core import INITIATOR, IQN, data_out, login_pdu, scsi_cmd
+from tests.unit.test_iscsi_core import (
+    INITIATOR,
+    IQN,
+    data_out,
+    login_pdu,
+    parse_target_pdus,
+    scsi_cmd,
+)
 
 LUN_BYTES = 64 << 10
 LIMITS = TargetLimits(max_recv_data_segment_bytes=8192, max_burst_bytes=4096)
@@ -32,7 +39,8 @@ SLACK_BYTES = 1 << 20  # what receive_data tolerates above one PDU before it cal
 
 
 def valid_stream() -> bytes:
-    """Login, INQUIRY, READ, a WRITE with immediate data and two R2Ts, NOP, SYNC, Logout.
+    """Login, INQUIRY, READ, a WRITE with immediate data and two R2Ts, NOP, SYNC, a TMF,
+    a NOP-Out answering no ping, Logout.
     TTTs are handed out from 1 in order, so the Data-Out can be written in advance."""
     pdus = [
         login_pdu(
@@ -60,6 +68,20 @@ def valid_stream() -> bytes:
             data=b"ping",
         ),
         scsi_cmd(bytes((0x35,)) + bytes(9), 5, 104, 0),
+        Pdu(  # ABORT TASK of a task long done
+            Op.TASK_MGMT_REQ,
+            flags=0x81,
+            immediate=True,
+            itt=7,
+            opcode_specific=pack_fields(2, 105, 0, 101, 0, 0, 0),
+        ),
+        Pdu(  # a NOP-Out answering a ping we never sent: ignored
+            Op.NOP_OUT,
+            flags=0x80,
+            immediate=True,
+            itt=RESERVED_TAG,
+            opcode_specific=pack_fields(0x1234, 105, 0, 0, 0, 0, 0),
+        ),
         Pdu(
             Op.LOGOUT_REQ,
             flags=0x80,
@@ -125,7 +147,8 @@ def test_the_valid_stream_runs_to_logout_with_every_reply() -> None:
     write = events[2]
     assert isinstance(write, WriteRequest)
     assert write.data == bytes(2048) + b"\x11" * 4096 + b"\x22" * 4096
-    assert len(out) > 0
+    tmf = [pdu for pdu in parse_target_pdus(out) if pdu.opcode == Op.TASK_MGMT_RSP]
+    assert [(pdu.itt, pdu.spec2) for pdu in tmf] == [(7, 1)]  # task does not exist
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

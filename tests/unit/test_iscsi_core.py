@@ -283,7 +283,7 @@ def test_negotiation_follows_each_keys_rule() -> None:
         "MaxBurstLength": "65536",  # min
         "FirstBurstLength": "4096",  # min
         "ImmediateData": "Yes",  # AND
-        "InitialR2T": "Yes",  # OR with our Yes
+        "InitialR2T": "No",  # OR: both said No
         "DataPDUInOrder": "No",  # AND
         "MaxConnections": "1",
         "MaxOutstandingR2T": "1",
@@ -496,8 +496,7 @@ def test_a_write_takes_immediate_data_then_r2t_and_data_out() -> None:
 @pytest.mark.parametrize(
     ("offset", "data_sn", "final", "match"),
     [
-        (1024, 0, True, "outside the R2T"),
-        (0, 1, True, "DataSN"),
+        (1024, 0, True, "outside the sequence"),
         (0, 0, False, "F bit"),
     ],
 )
