@@ -7,6 +7,8 @@
                  │             FlushRequest ─► Volume.sync in the executor ─► conn.flush_done()
                  │             Closing      ─► send what is queued, close
                  └──────── write conn.data_to_send(), drain
+    _keep_alive() beside it: conn.tick(now) every tick_interval_s; a Closing (an unanswered
+                 NOP-In ping) aborts the transport, which ends the read above
 
 Writes go straight to the Volume: they are NOT journalled yet (primaryd's WriteJournal
 is the next step), so this serves standalone volumes only.
@@ -68,7 +70,9 @@ class IscsiServer:
         finally:
             self._connections -= 1
             writer.close()
-            with contextlib.suppress(ConnectionError):
+            # cancelled here at shutdown: end quietly (3.11's StreamReaderProtocol logs a
+            # traceback for a handler task that ends cancelled)
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
                 await writer.wait_closed()
 
     async def _keep_alive(
