@@ -56,8 +56,11 @@ def test_chap_logins_pass_with_the_secret_and_fail_without_it(tmp_path: Path) ->
             refused = run(["iscsi-ls", "-s", url], check=False, timeout=30)
             assert refused.returncode != 0
             assert "Authentication failure" in refused.stdout + refused.stderr
-        log = target.log()
-        assert "wrong user or response" in log and "CHAP is required" in log
+        wait_until(
+            lambda: "wrong user or response" in target.log() and "CHAP is required" in target.log(),
+            10.0,
+            "both refusals logged with their reason",
+        )
     finally:
         stop_target(target)
 
