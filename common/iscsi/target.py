@@ -466,7 +466,10 @@ class IscsiTargetConnection:
         except RemoteProtocolError as exc:
             self._login_fail(pdu, LOGIN_INITIATOR_ERROR, str(exc))
             return
-        if csg == SECURITY:
+        if csg != SECURITY and not self._authenticated:
+            self._login_fail(pdu, LOGIN_AUTH_FAILED, "CHAP is required: no security stage")
+            return
+        if csg == SECURITY or self._chap is None:  # without CHAP, AuthMethod=None anywhere
             try:
                 reply += self._authenticate(dict(auth_keys))
             except ChapError as exc:
@@ -476,9 +479,6 @@ class IscsiTargetConnection:
                 nsg = None  # stay in the security stage until CHAP is done
         elif auth_keys:
             self._login_fail(pdu, LOGIN_INITIATOR_ERROR, "authentication keys after security")
-            return
-        elif not self._authenticated:
-            self._login_fail(pdu, LOGIN_AUTH_FAILED, "CHAP is required: no security stage")
             return
         params = self.params
         if self._first_login_response:
@@ -686,7 +686,7 @@ class IscsiTargetConnection:
             response = TMF_NOT_SUPPORTED
         if response != TMF_COMPLETE:
             affected = []
-        waiting = {task.itt for task in affected if task.in_flight and not task.aborted}
+        waiting = {task.itt for task in affected if task.in_flight}
         for task in affected:
             self._abort(task)
         if waiting:
@@ -696,10 +696,8 @@ class IscsiTargetConnection:
 
     def _abort_task_lookup(self, pdu: Pdu) -> tuple[int, list[_Task]]:
         task = self._tasks.get(pdu.field32(20))  # Referenced Task Tag
-        if task is not None and not task.aborted:
+        if task is not None:  # (aborted already and in flight: this TMF waits for it too)
             return TMF_COMPLETE, [task]
-        if task is not None:  # aborted already, its answer pending
-            return TMF_COMPLETE, []
         # RFC 7143 11.6.1: a task we never got whose RefCmdSN is still in the window and
         # before the TMF's own CmdSN is taken as received (and so done with); else none
         ref_cmd_sn, cmd_sn = pdu.field32(32), pdu.field32(24)
@@ -717,7 +715,7 @@ class IscsiTargetConnection:
             task.aborted = True  # stays until the adapter answers; its answer is dropped
             return
         del self._tasks[task.itt]
-        if task.io is not None and task.io.kind is scsi.IoKind.WRITE:
+        if task.unsolicited_open or task.ttt != RESERVED_TAG:
             self._aborted_itts[task.itt] = None  # Data-Out may still be on its way
             while len(self._aborted_itts) > 2 * (self.config.cmd_window + MAX_IMMEDIATE_TASKS):
                 self._aborted_itts.popitem(last=False)

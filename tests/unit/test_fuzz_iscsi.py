@@ -170,3 +170,87 @@ def test_replies_do_not_depend_on_how_the_stream_is_split(sizes: list[int], head
     first_command = encode_pdu(scsi_cmd(bytes((0x12, 0, 0, 0, 96, 0)), 1, 100, 96, read=True))
     login = stream[: stream.index(first_command)]
     drive(login + header + bytes(64), sizes)
+
+
+@settings(max_examples=200, deadline=None)
+@given(plan=st.lists(st.tuples(st.sampled_from("RWSTCF"), st.integers(0, 255)), max_size=40))
+def test_task_management_between_commands_and_late_io_keeps_every_promise(
+    plan: list[tuple[str, int]],
+) -> None:
+    """READs, WRITEs, SYNCs and TMFs (any function, any referenced task) with the adapter
+    answering its I/O late, in any order, or failing it: no exception, each TMF answered
+    once, each task answered at most once and never after a TMF said it is gone."""
+    luns = {0: scsi.LunInfo(LUN_BYTES, serial="fuzz")}
+    conn = IscsiTargetConnection(TargetConfig(IQN, luns, "127.0.0.1:3260", LIMITS), tsih=1)
+    login = [("InitiatorName", INITIATOR), ("TargetName", IQN), ("AuthMethod", "None")]
+    conn.receive_data(encode_pdu(login_pdu(login, 1, 3)))
+    held: list[object] = []  # I/O events the adapter has not answered yet
+    out = bytearray()
+    itt, cmd_sn = 100, 100
+    tmfs: dict[int, tuple[int, int]] = {}  # TMF ITT -> (function, Referenced Task Tag)
+
+    def feed(pdu: Pdu) -> None:
+        conn.receive_data(encode_pdu(pdu))
+        while (event := conn.next_event()) is not NEED_DATA:
+            if isinstance(event, (ReadRequest, WriteRequest, FlushRequest)):
+                held.append(event)
+
+    feed(Pdu(Op.NOP_OUT, flags=0x80, immediate=True, itt=RESERVED_TAG))
+    for kind, number in plan:
+        itt += 1
+        if kind == "R":
+            feed(scsi_cmd(bytes((0x28, 0, 0, 0, 0, 1, 0, 0, 1, 0)), itt, cmd_sn, 512, read=True))
+            cmd_sn += 1
+        elif kind == "W":
+            write = bytes((0x2A, 0, 0, 0, 0, 2, 0, 0, 1, 0))
+            feed(scsi_cmd(write, itt, cmd_sn, 512, write=True, data=bytes(512)))
+            cmd_sn += 1
+        elif kind == "S":
+            feed(scsi_cmd(bytes((0x35,)) + bytes(9), itt, cmd_sn, 0))
+            cmd_sn += 1
+        elif kind == "T":
+            tmfs[itt] = (number % 9, 100 + number % 40)
+            fields = pack_fields(tmfs[itt][1], cmd_sn, 0, cmd_sn - 1, 0, 0, 0)
+            tmf = Pdu(Op.TASK_MGMT_REQ, flags=0x80 | tmfs[itt][0], immediate=True, itt=itt)
+            tmf.opcode_specific = fields
+            feed(tmf)
+        elif held:
+            answer(conn, held.pop(number % len(held)), fail=kind == "F")
+        out += conn.data_to_send()
+    while held:
+        answer(conn, held.pop(0), fail=False)
+    out += conn.data_to_send()
+    check_promises(parse_target_pdus(bytes(out)), tmfs)
+    assert conn.outstanding_tasks == 0
+
+
+def answer(conn: IscsiTargetConnection, event: object, *, fail: bool) -> None:
+    assert isinstance(event, (ReadRequest, WriteRequest, FlushRequest))
+    if fail:
+        conn.io_failed(event.itt)
+    elif isinstance(event, ReadRequest):
+        conn.read_done(event.itt, bytes(event.length))
+    elif isinstance(event, WriteRequest):
+        conn.write_done(event.itt)
+    else:
+        conn.flush_done(event.itt)
+
+
+def check_promises(pdus: list[Pdu], tmfs: dict[int, tuple[int, int]]) -> None:
+    answered: set[int] = set()
+    gone: set[int] = set()  # tasks a TMF response said are ended
+    tmf_answers = 0
+    for pdu in pdus:
+        final = pdu.opcode == Op.SCSI_RSP or (pdu.opcode == Op.DATA_IN and pdu.flags & 0x01)
+        if final:
+            assert pdu.itt not in answered and pdu.itt not in gone, hex(pdu.itt)
+            answered.add(pdu.itt)
+        elif pdu.opcode == Op.TASK_MGMT_RSP:
+            tmf_answers += 1
+            function, referenced = tmfs[pdu.itt]
+            if pdu.spec2 == 0 and function == 1:
+                gone.add(referenced)
+            elif pdu.spec2 == 0 and function in (2, 4, 5, 6):
+                gone.update(range(100, pdu.itt))  # every task before it (all on LUN 0)
+                gone -= answered
+    assert tmf_answers == len(tmfs)

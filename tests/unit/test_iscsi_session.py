@@ -154,6 +154,30 @@ def test_an_aborted_write_in_flight_ignores_its_late_completion_or_failure() -> 
     assert session.conn.outstanding_tasks == 0
 
 
+def test_a_second_abort_of_a_task_in_flight_waits_for_it_too() -> None:
+    session = Session()
+    session.login()
+    session.send(scsi_cmd(READ_1, 4, 100, 512, read=True))
+    session.send(tmf(1, 9, 101, ref_itt=4, ref_cmd_sn=100))
+    session.send(tmf(2, 10, 101))  # ABORT TASK SET: the same read
+    assert session.replies() == []
+    session.conn.read_done(4, bytes(512))
+    assert tmf_responses(session.replies()) == [(9, 0), (10, 0)]
+
+
+def test_an_abort_while_unsolicited_data_comes_drops_the_rest_of_it() -> None:
+    session = Session()
+    session.login([("InitialR2T", "No"), ("ImmediateData", "No")])
+    command = scsi_cmd(write10(0, 2), 4, 100, 1024, write=True)
+    command.flags &= ~0x80
+    session.send(command)
+    session.send(unsolicited(4, 0, bytes(512), 0, final=False))
+    session.send(tmf(1, 9, 101, ref_itt=4, ref_cmd_sn=100))
+    assert tmf_responses(session.replies()) == [(9, 0)]
+    assert session.send(unsolicited(4, 512, bytes(512), 1, final=True)) == []
+    assert session.replies() == [] and session.conn.outstanding_tasks == 0
+
+
 def test_lun_reset_aborts_the_tasks_of_that_lun_only() -> None:
     session = Session()
     session.login([("ImmediateData", "No")])
