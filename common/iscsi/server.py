@@ -119,7 +119,8 @@ class IscsiServer:
             params = event.params
             log.info(
                 "iscsi: %s session for %s (HeaderDigest %s, DataDigest %s, "
-                "MaxRecvDataSegmentLength %d, MaxBurstLength %d, ImmediateData %s)",
+                "MaxRecvDataSegmentLength %d, MaxBurstLength %d, ImmediateData %s, "
+                "InitialR2T %s)",
                 event.session_type,
                 event.initiator_name,
                 "CRC32C" if params.header_digest else "None",
@@ -127,6 +128,7 @@ class IscsiServer:
                 params.initiator_recv_data_segment_bytes,
                 params.max_burst_bytes,
                 params.immediate_data,
+                params.initial_r2t,
             )
         elif isinstance(event, ReadRequest):
             try:

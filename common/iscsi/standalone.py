@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lun", action="append", required=True, type=Path, help="a volume file")
     parser.add_argument("--size", type=int, default=0, help="size of a file to create (bytes)")
     parser.add_argument("--prefer-crc32c", action="store_true", help="pick CRC32C digests")
+    parser.add_argument(
+        "--max-recv-data-segment-length", type=int, default=256 << 10, help="bytes a PDU"
+    )
     parser.add_argument("--nop-in-interval", type=float, default=5.0, help="ping after S idle")
     parser.add_argument("--nop-in-timeout", type=float, default=10.0, help="drop after S")
     parser.add_argument("--chap-user", help="require CHAP with this initiator user")
@@ -87,7 +90,10 @@ async def serve(args: argparse.Namespace, chap: ChapSecrets | None) -> None:
         args.iqn,
         luns,
         portal=args.listen,
-        limits=TargetLimits(prefer_crc32c=args.prefer_crc32c),
+        limits=TargetLimits(
+            prefer_crc32c=args.prefer_crc32c,
+            max_recv_data_segment_bytes=args.max_recv_data_segment_length,
+        ),
         nop_in_interval_s=args.nop_in_interval,
         nop_in_timeout_s=args.nop_in_timeout,
         chap=chap,

@@ -23,7 +23,7 @@ from common.iscsi.pdu import (
     pack_fields,
     pad4,
 )
-from tests.e2e.helpers import HOST, read_at, run, wait_until
+from tests.e2e.helpers import HOST, MiB, read_at, run, wait_until
 from tests.e2e.test_iscsi_initiators import IQN, qemu_io, start_target, stop_target
 from tests.unit.test_iscsi_core import login_pdu
 
@@ -61,6 +61,19 @@ def test_chap_logins_pass_with_the_secret_and_fail_without_it(tmp_path: Path) ->
             10.0,
             "both refusals logged with their reason",
         )
+    finally:
+        stop_target(target)
+
+
+def test_qemu_io_sends_unsolicited_data_out_when_initial_r2t_is_no(tmp_path: Path) -> None:
+    """libiscsi asks InitialR2T=No; with our MaxRecvDataSegmentLength (8 KiB) below the
+    FirstBurstLength (256 KiB) a write goes as 8 KiB immediate data, unsolicited Data-Out
+    up to 256 KiB, then R2Ts for the rest."""
+    target = start_target(tmp_path, "--max-recv-data-segment-length", "8192")
+    try:
+        qemu_io(target.lun_url, "write -P 0x71 64k 1M", "read -P 0x71 64k 1M")
+        assert read_at(target.lun_path, 65536, MiB) == b"\x71" * MiB
+        assert "InitialR2T False" in target.log()
     finally:
         stop_target(target)
 
