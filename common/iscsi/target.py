@@ -237,6 +237,7 @@ class IscsiTargetConnection:
         self._authenticated = config.chap is None
         # NOP-In pings: times come from tick(now), never from a clock of ours
         self._heard_since_tick = False
+        self._connected_s: float | None = None  # the first tick
         self._last_heard_s: float | None = None
         self._ping: tuple[int, float] | None = None  # (TTT, sent at) of the open ping
 
@@ -257,11 +258,18 @@ class IscsiTargetConnection:
         Closing the adapter must act on (drop the connection). Also queues bytes to send."""
         if self.phase is Phase.CLOSED:
             return None
+        if self._connected_s is None:
+            self._connected_s = now_s
+        if self.phase is Phase.LOGIN:
+            return self._login_deadline(now_s)
+        if any(task.in_flight for task in self._tasks.values()):
+            # the initiator waits for our I/O, and the adapter may not read the socket
+            # meanwhile (an answer to a ping would sit there unread): not idle
+            self._ping = None
+            self._heard_since_tick = True
         if self._heard_since_tick or self._last_heard_s is None:
             self._last_heard_s = now_s
             self._heard_since_tick = False
-        if self.phase is not Phase.FULL_FEATURE:
-            return None
         if self._ping is not None:
             ttt, sent_s = self._ping
             if now_s - sent_s < self.config.nop_in_timeout_s:
@@ -274,6 +282,16 @@ class IscsiTargetConnection:
         if now_s - self._last_heard_s >= self.config.nop_in_interval_s:
             self._send_ping(now_s)
         return None
+
+    def _login_deadline(self, now_s: float) -> Closing | None:
+        """A connection that does not finish its login within the ping interval plus its
+        timeout holds a connection slot for nothing: dropped."""
+        assert self._connected_s is not None
+        limit_s = self.config.nop_in_interval_s + self.config.nop_in_timeout_s
+        if now_s - self._connected_s < limit_s:
+            return None
+        self.phase = Phase.CLOSED
+        return Closing(f"login not completed in {limit_s:g} s")
 
     @property
     def tick_interval_s(self) -> float:

@@ -252,10 +252,30 @@ def test_a_ping_without_answer_drops_the_connection_whatever_else_comes() -> Non
     assert conn.tick(10.0) is None  # closed: nothing more
 
 
-def test_no_ping_before_login_completes() -> None:
+def test_no_ping_during_login_and_a_login_not_done_in_time_is_dropped() -> None:
     session = session_with(nop_in_interval_s=1.0, nop_in_timeout_s=1.0)
-    assert session.conn.tick(0.0) is None and session.conn.tick(50.0) is None
+    session.send(login_pdu([*NAMES, ("AuthMethod", "None")], 0, None))  # no transit yet
+    assert session.replies()[0].opcode_specific[16:18] == b"\0\0"
+    assert session.conn.tick(10.0) is None and session.conn.tick(11.9) is None
     assert session.conn.data_to_send() == b""
+    closing = session.conn.tick(12.0)
+    assert isinstance(closing, Closing) and "login not completed in 2 s" in closing.why
+
+
+def test_no_ping_while_the_adapter_holds_io_for_the_initiator() -> None:
+    session = session_with(nop_in_interval_s=1.0, nop_in_timeout_s=1.0)
+    session.login()
+    session.conn.tick(0.0)
+    session.conn.tick(1.0)
+    assert len(session.replies()) == 1  # idle: pinged
+    session.send(scsi_cmd(SYNC, 4, 100, 0))  # a slow flush: the adapter may not read now
+    for now in (2.0, 5.0, 30.0):
+        assert session.conn.tick(now) is None  # the open ping is forgotten, none sent
+    assert session.replies() == []
+    session.conn.flush_done(4)
+    session.replies()
+    assert session.conn.tick(30.5) is None and session.replies() == []
+    assert session.conn.tick(31.0) is None and len(session.replies()) == 1  # idle again
 
 
 # -- unsolicited data, Data-Out sequences --------------------------------------------------
