@@ -27,6 +27,13 @@ from common.iscsi.textkeys import TargetLimits
 from common.volume import Volume, VolumeError
 
 
+def seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text}: not in 0..3600 seconds")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m common.iscsi.standalone")
     parser.add_argument("--listen", default="127.0.0.1:3260", help="HOST:PORT")
@@ -37,8 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--max-recv-data-segment-length", type=int, default=256 << 10, help="bytes a PDU"
     )
-    parser.add_argument("--nop-in-interval", type=float, default=5.0, help="ping after S idle")
-    parser.add_argument("--nop-in-timeout", type=float, default=10.0, help="drop after S")
+    parser.add_argument("--nop-in-interval", type=seconds, default=5.0, help="ping after S idle")
+    parser.add_argument("--nop-in-timeout", type=seconds, default=10.0, help="drop after S")
     parser.add_argument("--chap-user", help="require CHAP with this initiator user")
     parser.add_argument("--chap-secret-file", type=Path, help="the initiator's CHAP secret")
     parser.add_argument("--chap-mutual-user", help="the target's user for mutual CHAP")

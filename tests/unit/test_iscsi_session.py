@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from pathlib import Path
 
 import pytest
 
-from common.iscsi import scsi
+from common.iscsi import scsi, standalone
 from common.iscsi.chap import ChapAuthenticator, ChapError, ChapSecrets, chap_response
 from common.iscsi.pdu import (
     RESERVED_TAG,
@@ -504,3 +505,19 @@ def test_one_authenticator_checks_one_response() -> None:
         authenticator.verify({"CHAP_N": "alice", "CHAP_R": "0x" + right.hex()})
     with pytest.raises(ChapError, match="MD5"):
         ChapAuthenticator(SECRETS).challenge({"CHAP_A": "6,7"})
+
+
+def test_standalone_reads_the_chap_secret_file_and_refuses_a_short_one(tmp_path: Path) -> None:
+    (tmp_path / "good").write_bytes(b"twelve+bytes!\n")
+    (tmp_path / "short").write_bytes(b"eleven-byte\n")
+    lun = ["--iqn", IQN, "--lun", str(tmp_path / "lun.img")]
+    chap = [*lun, "--chap-user", "alice", "--chap-secret-file"]
+    good = standalone.parse_args([*chap, str(tmp_path / "good")])
+    assert standalone.chap_secrets(good) == ChapSecrets("alice", b"twelve+bytes!")
+    short = standalone.parse_args([*chap, str(tmp_path / "short")])
+    with pytest.raises(ValueError, match="11 bytes"):
+        standalone.chap_secrets(short)
+    alone = standalone.parse_args([*lun, "--chap-user", "alice"])
+    with pytest.raises(ValueError, match="together"):
+        standalone.chap_secrets(alone)
+    assert standalone.chap_secrets(standalone.parse_args(lun)) is None
