@@ -5,6 +5,9 @@
                  │             ReadRequest  ─► Volume.read   ─► conn.read_done()
                  │             WriteRequest ─► Volume.write (+ sync if FUA) ─► conn.write_done()
                  │             FlushRequest ─► Volume.sync in the executor ─► conn.flush_done()
+                 │             UnmapRequest ─► Volume.punch each extent ─► conn.write_done()
+                 │             WriteSameRequest ─► Volume.zero, or the block written over
+                 │                              the range in 1 MiB chunks ─► conn.write_done()
                  │             Closing      ─► send what is queued, close
                  └──────── write conn.data_to_send(), drain
 
@@ -29,7 +32,9 @@ from common.iscsi.target import (
     LoggedIn,
     ReadRequest,
     TargetConfig,
+    UnmapRequest,
     WriteRequest,
+    WriteSameRequest,
 )
 from common.volume import Volume
 
@@ -37,6 +42,8 @@ log = logging.getLogger("iscsi")
 
 READ_CHUNK_BYTES = 64 << 10
 MAX_CONNECTIONS = 16
+# WRITE SAME of a non-zero block: the buffer of repeated blocks written at a time
+WRITE_SAME_CHUNK_BYTES = 1 << 20
 
 
 class IscsiServer:
@@ -121,6 +128,8 @@ class IscsiServer:
                 conn.io_failed(event.itt)
             else:
                 conn.write_done(event.itt)
+        elif isinstance(event, (UnmapRequest, WriteSameRequest)):
+            self._provision(conn, event)
         elif isinstance(event, FlushRequest):
             try:
                 await loop.run_in_executor(None, self.volumes[event.lun].sync)
@@ -128,3 +137,33 @@ class IscsiServer:
                 conn.io_failed(event.itt)
             else:
                 conn.flush_done(event.itt)
+
+    def _provision(
+        self, conn: IscsiTargetConnection, event: UnmapRequest | WriteSameRequest
+    ) -> None:
+        """UNMAP and WRITE SAME, as Volume calls (when writes are journalled, trimmed(),
+        zeroed() or wrote() goes before each, as NBD's TRIM and WRITE_ZEROES do)."""
+        volume = self.volumes[event.lun]
+        try:
+            if isinstance(event, UnmapRequest):
+                for offset, length in event.extents:
+                    volume.punch(offset, length)
+            elif event.zeros:
+                volume.zero(event.offset, event.length, allocate=True)
+            else:
+                write_repeated(volume, event.offset, event.length, event.block)
+        except OSError as exc:
+            log.warning("iscsi: %s on %s failed: %s", type(event).__name__, volume.name, exc)
+            conn.io_failed(event.itt)
+        else:
+            conn.write_done(event.itt)
+
+
+def write_repeated(volume: Volume, offset: int, length: int, block: bytes) -> None:
+    """Write `block` over [offset, offset + length) with one bounded buffer of copies."""
+    chunk = block * max(1, min(length, WRITE_SAME_CHUNK_BYTES) // len(block))
+    end = offset + length
+    while offset < end:
+        size = min(len(chunk), end - offset)
+        volume.write(offset, memoryview(chunk)[:size])
+        offset += size

@@ -12,7 +12,10 @@
                            ├─ WRITE  ─► immediate data, then R2T / Data-Out (one R2T at a
                            │            time, MaxBurstLength each) ─► event WriteRequest
                            │            ─► write_done(itt) ─► SCSI Response
-                           └─ FLUSH  ─► event FlushRequest ─► flush_done(itt)
+                           ├─ FLUSH  ─► event FlushRequest ─► flush_done(itt)
+                           └─ UNMAP, WRITE SAME ─► R2T / Data-Out as a WRITE ─► scsi.
+                                        parameters_received() ─► event UnmapRequest or
+                                        WriteSameRequest ─► write_done(itt)
                          NOP-Out ─► NOP-In; Logout ─► Logout Response, CLOSED
 
 ErrorRecoveryLevel is 0: any protocol error closes the connection (the adapter catches
@@ -116,6 +119,32 @@ class WriteRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class UnmapRequest:
+    """Deallocate each (byte offset, length) extent, which then reads as zeros: an UNMAP, or
+    a WRITE SAME of a zero block with its UNMAP bit. Answered with write_done()."""
+
+    itt: int
+    lun: int
+    extents: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteSameRequest:
+    """Make [offset, offset + length) the one `block` repeated (WRITE SAME 16); when the
+    block is all zeros, zero the range keeping it allocated. Answered with write_done()."""
+
+    itt: int
+    lun: int
+    offset: int
+    length: int
+    block: bytes
+
+    @property
+    def zeros(self) -> bool:
+        return self.block == bytes(len(self.block))
+
+
+@dataclass(frozen=True, slots=True)
 class FlushRequest:
     itt: int
     lun: int
@@ -134,7 +163,9 @@ class _NeedData:
 
 
 NEED_DATA = _NeedData()
-Event = LoggedIn | ReadRequest | WriteRequest | FlushRequest | Closing
+Event = (
+    LoggedIn | ReadRequest | WriteRequest | UnmapRequest | WriteSameRequest | FlushRequest | Closing
+)
 
 
 class Phase(Enum):
@@ -218,7 +249,8 @@ class IscsiTargetConnection:
         self._send_data_in(task, data, scsi.Status.GOOD)
 
     def write_done(self, itt: int) -> None:
-        task = self._pop_task(itt, scsi.IoKind.WRITE)
+        """A WriteRequest, UnmapRequest or WriteSameRequest is done."""
+        task = self._pop_task(itt, *scsi.DATA_OUT_KINDS)
         assert task.io is not None
         self._send_response(task, scsi.Reply(scsi.Status.GOOD), transferred=task.io.length)
 
@@ -234,10 +266,11 @@ class IscsiTargetConnection:
         error = scsi.READ_ERROR if kind is scsi.IoKind.READ else scsi.WRITE_ERROR
         self._send_response(task, scsi.check_condition(error))
 
-    def _pop_task(self, itt: int, kind: scsi.IoKind) -> _Task:
+    def _pop_task(self, itt: int, *kinds: scsi.IoKind) -> _Task:
         task = self._tasks.get(itt)
-        if task is None or task.io is None or task.io.kind is not kind:
-            raise LocalProtocolError(f"no {kind.value} outstanding with ITT 0x{itt:08x}")
+        if task is None or task.io is None or task.io.kind not in kinds:
+            what = "/".join(kind.value for kind in kinds)
+            raise LocalProtocolError(f"no {what} outstanding with ITT 0x{itt:08x}")
         del self._tasks[itt]
         return task
 
@@ -560,7 +593,7 @@ class IscsiTargetConnection:
             self._send_response(task, reply)
 
     def _start_io(self, task: _Task, io: scsi.Io, pdu: Pdu) -> None:
-        wants_write = io.kind is scsi.IoKind.WRITE
+        wants_write = io.kind in scsi.DATA_OUT_KINDS
         if (
             io.kind is not scsi.IoKind.FLUSH
             and io.length
@@ -571,7 +604,9 @@ class IscsiTargetConnection:
         ):
             self._send_response(task, scsi.check_condition(scsi.INVALID_FIELD_IN_CDB))
             return
-        if wants_write and task.expected_bytes > scsi.MAX_TRANSFER_BYTES:
+        if (wants_write and task.expected_bytes > scsi.MAX_TRANSFER_BYTES) or (
+            io.kind is scsi.IoKind.WRITE_SAME and task.expected_bytes != io.length
+        ):  # WRITE SAME takes exactly its one block
             self._send_response(task, scsi.check_condition(scsi.INVALID_FIELD_IN_CDB))
             return
         task.io = io
@@ -594,6 +629,9 @@ class IscsiTargetConnection:
 
     def _write_progress(self, task: _Task) -> None:
         assert task.io is not None
+        if task.received == task.expected_bytes and task.io.kind is not scsi.IoKind.WRITE:
+            self._parameters_received(task)
+            return
         if task.received == task.expected_bytes:
             write_bytes = min(task.expected_bytes, task.io.length)
             write_bytes -= write_bytes % scsi.BLOCK_BYTES
@@ -628,6 +666,22 @@ class IscsiTargetConnection:
             )
         )
         task.r2t_sn += 1
+
+    def _parameters_received(self, task: _Task) -> None:
+        """UNMAP's parameter list or WRITE SAME's block is in: scsi says what it asks for."""
+        assert task.io is not None
+        data = bytes(task.buffer[: task.io.length])
+        task.buffer = bytearray()
+        action = scsi.parameters_received(task.io, data, self.config.luns[task.lun])
+        if isinstance(action, scsi.Reply):
+            del self._tasks[task.itt]
+            self._send_response(task, action, transferred=task.io.length)
+        elif isinstance(action, scsi.Unmap):
+            self._events.append(UnmapRequest(task.itt, task.lun, action.extents))
+        else:
+            self._events.append(
+                WriteSameRequest(task.itt, task.lun, action.offset, action.length, action.block)
+            )
 
     def _data_out(self, pdu: Pdu) -> None:
         task = self._tasks.get(pdu.itt)

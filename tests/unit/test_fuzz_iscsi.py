@@ -20,20 +20,25 @@ from common.iscsi.target import (
     LoggedIn,
     ReadRequest,
     TargetConfig,
+    UnmapRequest,
     WriteRequest,
+    WriteSameRequest,
 )
 from common.iscsi.textkeys import TargetLimits
 from tests.unit.fuzzing import mutate
 from tests.unit.test_iscsi_core import INITIATOR, IQN, data_out, login_pdu, scsi_cmd
+from tests.unit.test_iscsi_provisioning import unmap_cdb, unmap_list, write_same_cdb
 
 LUN_BYTES = 64 << 10
 LIMITS = TargetLimits(max_recv_data_segment_bytes=8192, max_burst_bytes=4096)
 SLACK_BYTES = 1 << 20  # what receive_data tolerates above one PDU before it calls it misuse
+UNMAP_LIST = unmap_list((4, 8), (30, 2))
 
 
 def valid_stream() -> bytes:
-    """Login, INQUIRY, READ, a WRITE with immediate data and two R2Ts, NOP, SYNC, Logout.
-    TTTs are handed out from 1 in order, so the Data-Out can be written in advance."""
+    """Login, INQUIRY, READ, a WRITE with immediate data and two R2Ts, NOP, SYNC, UNMAP,
+    WRITE SAME, Logout. TTTs are handed out from 1 in order, so the Data-Out can be written
+    in advance."""
     pdus = [
         login_pdu(
             [
@@ -60,12 +65,14 @@ def valid_stream() -> bytes:
             data=b"ping",
         ),
         scsi_cmd(bytes((0x35,)) + bytes(9), 5, 104, 0),
+        scsi_cmd(unmap_cdb(len(UNMAP_LIST)), 7, 105, len(UNMAP_LIST), write=True, data=UNMAP_LIST),
+        scsi_cmd(write_same_cdb(2, 6, 0x08), 8, 106, 512, write=True, data=b"\x33" * 512),
         Pdu(
             Op.LOGOUT_REQ,
             flags=0x80,
             immediate=True,
             itt=6,
-            opcode_specific=pack_fields(0, 105, 0, 0, 0, 0, 0),
+            opcode_specific=pack_fields(0, 107, 0, 0, 0, 0, 0),
         ),
     ]
     return b"".join(encode_pdu(pdu) for pdu in pdus)
@@ -106,6 +113,16 @@ def serve(conn: IscsiTargetConnection, event: object) -> None:
         assert event.lun == 0 and 0 < len(event.data) <= scsi.MAX_TRANSFER_BYTES
         assert event.offset + len(event.data) <= LUN_BYTES
         conn.write_done(event.itt)
+    elif isinstance(event, UnmapRequest):
+        assert event.lun == 0 and 0 < len(event.extents) <= scsi.MAX_UNMAP_DESCRIPTORS
+        assert all(length > 0 and offset + length <= LUN_BYTES for offset, length in event.extents)
+        assert sum(length for _, length in event.extents) <= scsi.MAX_UNMAP_BLOCKS * 512
+        conn.write_done(event.itt)
+    elif isinstance(event, WriteSameRequest):
+        assert event.lun == 0 and len(event.block) == 512
+        assert 0 < event.length <= scsi.MAX_WRITE_SAME_BLOCKS * 512
+        assert event.offset + event.length <= LUN_BYTES
+        conn.write_done(event.itt)
     elif isinstance(event, FlushRequest):
         conn.flush_done(event.itt)
     else:
@@ -120,11 +137,15 @@ def test_the_valid_stream_runs_to_logout_with_every_reply() -> None:
         "ReadRequest",
         "WriteRequest",
         "FlushRequest",
+        "UnmapRequest",
+        "WriteSameRequest",
         "Closing",
     ]
     write = events[2]
     assert isinstance(write, WriteRequest)
     assert write.data == bytes(2048) + b"\x11" * 4096 + b"\x22" * 4096
+    assert events[4] == UnmapRequest(7, 0, ((4 * 512, 8 * 512), (30 * 512, 2 * 512)))
+    assert events[5] == WriteSameRequest(8, 0, 2 * 512, 6 * 512, b"\x33" * 512)
     assert len(out) > 0
 
 
