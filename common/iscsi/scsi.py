@@ -6,13 +6,14 @@
                                                                     ├─► Unmap(extents)
                                                                     └─► WriteSame(range, block)
 
-No disk access: READ/WRITE/SYNCHRONIZE CACHE/UNMAP/WRITE SAME become an `Io` for the adapter;
-everything else (INQUIRY, READ CAPACITY, MODE SENSE, REPORT LUNS, ...) is answered from
-`LunInfo`. LUNs are thin (SBC-4 4.7): an unmapped block reads as zeros (LBPRZ).
+No disk access: READ, WRITE, SYNCHRONIZE CACHE, UNMAP and WRITE SAME become an `Io` for the
+adapter; everything else (INQUIRY, READ CAPACITY, MODE SENSE, REPORT LUNS, ...) is answered
+from `LunInfo`. LUNs are thin (SBC-4 4.7): an unmapped block reads as zeros (LBPRZ).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ class Opcode(IntEnum):
     READ_10 = 0x28
     WRITE_10 = 0x2A
     SYNCHRONIZE_CACHE_10 = 0x35
+    WRITE_SAME_10 = 0x41
     UNMAP = 0x42
     MODE_SENSE_10 = 0x5A
     READ_16 = 0x88
@@ -199,8 +201,11 @@ def _service_action_in_16(cdb: bytes, info: LunInfo) -> Reply | Io:
     if cdb[1] & 0x1F != READ_CAPACITY_16_ACTION:
         return check_condition(INVALID_FIELD_IN_CDB)
     allocation = struct.unpack_from(">I", cdb, 10)[0]
-    # LBPME: thin provisioned (UNMAP, WRITE SAME with UNMAP); LBPRZ: unmapped reads zeros
-    data = struct.pack(">QIBBBB", info.blocks - 1, BLOCK_BYTES, 0, 0, 0xC0, 0) + bytes(16)
+    # 2^3 logical blocks per physical block: the file system's 4 KiB block, which an UNMAP
+    # deallocates whole. LBPME: thin provisioned; LBPRZ: an unmapped block reads zeros.
+    physical_exponent = (UNMAP_GRANULARITY_BLOCKS).bit_length() - 1
+    data = struct.pack(">QIBBBB", info.blocks - 1, BLOCK_BYTES, 0, physical_exponent, 0xC0, 0)
+    data += bytes(16)
     return Reply(Status.GOOD, data[:allocation])
 
 
@@ -241,12 +246,16 @@ def _unmap(cdb: bytes, info: LunInfo) -> Reply | Io:
     return Io(IoKind.UNMAP, length=struct.unpack_from(">H", cdb, 7)[0])
 
 
-def _write_same_16(cdb: bytes, info: LunInfo) -> Reply | Io:
-    # WRPROTECT (no protection information), ANCHOR (ANC_SUP is 0), NDOB (the block is
-    # always sent): none is supported
-    if cdb[1] & 0xF1:
+def _write_same(cdb: bytes, info: LunInfo) -> Reply | Io:
+    # WRPROTECT (no protection information), ANCHOR (ANC_SUP is 0), the obsolete PBDATA and
+    # LBDATA: none is supported. NDOB (WRITE SAME (16) only): no block is sent, zeros meant.
+    ndob = cdb[0] == Opcode.WRITE_SAME_16 and bool(cdb[1] & 0x01)
+    if cdb[1] & 0xF6 or (cdb[1] & 0x01 and not ndob):
         return check_condition(INVALID_FIELD_IN_CDB)
-    lba, blocks = struct.unpack_from(">QI", cdb, 2)
+    if cdb[0] == Opcode.WRITE_SAME_10:
+        lba, blocks = struct.unpack_from(">I", cdb, 2)[0], struct.unpack_from(">H", cdb, 7)[0]
+    else:
+        lba, blocks = struct.unpack_from(">QI", cdb, 2)
     if blocks == 0:  # WSNZ is 0: zero blocks means up to the last LBA (SBC-4 5.50)
         if lba >= info.blocks:
             return check_condition(LBA_OUT_OF_RANGE)
@@ -260,10 +269,22 @@ def _write_same_16(cdb: bytes, info: LunInfo) -> Reply | Io:
     return Io(
         IoKind.WRITE_SAME,
         lba * BLOCK_BYTES,
-        BLOCK_BYTES,
+        0 if ndob else BLOCK_BYTES,
         span=blocks * BLOCK_BYTES,
         unmap=bool(cdb[1] & 0x08),
     )
+
+
+def fit_data_out(io: Io, expected_bytes: int) -> Io | None:
+    """`io` for the Data-Out the initiator announced (ExpectedDataTransferLength), or None
+    when that cannot be: WRITE SAME takes exactly its one block, or none with NDOB. A WRITE
+    SAME with UNMAP that announces none is taken as NDOB, as SBC-3 initiators from before
+    NDOB send it (libiscsi's conformance tests among them)."""
+    if io.kind is not IoKind.WRITE_SAME or expected_bytes == io.length:
+        return io
+    if io.unmap and expected_bytes == 0:
+        return dataclasses.replace(io, length=0)
+    return None
 
 
 def parameters_received(io: Io, data: bytes, info: LunInfo) -> Reply | Unmap | WriteSame:
@@ -273,10 +294,11 @@ def parameters_received(io: Io, data: bytes, info: LunInfo) -> Reply | Unmap | W
         return _unmap_parameters(data, info)
     if io.kind is not IoKind.WRITE_SAME:
         raise ValueError(f"{io.kind.value} has no parameters")
-    if io.unmap and data == bytes(len(data)):
+    block = data or bytes(BLOCK_BYTES)  # NDOB: a block of zeros
+    if io.unmap and block == bytes(BLOCK_BYTES):
         # an unmapped block reads as zeros (LBPRZ), so unmapping writes this block
         return Unmap(((io.offset, io.span),))
-    return WriteSame(io.offset, io.span, data)
+    return WriteSame(io.offset, io.span, block)
 
 
 def _unmap_parameters(data: bytes, info: LunInfo) -> Reply | Unmap:
@@ -391,8 +413,8 @@ def _vpd_page(page: int, lun: int, info: LunInfo) -> bytes | None:
         return _block_limits()
     if page == 0xB1:  # Block Device Characteristics: MEDIUM ROTATION RATE 1, non-rotating
         return b"\x00\x01" + bytes(58)
-    if page == 0xB2:  # Logical Block Provisioning: LBPU, LBPWS, LBPRZ 001b; thin (type 2)
-        return bytes((0, 0x80 | 0x40 | 0x04, 0x02, 0))
+    if page == 0xB2:  # Logical Block Provisioning: LBPU, LBPWS, LBPWS10, LBPRZ 001b; thin
+        return bytes((0, 0x80 | 0x40 | 0x20 | 0x04, 0x02, 0))
     if page == 0x80:
         return serial
     if page == 0x83:
@@ -445,7 +467,8 @@ _HANDLERS: dict[int, Callable[[bytes, LunInfo], Reply | Io]] = {
     Opcode.SYNCHRONIZE_CACHE_10: _synchronize_cache,
     Opcode.SYNCHRONIZE_CACHE_16: _synchronize_cache,
     Opcode.UNMAP: _unmap,
-    Opcode.WRITE_SAME_16: _write_same_16,
+    Opcode.WRITE_SAME_10: _write_same,
+    Opcode.WRITE_SAME_16: _write_same,
     Opcode.MODE_SENSE_6: _mode_sense,
     Opcode.MODE_SENSE_10: _mode_sense,
 }

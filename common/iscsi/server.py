@@ -146,11 +146,16 @@ class IscsiServer:
         volume = self.volumes[event.lun]
         try:
             if isinstance(event, UnmapRequest):
+                log.debug("iscsi: %s: unmap %s", volume.name, event.extents)
                 for offset, length in event.extents:
                     volume.punch(offset, length)
             elif event.zeros:
+                log.debug(
+                    "iscsi: %s: write same zeros %d+%d", volume.name, event.offset, event.length
+                )
                 volume.zero(event.offset, event.length, allocate=True)
             else:
+                log.debug("iscsi: %s: write same %d+%d", volume.name, event.offset, event.length)
                 write_repeated(volume, event.offset, event.length, event.block)
         except OSError as exc:
             log.warning("iscsi: %s on %s failed: %s", type(event).__name__, volume.name, exc)

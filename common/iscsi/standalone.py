@@ -32,6 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lun", action="append", required=True, type=Path, help="a volume file")
     parser.add_argument("--size", type=int, default=0, help="size of a file to create (bytes)")
     parser.add_argument("--prefer-crc32c", action="store_true", help="pick CRC32C digests")
+    parser.add_argument("--verbose", action="store_true", help="log every UNMAP, WRITE SAME")
     return parser.parse_args(argv)
 
 
@@ -77,8 +78,9 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
     try:
         asyncio.run(serve(args))
     except VolumeError as exc:

@@ -130,7 +130,7 @@ class UnmapRequest:
 
 @dataclass(frozen=True, slots=True)
 class WriteSameRequest:
-    """Make [offset, offset + length) the one `block` repeated (WRITE SAME 16); when the
+    """Make [offset, offset + length) the one `block` repeated (WRITE SAME); when the
     block is all zeros, zero the range keeping it allocated. Answered with write_done()."""
 
     itt: int
@@ -594,23 +594,23 @@ class IscsiTargetConnection:
 
     def _start_io(self, task: _Task, io: scsi.Io, pdu: Pdu) -> None:
         wants_write = io.kind in scsi.DATA_OUT_KINDS
+        fitted = scsi.fit_data_out(io, task.expected_bytes)
         if (
-            io.kind is not scsi.IoKind.FLUSH
-            and io.length
-            and (
-                bool(pdu.flags & _SCSI_FLAG_WRITE) != wants_write
-                or bool(pdu.flags & _SCSI_FLAG_READ) == wants_write
+            fitted is None
+            or (wants_write and task.expected_bytes > scsi.MAX_TRANSFER_BYTES)
+            or (
+                io.kind is not scsi.IoKind.FLUSH
+                and fitted.length
+                and (
+                    bool(pdu.flags & _SCSI_FLAG_WRITE) != wants_write
+                    or bool(pdu.flags & _SCSI_FLAG_READ) == wants_write
+                )
             )
         ):
             self._send_response(task, scsi.check_condition(scsi.INVALID_FIELD_IN_CDB))
             return
-        if (wants_write and task.expected_bytes > scsi.MAX_TRANSFER_BYTES) or (
-            io.kind is scsi.IoKind.WRITE_SAME and task.expected_bytes != io.length
-        ):  # WRITE SAME takes exactly its one block
-            self._send_response(task, scsi.check_condition(scsi.INVALID_FIELD_IN_CDB))
-            return
-        task.io = io
-        if io.kind is not scsi.IoKind.FLUSH and io.length == 0:
+        task.io = io = fitted
+        if io.kind not in (scsi.IoKind.FLUSH, scsi.IoKind.WRITE_SAME) and io.length == 0:
             self._send_response(task, scsi.Reply(scsi.Status.GOOD))
             return
         self._tasks[task.itt] = task

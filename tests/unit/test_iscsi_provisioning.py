@@ -1,4 +1,4 @@
-"""Thin provisioning in the sans-I/O iSCSI core: UNMAP, WRITE SAME (16), the VPD pages and
+"""Thin provisioning in the sans-I/O iSCSI core: UNMAP, WRITE SAME (10, 16), the VPD pages and
 READ CAPACITY (16) bits that advertise them, and the adapter's bounded WRITE SAME writer."""
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ def write_same_cdb(lba: int, blocks: int, flags: int = 0) -> bytes:
     return bytes((0x93, flags)) + struct.pack(">QI", lba, blocks) + bytes(2)
 
 
+def write_same_10_cdb(lba: int, blocks: int, flags: int = 0) -> bytes:
+    return bytes((0x41, flags)) + struct.pack(">IBHB", lba, 0, blocks, 0)
+
+
 def inquiry_vpd(page: int) -> bytes:
     reply = scsi.execute(bytes((0x12, 1, page, 1, 0, 0)), 0, LUN)
     assert isinstance(reply, scsi.Reply) and reply.status == scsi.Status.GOOD
@@ -68,14 +72,14 @@ def test_vpd_pages_and_read_capacity_16_advertise_a_thin_lun_and_its_limits() ->
     characteristics = inquiry_vpd(0xB1)
     assert len(characteristics) == 64 and characteristics[4:6] == b"\x00\x01"  # non-rotating
     provisioning = inquiry_vpd(0xB2)
-    assert provisioning[5] & 0x80 and provisioning[5] & 0x40  # LBPU, LBPWS
-    assert provisioning[5] & 0x20 == 0  # LBPWS10: no WRITE SAME (10)
+    assert provisioning[5] & 0xE0 == 0xE0  # LBPU, LBPWS, LBPWS10
     assert (provisioning[5] >> 2) & 0x07 == 1  # LBPRZ: an unmapped block reads zeros
     assert provisioning[5] & 0x02 == 0  # ANC_SUP: no anchored LBAs
     assert provisioning[6] & 0x07 == 2  # thin provisioned
     reply = scsi.execute(bytes((0x9E, 0x10)) + bytes(8) + struct.pack(">I", 32) + bytes(2), 0, LUN)
     assert isinstance(reply, scsi.Reply) and len(reply.data) == 32
     assert reply.data[14] & 0xC0 == 0xC0  # LBPME, LBPRZ
+    assert reply.data[13] & 0x0F == 3  # 8 logical blocks per physical: the unmap granularity
 
 
 # -- UNMAP --------------------------------------------------------------------------------
@@ -172,7 +176,7 @@ def test_a_failed_unmap_answers_a_write_error_and_only_once() -> None:
         session.conn.write_done(1)
 
 
-# -- WRITE SAME (16) ----------------------------------------------------------------------
+# -- WRITE SAME ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -188,14 +192,14 @@ def test_write_same_becomes_an_unmap_a_zeroing_or_a_repeated_write(
     flags: int, block: bytes, event: UnmapRequest | WriteSameRequest
 ) -> None:
     session = unmap_session()
-    assert session.send(
-        scsi_cmd(write_same_cdb(16, 8, flags), 1, 100, 512, write=True, data=block)
-    ) == [event]
-    if isinstance(event, WriteSameRequest):
-        assert event.zeros == (block == bytes(512))
-    session.conn.write_done(1)
-    (reply,) = session.replies()
-    assert reply.spec3 == scsi.Status.GOOD and reply.flags & 0x06 == 0  # no residual
+    for cmd_sn, cdb in enumerate((write_same_cdb(16, 8, flags), write_same_10_cdb(16, 8, flags))):
+        events = session.send(scsi_cmd(cdb, 1, 100 + cmd_sn, 512, write=True, data=block))
+        assert events == [event]
+        if isinstance(event, WriteSameRequest):
+            assert event.zeros == (block == bytes(512))
+        session.conn.write_done(1)
+        (reply,) = session.replies()
+        assert reply.spec3 == scsi.Status.GOOD and reply.flags & 0x06 == 0  # no residual
 
 
 def test_write_same_of_zero_blocks_runs_to_the_last_lba_within_the_limit() -> None:
@@ -220,8 +224,12 @@ def test_write_same_of_zero_blocks_runs_to_the_last_lba_within_the_limit() -> No
         (write_same_cdb(0, scsi.MAX_WRITE_SAME_BLOCKS + 1), scsi.INVALID_FIELD_IN_CDB),
         (write_same_cdb(0, 1, 0x10), scsi.INVALID_FIELD_IN_CDB),  # ANCHOR
         (write_same_cdb(0, 1, 0x18), scsi.INVALID_FIELD_IN_CDB),  # ANCHOR with UNMAP
-        (write_same_cdb(0, 1, 0x01), scsi.INVALID_FIELD_IN_CDB),  # NDOB
+        (write_same_10_cdb(0, 1, 0x01), scsi.INVALID_FIELD_IN_CDB),  # reserved (NDOB in 16)
         (write_same_cdb(0, 1, 0x20), scsi.INVALID_FIELD_IN_CDB),  # WRPROTECT
+        (write_same_cdb(0, 1, 0x02), scsi.INVALID_FIELD_IN_CDB),  # the obsolete LBDATA
+        (write_same_10_cdb(BIG_BLOCKS - 1, 2), scsi.LBA_OUT_OF_RANGE),
+        (write_same_10_cdb(0, scsi.MAX_WRITE_SAME_BLOCKS + 1), scsi.INVALID_FIELD_IN_CDB),
+        (write_same_10_cdb(0, 1, 0x10), scsi.INVALID_FIELD_IN_CDB),  # ANCHOR
     ],
 )
 def test_a_bad_write_same_answers_its_sense(cdb: bytes, sense: tuple[int, int, int]) -> None:
@@ -239,6 +247,32 @@ def test_write_same_takes_exactly_one_block_of_data_out(edtl: int) -> None:
     assert (
         session.send(scsi_cmd(write_same_cdb(0, 4), 1, 100, edtl, write=edtl > 0, data=data)) == []
     )
+    assert sense_of(session.replies()[0]) == scsi.INVALID_FIELD_IN_CDB
+    assert session.conn.outstanding_tasks == 0
+
+
+@pytest.mark.parametrize(
+    ("cdb", "event"),
+    [
+        (write_same_cdb(4, 2, 0x09), UnmapRequest(1, 0, ((2048, 1024),))),  # NDOB, UNMAP
+        (write_same_cdb(4, 2, 0x01), WriteSameRequest(1, 0, 2048, 1024, bytes(512))),  # NDOB
+        # UNMAP and no block, as before NDOB existed (SBC-3): a block of zeros is meant
+        (write_same_cdb(4, 2, 0x08), UnmapRequest(1, 0, ((2048, 1024),))),
+    ],
+)
+def test_write_same_without_a_block_means_a_block_of_zeros(
+    cdb: bytes, event: UnmapRequest | WriteSameRequest
+) -> None:
+    session = unmap_session()
+    assert session.send(scsi_cmd(cdb, 1, 100, 0, write=True)) == [event]
+    session.conn.write_done(1)
+    assert session.replies()[0].spec3 == scsi.Status.GOOD
+
+
+def test_write_same_with_ndob_and_a_block_is_refused() -> None:
+    session = unmap_session()
+    cdb = write_same_cdb(4, 2, 0x01)
+    assert session.send(scsi_cmd(cdb, 1, 100, 512, write=True, data=bytes(512))) == []
     assert sense_of(session.replies()[0]) == scsi.INVALID_FIELD_IN_CDB
     assert session.conn.outstanding_tasks == 0
 
