@@ -79,7 +79,6 @@ def test_vpd_pages_and_read_capacity_16_advertise_a_thin_lun_and_its_limits() ->
     reply = scsi.execute(bytes((0x9E, 0x10)) + bytes(8) + struct.pack(">I", 32) + bytes(2), 0, LUN)
     assert isinstance(reply, scsi.Reply) and len(reply.data) == 32
     assert reply.data[14] & 0xC0 == 0xC0  # LBPME, LBPRZ
-    assert reply.data[13] & 0x0F == 3  # 8 logical blocks per physical: the unmap granularity
 
 
 # -- UNMAP --------------------------------------------------------------------------------
@@ -153,6 +152,11 @@ def test_an_unmap_over_the_advertised_lba_count_is_an_invalid_parameter_list() -
     assert at_limit == scsi.Unmap(((0, half * 512), (half * 512, half * 512)))
     over = scsi.parameters_received(io, unmap_list((0, half), (half, half + 1)), big)
     assert over == scsi.check_condition(scsi.INVALID_FIELD_IN_PARAMETER_LIST)
+
+
+def test_parameters_of_a_command_that_has_none_are_our_misuse() -> None:
+    with pytest.raises(LocalProtocolError):
+        scsi.parameters_received(scsi.Io(scsi.IoKind.READ, 0, 512), bytes(512), LUN[0])
 
 
 def test_unmap_with_anchor_or_on_a_read_only_lun_is_refused_before_its_data() -> None:
