@@ -3,6 +3,7 @@ READ CAPACITY (16) bits that advertise them, and the adapter's bounded WRITE SAM
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from common.iscsi import scsi
 from common.iscsi.pdu import LocalProtocolError, Op
-from common.iscsi.server import WRITE_SAME_CHUNK_BYTES, write_repeated
+from common.iscsi.server import WRITE_SAME_CHUNK_BYTES, IscsiServer, write_repeated
 from common.iscsi.target import UnmapRequest, WriteRequest, WriteSameRequest
 from common.iscsi.textkeys import TargetLimits
 from common.volume import Volume
@@ -317,3 +318,28 @@ def test_write_repeated_fills_the_range_with_the_block_in_bounded_chunks(tmp_pat
     assert volume.read(512, length) == block * (length // 512)
     assert volume.read(0, 512) == bytes(512) and volume.read(512 + length, 512) == bytes(512)
     volume.close()
+
+
+def test_the_adapter_punches_an_unmap_and_answers_a_failed_one_with_a_write_error(
+    tmp_path: Path,
+) -> None:
+    volume = Volume.open_or_create("v", tmp_path / "v.img", LUN_BYTES)
+    volume.write(0, b"\x77" * LUN_BYTES)
+    session = unmap_session()
+    server = IscsiServer(session.conn.config, {0: volume})
+    params = unmap_list((0, 64))  # 32 KiB: whole file system blocks
+    (event,) = session.send(
+        scsi_cmd(unmap_cdb(len(params)), 1, 100, len(params), write=True, data=params)
+    )
+    assert isinstance(event, UnmapRequest)
+    server._provision(session.conn, event)
+    assert session.replies()[0].spec3 == scsi.Status.GOOD
+    assert volume.read(0, 64 * 512) == bytes(64 * 512)
+    assert os.lseek(volume.fd, 0, os.SEEK_DATA) >= 64 * 512  # a hole, not written zeros
+    volume.close()  # every call on it now fails (EBADF)
+    (event,) = session.send(
+        scsi_cmd(unmap_cdb(len(params)), 2, 101, len(params), write=True, data=params)
+    )
+    assert isinstance(event, UnmapRequest)
+    server._provision(session.conn, event)
+    assert sense_of(session.replies()[0]) == scsi.WRITE_ERROR
