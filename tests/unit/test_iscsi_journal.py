@@ -17,6 +17,7 @@ from common.iscsi import scsi
 from common.iscsi.pdu import Op, Pdu
 from common.iscsi.server import IscsiServer
 from common.iscsi.target import IscsiTargetConnection
+from common.nbd.iostats import OPS, HostIoStats
 from common.volume import Volume
 from tests.unit.test_iscsi_core import Session, data_out, scsi_cmd, sense_of
 
@@ -185,3 +186,17 @@ def test_inflow_control_holds_the_reply_not_the_write(volume: Volume) -> None:
     assert asyncio.run(timed()) >= 0.05
     assert midway == [True]
     assert session.replies()[0].spec3 == scsi.Status.GOOD
+
+
+def test_answered_commands_are_counted_in_the_volumes_host_io_stats(volume: Volume) -> None:
+    stats = HostIoStats()  # the NBD export's, in the daemons: one series per volume
+    server = IscsiServer("iqn.2026-01.org.journalpair:unit", [volume], stats={"vol0": stats})
+    session = session_on(server)
+    events = session.send(scsi_cmd(write_10(16, 8), 1, 100, 4096, write=True, data=PAYLOAD))
+    read_10 = bytes((0x28, 0, 0, 0, 0, 16, 0, 0, 2, 0))
+    events += session.send(scsi_cmd(read_10, 2, 101, 1024, read=True))
+    events += session.send(scsi_cmd(bytes((0x35,)) + bytes(9), 3, 102, 0))
+    run(server, session, events)
+    counted = dict(zip(OPS, zip(stats.requests, stats.bytes, strict=True), strict=True))
+    assert counted["write"] == (1, 4096) and counted["read"] == (1, 1024)
+    assert counted["flush"] == (1, 0) and counted["trim"] == (0, 0)
