@@ -73,8 +73,8 @@ STOP_DRAIN_S = 10.0  # on stop, how long a connection gets to finish what it is 
 
 class ChangeKind(Enum):
     WRITE = "write"
-    TRIM = "trim"  # deallocate: reads back as zeros (UNMAP, WRITE SAME with UNMAP)
-    ZERO = "zero"
+    TRIM = "trim"  # deallocated (a hole), reads back as zeros: UNMAP, WRITE SAME with UNMAP
+    ZERO = "zero"  # zeros, kept allocated: WRITE SAME of a zero block without UNMAP
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,13 +288,13 @@ class IscsiServer:
                 batch.append(change)
                 continue
             if batch:
-                await self._run_changes(conn, batch, arrived_ns)
+                await self.run_changes(conn, batch, arrived_ns)
                 batch = []
             if isinstance(event, Closing):
                 return event
             await self._run_other(conn, event, arrived_ns)
         if batch:
-            await self._run_changes(conn, batch, arrived_ns)
+            await self.run_changes(conn, batch, arrived_ns)
         return None
 
     async def _run_other(self, conn: IscsiTargetConnection, event: Event, arrived_ns: int) -> None:
@@ -329,11 +329,12 @@ class IscsiServer:
                 conn.io_failed(event.itt)
             self._count(lun, Cmd.FLUSH, 0, arrived_ns)
 
-    async def _run_changes(
-        self, conn: IscsiTargetConnection, batch: list[HostChange], arrived_ns: int
+    async def run_changes(
+        self, conn: IscsiTargetConnection, batch: Sequence[HostChange], arrived_ns: int = 0
     ) -> None:
-        """Journal the batch, put the records in the journal file, then change the volumes
-        (see WriteJournal: the NBD server's order). No await until every change is made."""
+        """The one place where host changes reach the volumes: journal the batch, put the
+        records in the journal file, then change the volumes (see WriteJournal: the NBD
+        server's order), then answer. No await until every change is made."""
         allowed = []
         for change in batch:
             if self.luns[change.lun].read_only:  # access withdrawn while its data arrived
@@ -387,7 +388,7 @@ class IscsiServer:
                 elif change.kind is ChangeKind.TRIM:
                     volume.punch(change.offset, change.length)
                 else:
-                    volume.zero(change.offset, change.length, allocate=False)
+                    volume.zero(change.offset, change.length, allocate=True)
             except OSError as exc:
                 if journal is not None:  # this one and those not made: content unknown
                     for left in host.changes[at:]:

@@ -15,7 +15,7 @@ import pytest
 
 from common.iscsi import scsi
 from common.iscsi.pdu import Op, Pdu
-from common.iscsi.server import IscsiServer
+from common.iscsi.server import Change, ChangeKind, HostChange, IscsiServer
 from common.iscsi.target import IscsiTargetConnection
 from common.nbd.iostats import OPS, HostIoStats
 from common.volume import Volume
@@ -200,3 +200,27 @@ def test_answered_commands_are_counted_in_the_volumes_host_io_stats(volume: Volu
     counted = dict(zip(OPS, zip(stats.requests, stats.bytes, strict=True), strict=True))
     assert counted["write"] == (1, 4096) and counted["read"] == (1, 1024)
     assert counted["flush"] == (1, 0) and counted["trim"] == (0, 0)
+
+
+def test_trim_and_zero_changes_take_the_same_journaled_path(volume: Volume) -> None:
+    """What UNMAP / WRITE SAME will map to: one command of several changes, journaled in
+    order before the volume changes, answered once through ``done``."""
+    volume.write(0, b"\xff" * 65536)
+    journal = RecordingJournal(volume)
+    server = IscsiServer("iqn.2026-01.org.journalpair:unit", [volume], journal)
+    answered: list[int] = []
+    changes = (
+        Change(ChangeKind.TRIM, 0, 16384),
+        Change(ChangeKind.ZERO, 32768, 4096),
+    )
+    command = HostChange(7, 0, changes, fua=True, done=answered.append)
+    conn = IscsiTargetConnection(server.config, tsih=9)
+    asyncio.run(server.run_changes(conn, [command]))
+    calls = [call for call, _ in journal.calls]
+    assert calls == ["trimmed vol0 0+16384", "zeroed vol0 32768+4096", "flush_records", "sync"]
+    assert answered == [7]
+    assert volume.read(0, 65536) == (
+        bytes(16384) + b"\xff" * 16384 + bytes(4096) + b"\xff" * (65536 - 36864)
+    )
+    assert volume.extents(0, 16384)[0].hole  # trimmed: deallocated
+    assert not volume.extents(32768, 4096)[0].hole  # zeroed: still allocated
