@@ -188,12 +188,13 @@ def print_conformance(results: dict[str, list[dict[str, str]]]) -> None:
     for outcome in ("passed", "failed", "skipped"):
         counts = [sum(r["outcome"] == outcome for r in results[n]) for n in names]
         print(f"{'total ' + outcome:{width}}" + "".join(f"{c:<14}" for c in counts))
-    print("\nwhy (first line of each non-pass):")
+    print("\nwhy (the first two lines of each non-pass):")
     for test in tests:
         for n in names:
             r = by_name[n].get(test)
             if r and r["outcome"] != "passed":
-                print(f"  {test} on {n}: {r['outcome']}: {r['message'].splitlines()[0]}")
+                why = " | ".join(r["message"].splitlines()[:2])
+                print(f"  {test} on {n}: {r['outcome']}: {why}")
 
 
 # ------------------------------------------------------------------------------- throughput
