@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
-import hashlib
 import logging
 import signal
 import sys
@@ -20,7 +18,6 @@ from pathlib import Path
 
 from common.iscsi import scsi
 from common.iscsi.server import IscsiServer
-from common.iscsi.target import TargetConfig
 from common.iscsi.textkeys import TargetLimits
 from common.volume import Volume, VolumeError
 
@@ -46,33 +43,19 @@ def open_volumes(paths: list[Path], size: int) -> dict[int, Volume]:
     return volumes
 
 
-def lun_serial(iqn: str, lun: int) -> str:
-    """A serial (and so a VPD 0x83 identity) that stays the same across restarts."""
-    return f"jp{hashlib.sha256(iqn.encode()).hexdigest()[:12]}l{lun}"
-
-
 async def serve(args: argparse.Namespace) -> None:
     host, _, port = args.listen.rpartition(":")
     volumes = open_volumes(args.lun, args.size)
-    luns = {
-        number: scsi.LunInfo(volume.size, serial=lun_serial(args.iqn, number))
-        for number, volume in volumes.items()
-    }
-    config = TargetConfig(
-        args.iqn, luns, portal=args.listen, limits=TargetLimits(prefer_crc32c=args.prefer_crc32c)
-    )
-    target = IscsiServer(config, volumes)
-    server = await asyncio.start_server(target.handle, host, int(port), reuse_address=True)
-    bound = server.sockets[0].getsockname()
-    # port 0 picks a free port: SendTargets must name the one bound
-    target.config = dataclasses.replace(config, portal=f"{bound[0]}:{bound[1]}")
+    limits = TargetLimits(prefer_crc32c=args.prefer_crc32c)
+    target = IscsiServer(args.iqn, list(volumes.values()), limits=limits)
+    bound = await target.start(host, int(port))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     print(f"listening on {bound[0]}:{bound[1]}", file=sys.stderr, flush=True)
-    async with server:
-        await stop.wait()
+    await stop.wait()
+    await target.stop()
     for volume in volumes.values():
         volume.close()
 

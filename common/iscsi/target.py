@@ -266,6 +266,14 @@ class IscsiTargetConnection:
         error = scsi.READ_ERROR if kind is scsi.IoKind.READ else scsi.WRITE_ERROR
         self._send_response(task, scsi.check_condition(error))
 
+    def io_refused(self, itt: int, sense: tuple[int, int, int]) -> None:
+        """The adapter will not do an I/O the core let through (a LUN made read-only while
+        a write's data arrived): CHECK CONDITION with ``sense``, nothing transferred."""
+        task = self._tasks.pop(itt, None)
+        if task is None:
+            raise LocalProtocolError(f"no I/O outstanding with ITT 0x{itt:08x}")
+        self._send_response(task, scsi.check_condition(sense))
+
     def _pop_task(self, itt: int, *kinds: scsi.IoKind) -> _Task:
         task = self._tasks.get(itt)
         if task is None or task.io is None or task.io.kind not in kinds:

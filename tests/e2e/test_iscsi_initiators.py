@@ -184,9 +184,9 @@ def test_a_thin_lun_advertised_to_libiscsi_is_punched_by_qemu_discard_and_write_
             "read -P 0x5a 3M 5M",
         )
         log = target.log()
-        assert f"lun0: unmap ((0, {MiB}),)" in log
-        assert f"lun0: unmap (({MiB}, {MiB}),)" in log
-        assert f"lun0: write same zeros {2 * MiB}+{MiB}" in log
+        assert f"LUN 0: unmap ((0, {MiB}),)" in log
+        assert f"LUN 0: unmap (({MiB}, {MiB}),)" in log
+        assert f"LUN 0: write same zeros {2 * MiB}+{MiB}" in log
         assert read_at(target.lun_path, 0, 3 * MiB) == bytes(3 * MiB)
         assert read_at(target.lun_path, 3 * MiB, 5 * MiB) == b"\x5a" * 5 * MiB
         fd = os.open(target.lun_path, os.O_RDONLY)

@@ -3,6 +3,7 @@ READ CAPACITY (16) bits that advertise them, and the adapter's bounded WRITE SAM
 
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from common.iscsi import scsi
 from common.iscsi.pdu import LocalProtocolError, Op
-from common.iscsi.server import WRITE_SAME_CHUNK_BYTES, IscsiServer, write_repeated
+from common.iscsi.server import WRITE_SAME_CHUNK_BYTES, IscsiServer, host_change, repeated_block
 from common.iscsi.target import UnmapRequest, WriteRequest, WriteSameRequest
 from common.iscsi.textkeys import TargetLimits
 from common.volume import Volume
@@ -301,23 +302,14 @@ def test_a_write_is_still_a_write_event_after_a_write_same() -> None:
 # -- the adapter's writer -----------------------------------------------------------------
 
 
-def test_write_repeated_fills_the_range_with_the_block_in_bounded_chunks(tmp_path: Path) -> None:
-    volume = Volume.open_or_create("v", tmp_path / "v.img", 8 << 20)
-    writes: list[int] = []
-    real_write = volume.write
-
-    def counting_write(offset: int, data: bytes | bytearray | memoryview) -> None:
-        writes.append(len(data))
-        real_write(offset, data)
-
-    volume.write = counting_write  # type: ignore[method-assign]
+def test_a_patterned_write_same_is_the_block_repeated_in_bounded_pieces() -> None:
     block = bytes(range(256)) * 2
     length = WRITE_SAME_CHUNK_BYTES * 2 + 3 * 512
-    write_repeated(volume, 512, length, block)
-    assert max(writes) <= WRITE_SAME_CHUNK_BYTES and sum(writes) == length
-    assert volume.read(512, length) == block * (length // 512)
-    assert volume.read(0, 512) == bytes(512) and volume.read(512 + length, 512) == bytes(512)
-    volume.close()
+    pieces = list(repeated_block(512, length, block))
+    assert max(len(data) for _, data in pieces) <= WRITE_SAME_CHUNK_BYTES
+    assert [at for at, _ in pieces] == [512, 512 + WRITE_SAME_CHUNK_BYTES, 512 + 2 * (1 << 20)]
+    assert b"".join(data for _, data in pieces) == block * (length // 512)
+    assert pieces[0][1] is pieces[1][1]  # the full pieces share one buffer
 
 
 def test_the_adapter_punches_an_unmap_and_answers_a_failed_one_with_a_write_error(
@@ -326,13 +318,15 @@ def test_the_adapter_punches_an_unmap_and_answers_a_failed_one_with_a_write_erro
     volume = Volume.open_or_create("v", tmp_path / "v.img", LUN_BYTES)
     volume.write(0, b"\x77" * LUN_BYTES)
     session = unmap_session()
-    server = IscsiServer(session.conn.config, {0: volume})
+    server = IscsiServer("iqn.2026-01.org.journalpair:unit", [volume])
     params = unmap_list((0, 64))  # 32 KiB: whole file system blocks
     (event,) = session.send(
         scsi_cmd(unmap_cdb(len(params)), 1, 100, len(params), write=True, data=params)
     )
     assert isinstance(event, UnmapRequest)
-    server._provision(session.conn, event)
+    change = host_change(session.conn, event)
+    assert change is not None
+    asyncio.run(server.run_changes(session.conn, [change]))
     assert session.replies()[0].spec3 == scsi.Status.GOOD
     assert volume.read(0, 64 * 512) == bytes(64 * 512)
     assert os.lseek(volume.fd, 0, os.SEEK_DATA) >= 64 * 512  # a hole, not written zeros
@@ -341,5 +335,7 @@ def test_the_adapter_punches_an_unmap_and_answers_a_failed_one_with_a_write_erro
         scsi_cmd(unmap_cdb(len(params)), 2, 101, len(params), write=True, data=params)
     )
     assert isinstance(event, UnmapRequest)
-    server._provision(session.conn, event)
+    change = host_change(session.conn, event)
+    assert change is not None
+    asyncio.run(server.run_changes(session.conn, [change]))
     assert sense_of(session.replies()[0]) == scsi.WRITE_ERROR
