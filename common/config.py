@@ -20,8 +20,8 @@ Relative paths (data_dir, control, volumes[].path, and a pair.hook executable gi
 slash) are resolved against the directory holding the config file, not the daemon's working
 directory, so a config means the same wherever the daemon is started from.
 
-Optional sections (``pair``, ``link``, ``nbd``, ``metrics``, ``log``) take their
-dataclass's defaults when absent, so Config.pair, Config.link, Config.nbd,
+Optional sections (``pair``, ``link``, ``nbd``, ``iscsi``, ``metrics``, ``log``) take their
+dataclass's defaults when absent, so Config.pair, Config.link, Config.nbd, Config.iscsi,
 Config.metrics and Config.log are always there.
 """
 
@@ -46,6 +46,7 @@ __all__ = [
     "Address",
     "Config",
     "ConfigError",
+    "IscsiConfig",
     "JournalConfig",
     "LogConfig",
     "MetricsConfig",
@@ -209,6 +210,38 @@ class NbdConfig:
         return self.tls_cert is not None
 
 
+ISCSI_MAX_CONNECTIONS_DEFAULT = 16
+ISCSI_MAX_CONNECTIONS_MAX = 1024
+ISCSI_NAME_MAX_BYTES = 223  # RFC 7143 6.2.1
+# RFC 7143 4.2.7.2: iqn.yyyy-mm.reversed.domain[:anything]; names are compared as given, and
+# initiators send them lowercased (RFC 3722), so only lowercase ASCII is accepted here.
+_IQN_RE = re.compile(
+    r"iqn\.[0-9]{4}-(0[1-9]|1[0-2])\.[a-z0-9][a-z0-9-]*(\.[a-z0-9-]+)*(:[a-z0-9.:-]+)?"
+)
+_EUI_RE = re.compile(r"eui\.[0-9A-F]{16}")  # RFC 7143 4.2.7.3: 16 hex digits, upper case
+ISCSI_IQN_PREFIX = "iqn.2026-01.org.journalpair:"
+
+
+def default_iscsi_iqn(group: str) -> str:
+    """The target name when iscsi.iqn is not set: one per group. A group name may hold
+    '_' and capitals, which iSCSI names may not: lowercased, '_' becomes '-'."""
+    return ISCSI_IQN_PREFIX + group.lower().replace("_", "-")
+
+
+@dataclass(frozen=True, slots=True)
+class IscsiConfig:
+    """The optional ``iscsi:`` section: one target per group, one LUN per volume (LUN n is
+    volumes[n]), served with the same journal path as NBD (both roles: a secondary serves
+    its S-VOLs read-only, and read-write after a takeover)."""
+
+    # None: no iSCSI server.
+    listen: Address | None = None
+    # The target name; "": Config.iscsi_iqn derives it from the group.
+    iqn: str = ""
+    # Connections served at once; one more is closed as soon as it is accepted.
+    max_connections: int = ISCSI_MAX_CONNECTIONS_DEFAULT
+
+
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
     """The optional ``metrics:`` section: where Prometheus scrapes /metrics (both roles; the
@@ -243,6 +276,12 @@ class Config:
     nbd: NbdConfig = NbdConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
+    iscsi: IscsiConfig = IscsiConfig()
+
+    @property
+    def iscsi_iqn(self) -> str:
+        """The iSCSI target name: iscsi.iqn, or one derived from the group."""
+        return self.iscsi.iqn or default_iscsi_iqn(self.group)
 
 
 # --- value parsers --------------------------------------------------------------------------
@@ -383,6 +422,26 @@ def _parse_allow(value: object, key: str) -> tuple[IpNetwork, ...]:
         except ValueError as exc:
             raise ConfigError(f"{key}[{index}]: bad address or network {text!r}: {exc}") from None
     return tuple(networks)
+
+
+def _parse_iscsi_max_connections(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}: expected an integer, got {_type_name(value)}")
+    if not 1 <= value <= ISCSI_MAX_CONNECTIONS_MAX:
+        raise ConfigError(f"{key}: must be 1..{ISCSI_MAX_CONNECTIONS_MAX}, got {value}")
+    return value
+
+
+def _parse_iscsi_name(value: object, key: str) -> str:
+    name = _expect_str(value, key)
+    if len(name.encode()) > ISCSI_NAME_MAX_BYTES:
+        raise ConfigError(f"{key}: longer than {ISCSI_NAME_MAX_BYTES} bytes")
+    if not (_IQN_RE.fullmatch(name) or _EUI_RE.fullmatch(name)):
+        raise ConfigError(
+            f"{key}: bad iSCSI name {name!r} (want iqn.YYYY-MM.reversed.domain[:name], "
+            "lowercase a-z 0-9 . - :, or eui. and 16 upper-case hex digits)"
+        )
+    return name
 
 
 def _parse_nbd_tls_mode(value: object, key: str) -> NbdTlsMode:
@@ -673,6 +732,17 @@ _NBD_KEYS: dict[str, _Key] = {
     ),
 }
 
+_ISCSI_KEYS: dict[str, _Key] = {
+    "listen": _Key(_plain(parse_address), "listen", required=False, default=None),
+    "iqn": _Key(_plain(_parse_iscsi_name), "iqn", required=False, default=""),
+    "max_connections": _Key(
+        _plain(_parse_iscsi_max_connections),
+        "max_connections",
+        required=False,
+        default=ISCSI_MAX_CONNECTIONS_DEFAULT,
+    ),
+}
+
 _METRICS_KEYS: dict[str, _Key] = {
     "listen": _Key(_plain(parse_address), "listen"),
 }
@@ -701,6 +771,9 @@ _TOP_KEYS: dict[str, _Key] = {
     "pair": _Key(_section(_PAIR_KEYS, PairConfig), "pair", required=False, default=PairConfig()),
     "link": _Key(_section(_LINK_KEYS, LinkConfig), "link", required=False, default=LinkConfig()),
     "nbd": _Key(_section(_NBD_KEYS, NbdConfig), "nbd", required=False, default=NbdConfig()),
+    "iscsi": _Key(
+        _section(_ISCSI_KEYS, IscsiConfig), "iscsi", required=False, default=IscsiConfig()
+    ),
     "metrics": _Key(
         _section(_METRICS_KEYS, MetricsConfig), "metrics", required=False, default=MetricsConfig()
     ),
@@ -726,6 +799,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     fields = _parse_fields(document, _TOP_KEYS, "", ctx)
     config = Config(source=source, **fields)
     _check_listen(config)
+    _check_iscsi_listen(config)
     _check_link(config)
     _check_nbd_memory(config.nbd)
     _check_inflow(config.pair)
@@ -786,6 +860,20 @@ def _check_listen(config: Config) -> None:
     for key, other in (("listen.nbd", config.nbd_listen), ("listen.replication", replication)):
         if metrics == other:
             raise ConfigError(f"metrics.listen: same address as {key} ({metrics})")
+
+
+def _check_iscsi_listen(config: Config) -> None:
+    listen = config.iscsi.listen
+    if listen is None or listen.port == 0:
+        return
+    others = (
+        ("listen.nbd", config.nbd_listen),
+        ("listen.replication", config.replication_listen),
+        ("metrics.listen", config.metrics.listen),
+    )
+    for key, other in others:
+        if listen == other:
+            raise ConfigError(f"iscsi.listen: same address as {key} ({listen})")
 
 
 def _check_inflow(pair: PairConfig) -> None:

@@ -17,9 +17,11 @@ from common.control import ControlRefused, ControlServer, Handler
 from common.daemon import StartupError
 from common.events import EventLog
 from common.hooks import HookRunner
+from common.iscsi.server import IscsiServer
 from common.journal.store import JournalCorrupt, JournalStore
 from common.metrics.collector import GroupCollector, MetricsSource
 from common.metrics.server import MetricsServer
+from common.nbd.server import NbdServer, WriteJournal
 from common.pairrecord import FILE_NAME as PAIR_FILE_NAME
 from common.pairrecord import PairRecord, PairRecordError, RecordSaver
 from common.pairstate import Role
@@ -224,3 +226,45 @@ async def start_metrics(config: Config, source: MetricsSource) -> MetricsServer 
         raise StartupError(f"metrics.listen {listen}: {exc.strerror or exc}") from None
     log.info("metrics: serving /metrics on %s:%d", host, port)
     return server
+
+
+def iscsi_server(
+    config: Config,
+    volumes: Mapping[str, Volume],
+    nbd: NbdServer,
+    journal: WriteJournal | None,
+    *,
+    read_only: bool,
+) -> IscsiServer | None:
+    """The iSCSI target of the group (None when iscsi.listen is absent): LUN n is
+    volumes[n], host I/O counted in the NBD exports' statistics (one series per volume)."""
+    if config.iscsi.listen is None:
+        return None
+    return IscsiServer(
+        config.iscsi_iqn,
+        list(volumes.values()),
+        journal,
+        read_only=read_only,
+        always_read_only=[v.name for v in config.volumes if v.read_only],
+        max_connections=config.iscsi.max_connections,
+        stats={n: e.stats for n, e in nbd.exports.items() if e.stats is not None},
+    )
+
+
+async def start_iscsi(config: Config, server: IscsiServer, access: str) -> None:
+    listen = config.iscsi.listen
+    assert listen is not None
+    try:
+        host, port = await server.start(listen.host, listen.port)
+    except OSError as exc:
+        raise StartupError(f"iscsi.listen {listen}: {exc.strerror or exc}") from None
+    luns = ", ".join(f"LUN {n} {v.name}" for n, v in enumerate(config.volumes))
+    log.info(
+        "group %s: serving %s %s over iSCSI as %s on %s:%d",
+        config.group,
+        luns,
+        access,
+        config.iscsi_iqn,
+        host,
+        port,
+    )

@@ -1,4 +1,5 @@
-"""primaryd's service: NBD with the master journal, read-journal server, control socket."""
+"""primaryd's service: NBD (and iSCSI) with the master journal, read-journal server, control
+socket."""
 
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ from common.service import (
     control_server,
     event_log,
     hook_runner,
+    iscsi_server,
     load_record,
     on_the_secondary,
     open_journal_or_set_aside,
     open_volumes,
+    start_iscsi,
     start_metrics,
     until_either,
 )
@@ -57,9 +60,16 @@ async def serve(config: Config, stop: asyncio.Event) -> Role | None:
         tls_mode=nbd_tls_mode(config.nbd),
         count_requests=config.metrics.listen is not None,
     )
-    group.host_access = lambda allowed: (
-        nbd.set_writable(group.journal) if allowed else nbd.set_read_only()
-    )
+    iscsi = iscsi_server(config, volumes, nbd, group.journal, read_only=False)
+
+    def host_access(allowed: bool) -> None:
+        for server in (nbd, iscsi) if iscsi is not None else (nbd,):
+            if allowed:
+                server.set_writable(group.journal)
+            else:
+                server.set_read_only()
+
+    group.host_access = host_access
 
     operations = {
         "create": group.create,
@@ -85,6 +95,8 @@ async def serve(config: Config, stop: asyncio.Event) -> Role | None:
         log.info(
             "group %s: serving %s over NBD on %s:%d", config.group, ", ".join(volumes), host, port
         )
+        if iscsi is not None:
+            await start_iscsi(config, iscsi, "read-write")
         await control.start()
         metrics = await start_metrics(config, metrics_source)
         announce_ready(config, Role.PRIMARY, f"NBD on {host}:{port}")
@@ -92,6 +104,8 @@ async def serve(config: Config, stop: asyncio.Event) -> Role | None:
         log.info("stopping: answering in-flight requests")
         if metrics is not None:
             await metrics.stop()
+        if iscsi is not None:
+            await iscsi.stop()
         await nbd.stop()
         await control.stop()
         await group.stop()

@@ -1,4 +1,5 @@
-"""secondaryd's service: pull, restore, destage; the S-VOLs read-only over NBD; control."""
+"""secondaryd's service: pull, restore, destage; the S-VOLs read-only over NBD (and iSCSI);
+control."""
 
 from __future__ import annotations
 
@@ -23,11 +24,13 @@ from common.service import (
     control_server,
     event_log,
     hook_runner,
+    iscsi_server,
     journal_loss_handled,
     load_record,
     on_the_primary,
     open_journal_or_set_aside,
     open_volumes,
+    start_iscsi,
     start_metrics,
     until_either,
 )
@@ -122,10 +125,12 @@ async def serve(config: Config, stop: asyncio.Event) -> Role | None:
         tls_mode=nbd_tls_mode(config.nbd),
         count_requests=config.metrics.listen is not None,
     )
-    group.on_writable.append(nbd.set_writable)
-    group.on_read_only.append(nbd.set_read_only)
-    if group.writable:
-        nbd.set_writable(group.marker)
+    iscsi = iscsi_server(config, volumes, nbd, None, read_only=True)
+    for server in (nbd, iscsi) if iscsi is not None else (nbd,):
+        group.on_writable.append(server.set_writable)
+        group.on_read_only.append(server.set_read_only)
+        if group.writable:
+            server.set_writable(group.marker)
 
     control = control_server(
         config,
@@ -161,6 +166,8 @@ async def serve(config: Config, stop: asyncio.Event) -> Role | None:
             host,
             port,
         )
+        if iscsi is not None:
+            await start_iscsi(config, iscsi, "read-write (SSWS)" if group.writable else "read-only")
         await control.start()
         metrics = await start_metrics(config, metrics_source)
         announce_ready(config, Role.SECONDARY, f"NBD on {host}:{port}")
@@ -173,6 +180,8 @@ async def serve(config: Config, stop: asyncio.Event) -> Role | None:
         for task in running:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if iscsi is not None:
+            await iscsi.stop()
         await nbd.stop()
         await control.stop()
         await group.stop()

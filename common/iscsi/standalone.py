@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
-import hashlib
 import logging
 import signal
 import sys
@@ -22,7 +20,6 @@ from pathlib import Path
 from common.iscsi import scsi
 from common.iscsi.chap import ChapSecrets
 from common.iscsi.server import IscsiServer
-from common.iscsi.target import TargetConfig
 from common.iscsi.textkeys import TargetLimits
 from common.volume import Volume, VolumeError
 
@@ -50,6 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chap-secret-file", type=Path, help="the initiator's CHAP secret")
     parser.add_argument("--chap-mutual-user", help="the target's user for mutual CHAP")
     parser.add_argument("--chap-mutual-secret-file", type=Path, help="the target's secret")
+    parser.add_argument("--verbose", action="store_true", help="log every UNMAP, WRITE SAME")
     return parser.parse_args(argv)
 
 
@@ -81,49 +79,37 @@ def open_volumes(paths: list[Path], size: int) -> dict[int, Volume]:
     return volumes
 
 
-def lun_serial(iqn: str, lun: int) -> str:
-    """A serial (and so a VPD 0x83 identity) that stays the same across restarts."""
-    return f"jp{hashlib.sha256(iqn.encode()).hexdigest()[:12]}l{lun}"
-
-
 async def serve(args: argparse.Namespace, chap: ChapSecrets | None) -> None:
     host, _, port = args.listen.rpartition(":")
     volumes = open_volumes(args.lun, args.size)
-    luns = {
-        number: scsi.LunInfo(volume.size, serial=lun_serial(args.iqn, number))
-        for number, volume in volumes.items()
-    }
-    config = TargetConfig(
+    limits = TargetLimits(
+        prefer_crc32c=args.prefer_crc32c,
+        max_recv_data_segment_bytes=args.max_recv_data_segment_length,
+    )
+    target = IscsiServer(
         args.iqn,
-        luns,
-        portal=args.listen,
-        limits=TargetLimits(
-            prefer_crc32c=args.prefer_crc32c,
-            max_recv_data_segment_bytes=args.max_recv_data_segment_length,
-        ),
+        list(volumes.values()),
+        limits=limits,
+        chap=chap,
         nop_in_interval_s=args.nop_in_interval,
         nop_in_timeout_s=args.nop_in_timeout,
-        chap=chap,
     )
-    target = IscsiServer(config, volumes)
-    server = await asyncio.start_server(target.handle, host, int(port), reuse_address=True)
-    bound = server.sockets[0].getsockname()
-    # port 0 picks a free port: SendTargets must name the one bound
-    target.config = dataclasses.replace(config, portal=f"{bound[0]}:{bound[1]}")
+    bound = await target.start(host, int(port))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     print(f"listening on {bound[0]}:{bound[1]}", file=sys.stderr, flush=True)
-    async with server:
-        await stop.wait()
+    await stop.wait()
+    await target.stop()
     for volume in volumes.values():
         volume.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
     try:
         chap = chap_secrets(args)
     except (ValueError, OSError) as exc:

@@ -14,7 +14,10 @@
                            │            up to FirstBurstLength), then R2T / Data-Out (one R2T
                            │            at a time, MaxBurstLength each) ─► event WriteRequest
                            │            ─► write_done(itt) ─► SCSI Response
-                           └─ FLUSH  ─► event FlushRequest ─► flush_done(itt)
+                           ├─ FLUSH  ─► event FlushRequest ─► flush_done(itt)
+                           └─ UNMAP, WRITE SAME ─► R2T / Data-Out as a WRITE ─► scsi.
+                                        parameters_received() ─► event UnmapRequest or
+                                        WriteSameRequest ─► write_done(itt)
                          Task Management ─► tasks dropped without SCSI Response; TMF
                            Response once the adapter has answered the aborted I/O it holds
                          NOP-Out ─► NOP-In; Logout ─► Logout Response, CLOSED
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
@@ -142,6 +145,32 @@ class WriteRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class UnmapRequest:
+    """Deallocate each (byte offset, length) extent, which then reads as zeros: an UNMAP, or
+    a WRITE SAME of a zero block with its UNMAP bit. Answered with write_done()."""
+
+    itt: int
+    lun: int
+    extents: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteSameRequest:
+    """Make [offset, offset + length) the one `block` repeated (WRITE SAME); when the
+    block is all zeros, zero the range keeping it allocated. Answered with write_done()."""
+
+    itt: int
+    lun: int
+    offset: int
+    length: int
+    block: bytes
+
+    @property
+    def zeros(self) -> bool:
+        return self.block == bytes(len(self.block))
+
+
+@dataclass(frozen=True, slots=True)
 class FlushRequest:
     itt: int
     lun: int
@@ -160,7 +189,9 @@ class _NeedData:
 
 
 NEED_DATA = _NeedData()
-Event = LoggedIn | ReadRequest | WriteRequest | FlushRequest | Closing
+Event = (
+    LoggedIn | ReadRequest | WriteRequest | UnmapRequest | WriteSameRequest | FlushRequest | Closing
+)
 
 
 class Phase(Enum):
@@ -317,18 +348,19 @@ class IscsiTargetConnection:
         return len(self._tasks)
 
     def read_done(self, itt: int, data: bytes) -> None:
-        task = self._finish(itt, scsi.IoKind.READ)
+        task = self._finish(itt, (scsi.IoKind.READ,))
         if task is not None:
             self._send_data_in(task, data, scsi.Status.GOOD)
 
     def write_done(self, itt: int) -> None:
-        task = self._finish(itt, scsi.IoKind.WRITE)
+        """A WriteRequest, UnmapRequest or WriteSameRequest is done."""
+        task = self._finish(itt, scsi.DATA_OUT_KINDS)
         if task is not None:
             assert task.io is not None
             self._send_response(task, scsi.Reply(scsi.Status.GOOD), transferred=task.io.length)
 
     def flush_done(self, itt: int) -> None:
-        task = self._finish(itt, scsi.IoKind.FLUSH)
+        task = self._finish(itt, (scsi.IoKind.FLUSH,))
         if task is not None:
             self._send_response(task, scsi.Reply(scsi.Status.GOOD))
 
@@ -339,14 +371,22 @@ class IscsiTargetConnection:
             error = scsi.READ_ERROR if kind is scsi.IoKind.READ else scsi.WRITE_ERROR
             self._send_response(task, scsi.check_condition(error))
 
-    def _finish(self, itt: int, kind: scsi.IoKind | None) -> _Task | None:
+    def io_refused(self, itt: int, sense: tuple[int, int, int]) -> None:
+        """The adapter will not do an I/O the core let through (a LUN made read-only while
+        a write's data arrived): CHECK CONDITION with ``sense``, nothing transferred."""
+        task = self._finish(itt, None)
+        if task is not None:
+            self._send_response(task, scsi.check_condition(sense))
+
+    def _finish(self, itt: int, kinds: Collection[scsi.IoKind] | None) -> _Task | None:
         """The task whose I/O the adapter has done, or None when a TMF aborted it meanwhile
         (its answer is dropped, and a TMF response waiting for it may now go out)."""
         task = self._tasks.get(itt)
         if task is None or not task.in_flight or task.io is None:
             raise LocalProtocolError(f"no I/O outstanding with ITT 0x{itt:08x}")
-        if kind is not None and task.io.kind is not kind:
-            raise LocalProtocolError(f"no {kind.value} outstanding with ITT 0x{itt:08x}")
+        if kinds is not None and task.io.kind not in kinds:
+            what = "/".join(kind.value for kind in kinds)
+            raise LocalProtocolError(f"no {what} outstanding with ITT 0x{itt:08x}")
         del self._tasks[itt]
         if not task.aborted:
             return task
@@ -798,7 +838,11 @@ class IscsiTargetConnection:
 
     def _start_io(self, task: _Task, io: scsi.Io, pdu: Pdu) -> None:
         reads, writes = bool(pdu.flags & _SCSI_FLAG_READ), bool(pdu.flags & _SCSI_FLAG_WRITE)
-        task.io = io
+        fitted = scsi.fit_data_out(io, task.expected_bytes)
+        if fitted is None:
+            self._answer_after_data(task, scsi.check_condition(scsi.INVALID_FIELD_IN_CDB), None)
+            return
+        task.io = io = fitted
         if io.kind is scsi.IoKind.READ and io.length and not reads:
             # The initiator expects no Data-In: what it sent is dropped and, as for a READ
             # with an Expected Data Transfer Length of 0, nothing is read and the whole
@@ -806,14 +850,14 @@ class IscsiTargetConnection:
             task.expected_bytes = 0
             self._answer_after_data(task, scsi.Reply(scsi.Status.GOOD), io.length)
             return
-        wants_write = io.kind is scsi.IoKind.WRITE
+        wants_write = io.kind in scsi.DATA_OUT_KINDS
         if wants_write and io.length and (reads or not writes):
             self._answer_after_data(task, scsi.check_condition(scsi.INVALID_FIELD_IN_CDB), None)
             return
         if wants_write and task.expected_bytes > scsi.MAX_TRANSFER_BYTES:
             self._answer_after_data(task, scsi.check_condition(scsi.INVALID_FIELD_IN_CDB), None)
             return
-        if io.kind is not scsi.IoKind.FLUSH and io.length == 0:
+        if io.kind not in (scsi.IoKind.FLUSH, scsi.IoKind.WRITE_SAME) and io.length == 0:
             self._answer_after_data(task, scsi.Reply(scsi.Status.GOOD), None)
             return
         self._tasks[task.itt] = task
@@ -835,6 +879,9 @@ class IscsiTargetConnection:
         assert task.io is not None
         if task.unsolicited_open:
             return  # R2Ts only once the unsolicited data has ended (F bit)
+        if task.received == task.expected_bytes and task.io.kind is not scsi.IoKind.WRITE:
+            self._parameters_received(task)
+            return
         if task.received == task.expected_bytes:
             write_bytes = min(task.expected_bytes, task.io.length)
             write_bytes -= write_bytes % scsi.BLOCK_BYTES
@@ -874,6 +921,24 @@ class IscsiTargetConnection:
         ttt = self._next_ttt
         self._next_ttt = (self._next_ttt + 1) % RESERVED_TAG or 1
         return ttt
+
+    def _parameters_received(self, task: _Task) -> None:
+        """UNMAP's parameter list or WRITE SAME's block is in: scsi says what it asks for."""
+        assert task.io is not None
+        data = bytes(task.buffer[: task.io.length])
+        task.buffer = bytearray()
+        action = scsi.parameters_received(task.io, data, self.config.luns[task.lun])
+        if isinstance(action, scsi.Reply):
+            del self._tasks[task.itt]
+            self._send_response(task, action, transferred=task.io.length)
+        elif isinstance(action, scsi.Unmap):
+            task.in_flight = True
+            self._events.append(UnmapRequest(task.itt, task.lun, action.extents))
+        else:
+            task.in_flight = True
+            self._events.append(
+                WriteSameRequest(task.itt, task.lun, action.offset, action.length, action.block)
+            )
 
     def _data_out(self, pdu: Pdu) -> None:
         """Data-Out answering an R2T (its TTT) or unsolicited (TTT reserved, InitialR2T=No,

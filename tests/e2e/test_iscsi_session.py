@@ -117,7 +117,7 @@ def test_an_initiator_that_stops_answering_nop_in_is_dropped(tmp_path: Path) -> 
     try:
         # libiscsi answers the pings while qemu-io idles past several timeouts
         qemu_io(target.lun_url, "write -P 0x2d 0 4k", "sleep 1500", "read -P 0x2d 0 4k")
-        assert "dropping" not in target.log()
+        assert "dropped:" not in target.log()
         with socket.create_connection((HOST, target.port), timeout=10) as sock:
             names = [("InitiatorName", "iqn.2026-01.org.example:mute"), ("TargetName", IQN)]
             keys = [*names, ("SessionType", "Normal"), ("MaxRecvDataSegmentLength", "8192")]
@@ -139,7 +139,7 @@ def test_an_initiator_that_stops_answering_nop_in_is_dropped(tmp_path: Path) -> 
             assert second is not None and second.opcode == Op.NOP_IN
             assert read_pdu(sock) is None  # not answered: dropped
         wait_until(lambda: "no NOP-Out answered" in target.log(), 10.0, "the drop logged")
-        assert re.search(r"dropping .*NOP-In ping .* 0\.6 s", target.log())
+        assert re.search(r"dropped: .*NOP-In ping .* 0\.6 s", target.log())
     finally:
         stop_target(target)
 

@@ -115,6 +115,8 @@ def test_display_json_fields_on_both_sides(daemons: Daemons) -> None:
     primary, secondary = daemons.start_pair((("vol0", 64 * MiB),))
     create_pair(primary, secondary)
     for daemon, role in ((primary, "primary"), (secondary, "secondary")):
+        proc = pairctl(daemon, "wait", "PAIR", "--timeout", "10", check=False)
+        assert proc.returncode == 0, proc.stderr
         shown = display(daemon)
         assert shown["role"] == role and shown["group"] == "jg0" and shown["state"] == "PAIR"
         assert shown["volumes"] == [

@@ -724,3 +724,66 @@ def test_rpo_target_and_inflow_control(tmp_path: Path) -> None:
 def test_rpo_errors_name_the_key(tmp_path: Path, pair: str, expected: str) -> None:
     message = error_of(tmp_path, with_pair(PRIMARY, pair + "\n"))
     assert message.startswith(expected), message
+
+
+# --- the optional iscsi section ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("base", [PRIMARY, SECONDARY])
+def test_iscsi_is_off_unless_iscsi_listen_is_set_and_its_iqn_comes_from_the_group(
+    tmp_path: Path, base: str
+) -> None:
+    config = load_text(tmp_path, base)
+    assert config.iscsi.listen is None and config.iscsi.max_connections == 16
+    assert config.iscsi_iqn == "iqn.2026-01.org.journalpair:jg0"
+    config = load_text(tmp_path, base + "iscsi: {listen: '127.0.0.1:3260'}\n")
+    assert config.iscsi.listen == Address("127.0.0.1", 3260)
+    named = "iscsi: {listen: '0.0.0.0:3260', iqn: eui.02004567A425678D, max_connections: 4}\n"
+    config = load_text(tmp_path, base + named)
+    assert (config.iscsi_iqn, config.iscsi.max_connections) == ("eui.02004567A425678D", 4)
+
+
+def test_a_group_name_iscsi_does_not_allow_becomes_a_valid_default_iqn(tmp_path: Path) -> None:
+    config = load_text(tmp_path, edit(PRIMARY, "group: jg0", "group: Site_A.jg0"))
+    assert config.iscsi_iqn == "iqn.2026-01.org.journalpair:site-a.jg0"
+
+
+@pytest.mark.parametrize(
+    ("iscsi", "expected"),
+    [
+        ("{listen: 3260}", "iscsi.listen: bad address 3260 (want host:port; quote it in YAML)"),
+        ("{listen: '127.0.0.1:10809'}", "iscsi.listen: same address as listen.nbd"),
+        ("{listen: '127.0.0.1:7410'}", "iscsi.listen: same address as listen.replication"),
+        (
+            "{iqn: iqn.2026-01.Org.Example:x}",
+            "iscsi.iqn: bad iSCSI name 'iqn.2026-01.Org.Example:x'",
+        ),
+        ("{iqn: iqn.2026-13.org.example}", "iscsi.iqn: bad iSCSI name"),
+        ("{iqn: eui.0123}", "iscsi.iqn: bad iSCSI name 'eui.0123'"),
+        ("{iqn: 'iqn.2026-01.org.x:a b'}", "iscsi.iqn: bad iSCSI name"),
+        ("{iqn: 42}", "iscsi.iqn: expected a string, got integer"),
+        ("{max_connections: 0}", "iscsi.max_connections: must be 1..1024, got 0"),
+        ("{max_connections: 2000}", "iscsi.max_connections: must be 1..1024, got 2000"),
+        ("{max_connections: '8'}", "iscsi.max_connections: expected an integer, got string"),
+        ("{portal: x}", "iscsi.portal: unknown key"),
+        ("'127.0.0.1:3260'", "iscsi: expected a mapping, got string"),
+    ],
+)
+def test_iscsi_errors_name_the_key(tmp_path: Path, iscsi: str, expected: str) -> None:
+    message = error_of(tmp_path, PRIMARY + f"iscsi: {iscsi}\n")
+    assert message.startswith(expected), message
+
+
+def test_an_iqn_longer_than_223_bytes_is_refused(tmp_path: Path) -> None:
+    name = "iqn.2026-01.org.example:" + "x" * 200
+    message = error_of(tmp_path, PRIMARY + f"iscsi: {{iqn: {name}}}\n")
+    assert message == "iscsi.iqn: longer than 223 bytes", message
+
+
+@pytest.mark.parametrize(("name", "port"), [("primary.yaml", 3260), ("secondary.yaml", 3261)])
+def test_shipped_iscsi_example_loads_when_uncommented(name: str, port: int, tmp_path: Path) -> None:
+    text = (REPO / "configs" / name).read_text()
+    assert "\n#iscsi: {" in text
+    config = load_text(tmp_path, text.replace("\n#iscsi: {", "\niscsi: {"))
+    assert config.iscsi.listen == Address("127.0.0.1", port)
+    assert config.iscsi_iqn == "iqn.2026-01.org.journalpair:jg0"

@@ -20,7 +20,9 @@ from common.iscsi.target import (
     LoggedIn,
     ReadRequest,
     TargetConfig,
+    UnmapRequest,
     WriteRequest,
+    WriteSameRequest,
 )
 from common.iscsi.textkeys import TargetLimits
 from tests.unit.fuzzing import mutate
@@ -32,15 +34,17 @@ from tests.unit.test_iscsi_core import (
     parse_target_pdus,
     scsi_cmd,
 )
+from tests.unit.test_iscsi_provisioning import unmap_cdb, unmap_list, write_same_cdb
 
 LUN_BYTES = 64 << 10
 LIMITS = TargetLimits(max_recv_data_segment_bytes=8192, max_burst_bytes=4096)
 SLACK_BYTES = 1 << 20  # what receive_data tolerates above one PDU before it calls it misuse
+UNMAP_LIST = unmap_list((4, 8), (30, 2))
 
 
 def valid_stream() -> bytes:
-    """Login, INQUIRY, READ, a WRITE with immediate data and two R2Ts, NOP, SYNC, a TMF,
-    a NOP-Out answering no ping, Logout.
+    """Login, INQUIRY, READ, a WRITE with immediate data and two R2Ts, NOP, SYNC, UNMAP,
+    WRITE SAME, a TMF, a NOP-Out answering no ping, Logout.
     TTTs are handed out from 1 in order, so the Data-Out can be written in advance."""
     pdus = [
         login_pdu(
@@ -68,26 +72,28 @@ def valid_stream() -> bytes:
             data=b"ping",
         ),
         scsi_cmd(bytes((0x35,)) + bytes(9), 5, 104, 0),
+        scsi_cmd(unmap_cdb(len(UNMAP_LIST)), 7, 105, len(UNMAP_LIST), write=True, data=UNMAP_LIST),
+        scsi_cmd(write_same_cdb(2, 6, 0x08), 8, 106, 512, write=True, data=b"\x33" * 512),
         Pdu(  # ABORT TASK of a task long done
             Op.TASK_MGMT_REQ,
             flags=0x81,
             immediate=True,
-            itt=7,
-            opcode_specific=pack_fields(2, 105, 0, 101, 0, 0, 0),
+            itt=9,
+            opcode_specific=pack_fields(2, 107, 0, 101, 0, 0, 0),
         ),
         Pdu(  # a NOP-Out answering a ping we never sent: ignored
             Op.NOP_OUT,
             flags=0x80,
             immediate=True,
             itt=RESERVED_TAG,
-            opcode_specific=pack_fields(0x1234, 105, 0, 0, 0, 0, 0),
+            opcode_specific=pack_fields(0x1234, 107, 0, 0, 0, 0, 0),
         ),
         Pdu(
             Op.LOGOUT_REQ,
             flags=0x80,
             immediate=True,
             itt=6,
-            opcode_specific=pack_fields(0, 105, 0, 0, 0, 0, 0),
+            opcode_specific=pack_fields(0, 107, 0, 0, 0, 0, 0),
         ),
     ]
     return b"".join(encode_pdu(pdu) for pdu in pdus)
@@ -128,6 +134,16 @@ def serve(conn: IscsiTargetConnection, event: object) -> None:
         assert event.lun == 0 and 0 < len(event.data) <= scsi.MAX_TRANSFER_BYTES
         assert event.offset + len(event.data) <= LUN_BYTES
         conn.write_done(event.itt)
+    elif isinstance(event, UnmapRequest):
+        assert event.lun == 0 and 0 < len(event.extents) <= scsi.MAX_UNMAP_DESCRIPTORS
+        assert all(length > 0 and offset + length <= LUN_BYTES for offset, length in event.extents)
+        assert sum(length for _, length in event.extents) <= scsi.MAX_UNMAP_BLOCKS * 512
+        conn.write_done(event.itt)
+    elif isinstance(event, WriteSameRequest):
+        assert event.lun == 0 and len(event.block) == 512
+        assert 0 < event.length <= scsi.MAX_WRITE_SAME_BLOCKS * 512
+        assert event.offset + event.length <= LUN_BYTES
+        conn.write_done(event.itt)
     elif isinstance(event, FlushRequest):
         conn.flush_done(event.itt)
     else:
@@ -142,13 +158,17 @@ def test_the_valid_stream_runs_to_logout_with_every_reply() -> None:
         "ReadRequest",
         "WriteRequest",
         "FlushRequest",
+        "UnmapRequest",
+        "WriteSameRequest",
         "Closing",
     ]
     write = events[2]
     assert isinstance(write, WriteRequest)
     assert write.data == bytes(2048) + b"\x11" * 4096 + b"\x22" * 4096
+    assert events[4] == UnmapRequest(7, 0, ((4 * 512, 8 * 512), (30 * 512, 2 * 512)))
+    assert events[5] == WriteSameRequest(8, 0, 2 * 512, 6 * 512, b"\x33" * 512)
     tmf = [pdu for pdu in parse_target_pdus(out) if pdu.opcode == Op.TASK_MGMT_RSP]
-    assert [(pdu.itt, pdu.spec2) for pdu in tmf] == [(7, 1)]  # task does not exist
+    assert [(pdu.itt, pdu.spec2) for pdu in tmf] == [(9, 1)]  # task does not exist
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,0 +1,182 @@
+"""iSCSI on the daemons (iscsi.listen): host writes over iSCSI go through the master journal
+to the S-VOLs, and the secondary's LUNs refuse writes until a takeover makes them SSWS.
+
+    qemu-io ─ iscsi:// ─► primaryd ─ journal ─► secondaryd ─► S-VOL == P-VOL == written
+    qemu-io ─ iscsi:// ─► secondaryd (PAIR): DATA PROTECT / WRITE PROTECTED
+    primaryd stopped ─► pairctl takeover (SSWS) ─► the same write succeeds
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from common.iscsi import scsi
+from common.iscsi.pdu import BHS_BYTES, Op, Pdu, decode_bhs, encode_pdu, pad4
+from tests.e2e.helpers import (
+    HOST,
+    Daemon,
+    Daemons,
+    KiB,
+    MiB,
+    create_pair,
+    display,
+    free_port,
+    pairctl,
+    read_at,
+    run,
+    sha256_file,
+    tcp_accepts,
+    wait_until,
+)
+from tests.unit.test_iscsi_core import INITIATOR, login_pdu, scsi_cmd, sense_of
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
+
+VOLUMES = (("vol0", 16 * MiB), ("vol1", 8 * MiB))
+IQN = "iqn.2026-01.org.journalpair:jg0"  # derived from the group (tests use jg0)
+
+
+def prepare_with_iscsi(daemons: Daemons, role: str, primary_port: int | None = None) -> Daemon:
+    """A daemon whose config has iscsi.listen on a free port (the harness writes the rest)."""
+    daemon = daemons.prepare(role, VOLUMES, primary_port=primary_port)
+    port = free_port()
+    with daemon.config_path.open("a") as config:
+        config.write(f"iscsi: {{listen: '{HOST}:{port}'}}\n")
+    daemon.iscsi_port = port  # type: ignore[attr-defined]
+    return daemon
+
+
+def lun_url(daemon: Daemon, lun: int) -> str:
+    return f"iscsi://{HOST}:{daemon.iscsi_port}/{IQN}/{lun}"  # type: ignore[attr-defined]
+
+
+def start_iscsi_pair(daemons: Daemons) -> tuple[Daemon, Daemon]:
+    primary = prepare_with_iscsi(daemons, "primary")
+    primary.start()
+    secondary = prepare_with_iscsi(daemons, "secondary", primary_port=primary.peer_port)
+    secondary.start()
+    for daemon in (primary, secondary):
+        port = daemon.iscsi_port  # type: ignore[attr-defined]
+        wait_until(lambda p=port: tcp_accepts(p), 15, f"{daemon.name}'s iSCSI port")
+    wait_until(lambda: display(primary)["link"]["up"], 15, "the secondary to connect")
+    create_pair(primary, secondary)
+    return primary, secondary
+
+
+def qemu_io(url: str, *commands: str, check: bool = True, read_only: bool = False) -> str:
+    argv = ["qemu-io", "-f", "raw", *(["-r"] if read_only else [])]
+    for command in commands:
+        argv += ["-c", command]
+    proc = run([*argv, url], timeout=30, check=check)
+    if check:
+        assert "failed" not in proc.stdout.lower(), proc.stdout
+    return proc.stdout + proc.stderr
+
+
+def receive_pdu(sock: socket.socket) -> Pdu:
+    """One target PDU (no digests: this initiator offers none)."""
+
+    def exactly(count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = sock.recv(count - len(data))
+            assert chunk, "the target closed the connection"
+            data += chunk
+        return data
+
+    pdu, ahs_bytes, data_bytes = decode_bhs(exactly(BHS_BYTES))
+    exactly(ahs_bytes)
+    pdu.data = exactly(data_bytes + pad4(data_bytes))[:data_bytes]
+    return pdu
+
+
+def raw_write_10(port: int, lun: int, data: bytes) -> Pdu:
+    """Log in and send one WRITE 10 at LBA 0 with its data immediate: the SCSI Response."""
+    names = [("InitiatorName", INITIATOR), ("TargetName", IQN), ("SessionType", "Normal")]
+    with socket.create_connection((HOST, port), timeout=10) as sock:
+        sock.sendall(encode_pdu(login_pdu([*names, ("AuthMethod", "None")], 0, 1)))
+        assert receive_pdu(sock).opcode == Op.LOGIN_RSP
+        keys = [("MaxRecvDataSegmentLength", "8192"), ("ImmediateData", "Yes")]
+        sock.sendall(encode_pdu(login_pdu(keys, 1, 3)))
+        assert receive_pdu(sock).opcode == Op.LOGIN_RSP
+        blocks = len(data) // 512
+        cdb = bytes((0x2A, 0, 0, 0, 0, 0, 0, blocks >> 8, blocks & 0xFF, 0))
+        sock.sendall(encode_pdu(scsi_cmd(cdb, 1, 100, len(data), write=True, lun=lun, data=data)))
+        return receive_pdu(sock)
+
+
+def apply(image: bytearray, offset: int, length: int, pattern: int) -> None:
+    image[offset : offset + length] = bytes((pattern,)) * length
+
+
+def test_iscsi_writes_on_the_primary_reach_the_s_vol_in_order(daemons: Daemons) -> None:
+    primary, secondary = start_iscsi_pair(daemons)
+    log = primary.log_text()
+    assert f"LUN 0 vol0, LUN 1 vol1 read-write over iSCSI as {IQN}" in log, log
+    # In order, overlapping: each later write covers part of the earlier ones.
+    writes = {
+        0: [
+            (0, MiB, 0x11),
+            (512 * KiB, MiB, 0x22),
+            (768 * KiB, 4 * KiB, 0x33),
+            (4 * MiB, 3 * MiB, 0x44),  # several R2Ts of MaxBurstLength each
+            (5 * MiB, 512, 0x55),
+        ],
+        1: [(8 * MiB - 64 * KiB, 64 * KiB, 0x66), (8 * MiB - 65 * KiB, 2 * KiB, 0x77)],
+    }
+    before = display(primary)["seq"]["last"]
+    expected = {}
+    for lun, lun_writes in writes.items():
+        name, size = VOLUMES[lun]
+        image = bytearray(size)
+        commands = []
+        for offset, length, pattern in lun_writes:
+            apply(image, offset, length, pattern)
+            commands.append(f"write -P {pattern:#x} {offset} {length}")
+        out = qemu_io(lun_url(primary, lun), *commands, "flush")
+        assert out.count("wrote") == len(lun_writes), out
+        expected[name] = bytes(image)
+
+    last = display(primary)["seq"]["last"]
+    assert last >= before + sum(len(w) for w in writes.values())  # each write journaled
+    wait_until(
+        lambda: display(secondary)["seq"]["applied"] >= last,
+        30,
+        f"the secondary to apply up to seq {last}",
+        interval_s=0.05,
+    )
+    for name, size in VOLUMES:
+        p_vol = read_at(primary.volume(name).path, 0, size)
+        s_vol = read_at(secondary.volume(name).path, 0, size)
+        assert p_vol == expected[name], f"{name}: the P-VOL is not what was written"
+        assert s_vol == p_vol, f"{name}: the S-VOL differs from the P-VOL"
+
+
+def test_the_secondarys_luns_are_write_protected_until_takeover(daemons: Daemons) -> None:
+    primary, secondary = start_iscsi_pair(daemons)
+    assert "read-only over iSCSI" in secondary.log_text()
+    s_vol = secondary.volume("vol0").path
+    before = sha256_file(s_vol)
+
+    # qemu reads MODE SENSE's WP bit and will not open the LUN for writing
+    out = qemu_io(lun_url(secondary, 0), "write -P 0x5e 0 64k", check=False)
+    assert "LUN is write protected" in out, out
+    qemu_io(lun_url(secondary, 0), "read -P 0 0 64k", read_only=True)  # reads are served
+    # a WRITE sent anyway: CHECK CONDITION, DATA PROTECT / WRITE PROTECTED
+    port = secondary.iscsi_port  # type: ignore[attr-defined]
+    reply = raw_write_10(port, 0, b"\x5e" * 4096)
+    assert sense_of(reply) == scsi.WRITE_PROTECTED
+    assert sha256_file(s_vol) == before, "a refused write reached the S-VOL"
+
+    primary.stop()  # the primary site is gone: the takeover is an S-VOL takeover (SSWS)
+    wait_until(lambda: not display(secondary)["link"]["up"], 30, "the secondary to lose the link")
+    proc = pairctl(secondary, "takeover", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert display(secondary)["state"] == "SSWS"
+
+    assert scsi.Status(raw_write_10(port, 0, b"\x5f" * 4096).spec3) == scsi.Status.GOOD
+    qemu_io(lun_url(secondary, 0), "write -P 0x5e 0 64k", "read -P 0x5e 0 64k", "flush")
+    assert read_at(s_vol, 0, 64 * KiB) == b"\x5e" * 64 * KiB
+    assert display(secondary)["bitmap"]["dirty_bytes"] >= 64 * KiB  # marked for a resync
