@@ -280,6 +280,9 @@ def copy_at_full_speed(pair: Pair) -> None:
 
 
 def resync(pair: Pair) -> None:
+    # a restarted site: the secondary reconnects with its backoff (up to 5 s), and a resync
+    # needs it connected
+    wait_until(lambda: display(pair.primary)["link"]["up"], 30, "the secondary to reconnect")
     pairctl(pair.primary, "resync")
 
 
