@@ -96,9 +96,9 @@ EXCLUDED: dict[str, str] = {
     "Reserve6": "SPC-2 RESERVE/RELEASE: not in issue 8's set",
     "Sanitize": "SANITIZE: not in issue 8's set (and needs --allow-sanitize)",
     "MultipathIO": "needs a second URL to the same LU (multipath); one URL is run here",
-    # applies to issue 8 (the read-only S-VOL), but needs a write-protected LU, which the
-    # standalone target cannot serve yet: run it once secondaryd serves the S-VOL over iSCSI
-    "ReadOnly": "needs a write-protected LU (the S-VOL); common.iscsi.standalone has none",
+    # applies to issue 8 (the read-only S-VOL) but needs a write-protected LU: it runs
+    # against secondaryd's LUN in tests/e2e/test_iscsi_replication.py
+    "ReadOnly": "needs a write-protected LU: run against the S-VOL by test_iscsi_replication",
 }
 # Tests of a selected suite that the patterns above leave out: READ 12, WRITE 12 and WRITE AND
 # VERIFY are not in the set.
