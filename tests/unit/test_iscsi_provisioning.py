@@ -320,22 +320,21 @@ def test_the_adapter_punches_an_unmap_and_answers_a_failed_one_with_a_write_erro
     session = unmap_session()
     server = IscsiServer("iqn.2026-01.org.journalpair:unit", [volume])
     params = unmap_list((0, 64))  # 32 KiB: whole file system blocks
-    (event,) = session.send(
-        scsi_cmd(unmap_cdb(len(params)), 1, 100, len(params), write=True, data=params)
-    )
-    assert isinstance(event, UnmapRequest)
-    change = host_change(session.conn, event)
-    assert change is not None
-    asyncio.run(server.run_changes(session.conn, [change]))
+
+    def unmap(itt: int, cmd_sn: int) -> None:
+        """An UNMAP of ``params`` through the core, then the adapter's one journaled path."""
+        (event,) = session.send(
+            scsi_cmd(unmap_cdb(len(params)), itt, cmd_sn, len(params), write=True, data=params)
+        )
+        assert isinstance(event, UnmapRequest)
+        change = host_change(session.conn, event)
+        assert change is not None
+        asyncio.run(server.run_changes(session.conn, [change]))
+
+    unmap(1, 100)
     assert session.replies()[0].spec3 == scsi.Status.GOOD
     assert volume.read(0, 64 * 512) == bytes(64 * 512)
     assert os.lseek(volume.fd, 0, os.SEEK_DATA) >= 64 * 512  # a hole, not written zeros
     volume.close()  # every call on it now fails (EBADF)
-    (event,) = session.send(
-        scsi_cmd(unmap_cdb(len(params)), 2, 101, len(params), write=True, data=params)
-    )
-    assert isinstance(event, UnmapRequest)
-    change = host_change(session.conn, event)
-    assert change is not None
-    asyncio.run(server.run_changes(session.conn, [change]))
+    unmap(2, 101)
     assert sense_of(session.replies()[0]) == scsi.WRITE_ERROR

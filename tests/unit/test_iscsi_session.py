@@ -166,12 +166,19 @@ def test_a_second_abort_of_a_task_in_flight_waits_for_it_too() -> None:
     assert tmf_responses(session.replies()) == [(9, 0), (10, 0)]
 
 
-def test_an_abort_while_unsolicited_data_comes_drops_the_rest_of_it() -> None:
+def two_block_write_awaiting_unsolicited_data() -> Session:
+    """InitialR2T=No, no immediate data: a WRITE (ITT 4) of 1024 bytes sent without its
+    F bit, so unsolicited Data-Out is to follow."""
     session = Session()
     session.login([("InitialR2T", "No"), ("ImmediateData", "No")])
     command = scsi_cmd(write10(0, 2), 4, 100, 1024, write=True)
     command.flags &= ~0x80
     session.send(command)
+    return session
+
+
+def test_an_abort_while_unsolicited_data_comes_drops_the_rest_of_it() -> None:
+    session = two_block_write_awaiting_unsolicited_data()
     session.send(unsolicited(4, 0, bytes(512), 0, final=False))
     session.send(tmf(1, 9, 101, ref_itt=4, ref_cmd_sn=100))
     assert tmf_responses(session.replies()) == [(9, 0)]
@@ -369,11 +376,7 @@ def test_a_data_sn_gap_fails_the_write_with_check_condition_and_the_session_goes
 
 
 def test_a_data_sn_gap_in_unsolicited_data_fails_the_write_too() -> None:
-    session = Session()
-    session.login([("InitialR2T", "No"), ("ImmediateData", "No")])
-    command = scsi_cmd(write10(0, 2), 4, 100, 1024, write=True)
-    command.flags &= ~0x80
-    session.send(command)
+    session = two_block_write_awaiting_unsolicited_data()
     session.send(unsolicited(4, 0, bytes(512), 1, final=False))
     assert session.send(unsolicited(4, 512, bytes(512), 1, final=True)) == []
     (reply,) = session.replies()
