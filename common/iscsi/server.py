@@ -219,6 +219,7 @@ class IscsiServer:
         self._stopping = False
         self._io_errors = LogLimiter()
         self._refusals = LogLimiter()
+        self._auth_failures = LogLimiter()
 
     # -- host access ----------------------------------------------------------------------
 
@@ -341,7 +342,13 @@ class IscsiServer:
             writer.write(conn.data_to_send())
             await writer.drain()
             if closing is not None:
-                log.info("initiator %s: closing: %s", self._peer_of(writer), closing.why)
+                peer = self._peer_of(writer)
+                if closing.authentication_failed:  # a wrong secret, or a password guesser
+                    who = f"{peer} ({conn.params.initiator_name or 'no InitiatorName'})"
+                    what = "initiator %s failed authentication, %s"
+                    _log_limited(self._auth_failures, logging.WARNING, what, who, closing.why)
+                else:
+                    log.info("initiator %s: closing: %s", peer, closing.why)
                 return
 
     # -- commands -------------------------------------------------------------------------

@@ -181,6 +181,7 @@ class Closing:
     """The connection is done (logout, failed login): send what is queued, then close."""
 
     why: str
+    authentication_failed: bool = False  # a login refused with "authentication failure"
 
 
 class _NeedData:
@@ -616,7 +617,7 @@ class IscsiTargetConnection:
         csg = max(self._stage, 0) if self._stage != FULL_FEATURE else OPERATIONAL
         self._isid = pdu.lun_or_isid[:6]
         self._login_response(pdu, csg, None, b"", status)
-        self._close(f"login refused: {why}")
+        self._close(f"login refused: {why}", authentication_failed=status == LOGIN_AUTH_FAILED)
 
     def _enter_full_feature(self) -> None:
         self.phase = Phase.FULL_FEATURE
@@ -627,9 +628,9 @@ class IscsiTargetConnection:
             LoggedIn(self.params.session_type, self.params.initiator_name, self.params)
         )
 
-    def _close(self, why: str) -> None:
+    def _close(self, why: str, *, authentication_failed: bool = False) -> None:
         self.phase = Phase.CLOSED
-        self._events.append(Closing(why))
+        self._events.append(Closing(why, authentication_failed))
 
     # -- full feature phase: text, NOP, logout, task management ---------------------------
 
