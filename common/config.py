@@ -213,6 +213,7 @@ class NbdConfig:
 ISCSI_MAX_CONNECTIONS_DEFAULT = 16
 ISCSI_MAX_CONNECTIONS_MAX = 1024
 ISCSI_NAME_MAX_BYTES = 223  # RFC 7143 6.2.1
+CHAP_USER_MAX_CHARS = 255  # common.iscsi.chap.MAX_NAME_CHARS
 # RFC 7143 4.2.7.2: iqn.yyyy-mm.reversed.domain[:anything]; names are compared as given, and
 # initiators send them lowercased (RFC 3722), so only lowercase ASCII is accepted here.
 _IQN_RE = re.compile(
@@ -240,6 +241,21 @@ class IscsiConfig:
     iqn: str = ""
     # Connections served at once; one more is closed as soon as it is accepted.
     max_connections: int = ISCSI_MAX_CONNECTIONS_DEFAULT
+    # iscsi.chap: every login (discovery too) must pass CHAP as chap_user with the secret in
+    # chap_secret_file (common.iscsi.credentials reads it); the mutual pair is what the
+    # target answers an initiator that challenges it. None: no CHAP.
+    chap_user: str | None = None
+    chap_secret_file: Path | None = None
+    chap_mutual_user: str | None = None
+    chap_mutual_secret_file: Path | None = None
+    # Serve beyond loopback without CHAP (an isolated SAN): refused unless this is true.
+    allow_insecure: bool = False
+
+    @property
+    def exposed_without_chap(self) -> bool:
+        """Any host that reaches iscsi.listen may read and write every LUN."""
+        listen = self.listen
+        return listen is not None and self.chap_user is None and not _is_loopback(listen.host)
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,6 +458,16 @@ def _parse_iscsi_name(value: object, key: str) -> str:
             "lowercase a-z 0-9 . - :, or eui. and 16 upper-case hex digits)"
         )
     return name
+
+
+def _parse_chap_user(value: object, key: str) -> str:
+    """A CHAP name (CHAP_N): 1..255 characters, no control characters."""
+    user = _expect_str(value, key)
+    if not 1 <= len(user) <= CHAP_USER_MAX_CHARS or any(ord(c) < 32 or ord(c) == 127 for c in user):
+        raise ConfigError(
+            f"{key}: bad CHAP user {user!r} (1-255 characters, no control characters)"
+        )
+    return user
 
 
 def _parse_nbd_tls_mode(value: object, key: str) -> NbdTlsMode:
@@ -732,6 +758,19 @@ _NBD_KEYS: dict[str, _Key] = {
     ),
 }
 
+_ISCSI_CHAP_KEYS: dict[str, _Key] = {
+    "user": _Key(_plain(_parse_chap_user), "chap_user"),
+    "secret_file": _Key(_parse_path, "chap_secret_file"),
+    "mutual_user": _Key(_plain(_parse_chap_user), "chap_mutual_user", required=False),
+    "mutual_secret_file": _Key(_parse_path, "chap_mutual_secret_file", required=False),
+}
+_ISCSI_NO_CHAP = {
+    "chap_user": None,
+    "chap_secret_file": None,
+    "chap_mutual_user": None,
+    "chap_mutual_secret_file": None,
+}
+
 _ISCSI_KEYS: dict[str, _Key] = {
     "listen": _Key(_plain(parse_address), "listen", required=False, default=None),
     "iqn": _Key(_plain(_parse_iscsi_name), "iqn", required=False, default=""),
@@ -741,6 +780,8 @@ _ISCSI_KEYS: dict[str, _Key] = {
         required=False,
         default=ISCSI_MAX_CONNECTIONS_DEFAULT,
     ),
+    "chap": _Key(_section(_ISCSI_CHAP_KEYS), None, required=False, default=_ISCSI_NO_CHAP),
+    "allow_insecure": _Key(_plain(_parse_bool), "allow_insecure", required=False, default=False),
 }
 
 _METRICS_KEYS: dict[str, _Key] = {
@@ -800,6 +841,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     config = Config(source=source, **fields)
     _check_listen(config)
     _check_iscsi_listen(config)
+    _check_iscsi_chap(config.iscsi)
     _check_link(config)
     _check_nbd_memory(config.nbd)
     _check_inflow(config.pair)
@@ -874,6 +916,26 @@ def _check_iscsi_listen(config: Config) -> None:
     for key, other in others:
         if listen == other:
             raise ConfigError(f"iscsi.listen: same address as {key} ({listen})")
+
+
+def _check_iscsi_chap(iscsi: IscsiConfig) -> None:
+    """Mutual CHAP needs both halves. Serving beyond this host without CHAP lets anyone who
+    reaches the port read and write every volume (and the writes are replicated): refused
+    unless explicitly allowed, as for the replication link (an isolated SAN may say so)."""
+    if (iscsi.chap_mutual_user is None) != (iscsi.chap_mutual_secret_file is None):
+        given, missing = (
+            ("mutual_user", "mutual_secret_file")
+            if iscsi.chap_mutual_secret_file is None
+            else ("mutual_secret_file", "mutual_user")
+        )
+        raise ConfigError(
+            f"iscsi.chap.{missing}: missing (iscsi.chap.{given} is set: mutual CHAP needs both)"
+        )
+    if iscsi.exposed_without_chap and not iscsi.allow_insecure:
+        raise ConfigError(
+            f"iscsi.listen: {iscsi.listen} is not a loopback address and iSCSI has no "
+            "authentication: set iscsi.chap (or iscsi.allow_insecure: true on an isolated SAN)"
+        )
 
 
 def _check_inflow(pair: PairConfig) -> None:

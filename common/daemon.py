@@ -30,6 +30,7 @@ import uvloop
 from common import logsetup, pairrecord
 from common.config import Config, ConfigError, check_volume_files, load_config
 from common.control import ControlError
+from common.iscsi import credentials as iscsi_credentials
 from common.linksecurity import load_link_security
 from common.nbd import tls as nbd_tls
 from common.pairrecord import PairRecord, PairRecordError
@@ -98,6 +99,7 @@ def run(prog: str, role: str, serve_role: RoleService, argv: list[str] | None = 
         check_volume_files(config)
         security = load_link_security(config.link)
         nbd_tls.load_nbd_tls(config.nbd)  # checked here; each role's service loads it again
+        iscsi_credentials.load_chap(config.iscsi)  # the same
     except ConfigError as exc:
         print(f"{prog}: config error: {exc}", file=sys.stderr)
         return 2
@@ -111,6 +113,10 @@ def run(prog: str, role: str, serve_role: RoleService, argv: list[str] | None = 
         return 1
     log.info("replication link: %s", security.describe())
     log.info("NBD: %s", nbd_tls.describe(config.nbd))
+    if config.iscsi.listen is not None:
+        exposed = config.iscsi.exposed_without_chap
+        level = logging.WARNING if exposed else logging.INFO
+        log.log(level, "iSCSI: %s", iscsi_credentials.describe(config.iscsi))
     _keep_big_buffers_in_the_heap()
     try:
         switch_to = uvloop.run(_serve(config, serve_role))

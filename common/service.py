@@ -12,11 +12,12 @@ from typing import Any
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 
-from common.config import Config
+from common.config import Config, ConfigError
 from common.control import ControlRefused, ControlServer, Handler
 from common.daemon import StartupError
 from common.events import EventLog
 from common.hooks import HookRunner
+from common.iscsi.credentials import load_chap
 from common.iscsi.server import IscsiServer
 from common.journal.store import JournalCorrupt, JournalStore
 from common.metrics.collector import GroupCollector, MetricsSource
@@ -237,9 +238,14 @@ def iscsi_server(
     read_only: bool,
 ) -> IscsiServer | None:
     """The iSCSI target of the group (None when iscsi.listen is absent): LUN n is
-    volumes[n], host I/O counted in the NBD exports' statistics (one series per volume)."""
+    volumes[n], host I/O counted in the NBD exports' statistics (one series per volume),
+    logins held to iscsi.chap when it is set."""
     if config.iscsi.listen is None:
         return None
+    try:
+        chap = load_chap(config.iscsi)
+    except ConfigError as exc:  # checked at start: the file changed since
+        raise StartupError(str(exc)) from None
     return IscsiServer(
         config.iscsi_iqn,
         list(volumes.values()),
@@ -248,6 +254,7 @@ def iscsi_server(
         always_read_only=[v.name for v in config.volumes if v.read_only],
         max_connections=config.iscsi.max_connections,
         stats={n: e.stats for n, e in nbd.exports.items() if e.stats is not None},
+        chap=chap,
     )
 
 

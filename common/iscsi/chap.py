@@ -50,17 +50,17 @@ class ChapSecrets:
     def __post_init__(self) -> None:
         if not self.user or len(self.user) > MAX_NAME_CHARS:
             raise ValueError("CHAP user must be 1..255 characters")
-        _check_secret("CHAP secret", self.secret)
+        check_secret("CHAP secret", self.secret)
         if (self.mutual_user is None) != (self.mutual_secret is None):
             raise ValueError("mutual CHAP needs both a user and a secret")
         if self.mutual_secret is not None:
-            _check_secret("mutual CHAP secret", self.mutual_secret)
+            check_secret("mutual CHAP secret", self.mutual_secret)
             if hmac.compare_digest(self.mutual_secret, self.secret):
                 # with one secret both ways, a target's answer could be reflected back
                 raise ValueError("the mutual CHAP secret must differ from the CHAP secret")
 
 
-def _check_secret(what: str, secret: bytes) -> None:
+def check_secret(what: str, secret: bytes) -> None:
     if not MIN_SECRET_BYTES <= len(secret) <= MAX_SECRET_BYTES:
         raise ValueError(
             f"{what} is {len(secret)} bytes; RFC 7143 wants {MIN_SECRET_BYTES} to "

@@ -738,7 +738,10 @@ def test_iscsi_is_off_unless_iscsi_listen_is_set_and_its_iqn_comes_from_the_grou
     assert config.iscsi_iqn == "iqn.2026-01.org.journalpair:jg0"
     config = load_text(tmp_path, base + "iscsi: {listen: '127.0.0.1:3260'}\n")
     assert config.iscsi.listen == Address("127.0.0.1", 3260)
-    named = "iscsi: {listen: '0.0.0.0:3260', iqn: eui.02004567A425678D, max_connections: 4}\n"
+    named = (
+        "iscsi: {listen: '0.0.0.0:3260', iqn: eui.02004567A425678D, max_connections: 4,\n"
+        "        allow_insecure: true}\n"
+    )
     config = load_text(tmp_path, base + named)
     assert (config.iscsi_iqn, config.iscsi.max_connections) == ("eui.02004567A425678D", 4)
 
