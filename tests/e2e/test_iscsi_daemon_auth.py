@@ -6,6 +6,7 @@ secondaryd.
       iscsi-ls / qemu-io / iscsi-inq (mutual) with the secrets ─► served
       a wrong secret, no credentials ─► Authentication failure; WARNING in the daemon's log
     secondaryd with the same section ─► its LUNs need CHAP too
+    0.0.0.0 without CHAP ─► refused (exit 2); with iscsi.allow_insecure ─► a WARNING at start
 """
 
 from __future__ import annotations
@@ -102,3 +103,27 @@ def test_daemons_require_chap_from_their_config(daemons: Daemons, tmp_path: Path
     assert f"iSCSI: mutual CHAP (initiator user '{USER}'" in secondary.log_text()
     assert f"Target:{IQN}" in run(["iscsi-ls", "-s", portal(secondary)], timeout=30).stdout
     assert refused(portal(secondary, ""))
+
+
+def test_iscsi_beyond_loopback_needs_chap_or_allow_insecure(daemons: Daemons) -> None:
+    daemon = daemons.prepare("secondary", VOLUMES)
+    port = free_port()
+    config = daemon.config_path.read_text()
+    daemon.config_path.write_text(config + f"iscsi: {{listen: '0.0.0.0:{port}'}}\n")
+    done = run_daemon_to_exit("secondary", daemon.config_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"secondaryd: config error: iscsi.listen: 0.0.0.0:{port} is not a loopback address "
+        "and iSCSI has no authentication: set iscsi.chap (or iscsi.allow_insecure: true on an "
+        "isolated SAN)\n"
+    )
+    insecure = f"iscsi: {{listen: '0.0.0.0:{port}', allow_insecure: true}}\n"
+    daemon.config_path.write_text(config + insecure)
+    daemon.iscsi_port = port  # type: ignore[attr-defined]
+    start(daemon)
+    assert (
+        f"WARNING journalpair: iSCSI: no authentication on 0.0.0.0:{port}, not a loopback "
+        "address (iscsi.allow_insecure: true): any host that reaches it can read and write "
+        "every LUN" in daemon.log_text()
+    ), daemon.log_tail()
+    assert f"Target:{IQN}" in run(["iscsi-ls", "-s", portal(daemon, "")], timeout=30).stdout
