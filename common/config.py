@@ -40,6 +40,7 @@ from typing import Any, Literal, NamedTuple, cast
 
 import yaml
 
+from common.iscsi.chap import MAX_NAME_CHARS as CHAP_USER_MAX_CHARS
 from common.logsetup import LEVELS, LOG_FORMATS
 
 __all__ = [
@@ -213,7 +214,6 @@ class NbdConfig:
 ISCSI_MAX_CONNECTIONS_DEFAULT = 16
 ISCSI_MAX_CONNECTIONS_MAX = 1024
 ISCSI_NAME_MAX_BYTES = 223  # RFC 7143 6.2.1
-CHAP_USER_MAX_CHARS = 255  # common.iscsi.chap.MAX_NAME_CHARS
 # RFC 7143 4.2.7.2: iqn.yyyy-mm.reversed.domain[:anything]; names are compared as given, and
 # initiators send them lowercased (RFC 3722), so only lowercase ASCII is accepted here.
 _IQN_RE = re.compile(
