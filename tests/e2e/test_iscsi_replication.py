@@ -15,6 +15,7 @@ import pytest
 
 from common.iscsi import scsi
 from common.iscsi.pdu import BHS_BYTES, Op, Pdu, decode_bhs, encode_pdu, pad4
+from tests.e2e.disaster import prepare_swappable_sites, role_and_state
 from tests.e2e.helpers import (
     HOST,
     Daemon,
@@ -29,6 +30,7 @@ from tests.e2e.helpers import (
     run,
     sha256_file,
     tcp_accepts,
+    wait_caught_up,
     wait_until,
 )
 from tests.e2e.test_iscsi_conformance import load_conformance
@@ -213,3 +215,32 @@ def test_the_s_vol_passes_libiscsis_read_only_suite(daemons: Daemons, tmp_path: 
     assert refused == {"WRITE10", "WRITE16", "UNMAP", "WRITESAME10", "WRITESAME16"}, output
     assert sha256_file(s_vol) == before, "a write reached the S-VOL"
     assert display(secondary)["state"] == "PAIR"
+
+
+def test_a_role_swap_moves_iscsi_write_access_to_the_new_primary(daemons: Daemons) -> None:
+    """takeover while the primary answers: the roles swap with the processes kept, and the
+    iSCSI LUNs follow: B's become writable (and replicate to A), A's write protected."""
+    a, b = prepare_swappable_sites(daemons, VOLUMES)
+    for site in (a, b):
+        port = free_port()
+        with site.config_path.open("a") as config:
+            config.write(f"iscsi: {{listen: '{HOST}:{port}'}}\n")
+        site.iscsi_port = port  # type: ignore[attr-defined]
+        site.start()
+    wait_until(lambda: display(a)["link"]["up"], 15, "the secondary to connect")
+    create_pair(a, b)
+    qemu_io(lun_url(a, 0), "write -P 0x11 0 1M", "flush")
+
+    proc = pairctl(b, "takeover", check=False)
+    assert proc.returncode == 1, proc.stderr  # 1: a swap takeover
+    wait_until(lambda: role_and_state(b) == ("primary", "PAIR"), 30, "B to be the primary")
+    wait_until(lambda: role_and_state(a) == ("secondary", "PAIR"), 30, "A to be the secondary")
+
+    qemu_io(lun_url(b, 0), "write -P 0x22 512k 1M", "flush")
+    wait_caught_up(b)
+    expected = b"\x11" * (512 * KiB) + b"\x22" * MiB
+    for site in (a, b):
+        assert read_at(site.volume("vol0").path, 0, len(expected)) == expected, site.name
+    refused = qemu_io(lun_url(a, 0), "write -P 0x33 0 4k", check=False)
+    assert "write protected" in refused.lower(), refused
+    assert read_at(a.volume("vol0").path, 0, 4 * KiB) == b"\x11" * (4 * KiB)
