@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -15,6 +16,7 @@ from prometheus_client.registry import CollectorRegistry
 from common.config import Config, ConfigError
 from common.control import ControlRefused, ControlServer, Handler
 from common.daemon import StartupError
+from common.displaytext import human_size
 from common.events import EventLog
 from common.hooks import HookRunner
 from common.iscsi.credentials import load_chap
@@ -83,7 +85,28 @@ def open_journal(directory: Path, capacity_bytes: int) -> JournalStore:
         report.segments,
         f", cut {report.bytes_cut} bytes of torn tail" if report.bytes_cut else "",
     )
+    warn_if_the_disk_is_smaller(directory, store.capacity_bytes, store.used_bytes)
     return store
+
+
+def warn_if_the_disk_is_smaller(directory: Path, capacity_bytes: int, used_bytes: int) -> None:
+    """journal.capacity is only kept if the filesystem has room for it: when it does not,
+    the journal fails with ENOSPC (the pair suspends, PSUE) before it is ever full (PFUL,
+    PFUS). Told at start, when it is cheap to fix, not at the first burst."""
+    try:
+        fs = os.statvfs(directory)
+    except OSError:
+        return
+    room_bytes = used_bytes + fs.f_bavail * fs.f_frsize
+    if capacity_bytes > room_bytes:
+        log.warning(
+            "journal %s: journal.capacity is %s but its filesystem has room for %s: the disk "
+            "fills (ENOSPC: the pair suspends, PSUE) before the journal does; lower "
+            "journal.capacity or give the journal more space",
+            directory,
+            human_size(capacity_bytes),
+            human_size(room_bytes),
+        )
 
 
 def open_journal_or_set_aside(directory: Path, capacity_bytes: int) -> tuple[JournalStore, str]:

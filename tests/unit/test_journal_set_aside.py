@@ -1,13 +1,18 @@
 """common.service.open_journal_or_set_aside: a damaged master journal is moved aside, and
-the loss is remembered until the group has marked every region (a kill in between)."""
+the loss is remembered until the group has marked every region (a kill in between); and
+open_journal warns when the filesystem cannot hold journal.capacity."""
 
 from __future__ import annotations
 
+import logging
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from common.journal.record import Op, encode_record
 from common.journal.store import SEGMENT_HEADER_BYTES, JournalStore
-from common.service import journal_loss_handled, open_journal_or_set_aside
+from common.service import journal_loss_handled, open_journal, open_journal_or_set_aside
 
 MiB = 1 << 20
 
@@ -47,3 +52,23 @@ def test_a_sound_journal_is_opened_as_it_is(tmp_path: Path) -> None:
     store, why = open_journal_or_set_aside(tmp_path / "journal", 16 * MiB)
     store.close()
     assert why == "" and not list(tmp_path.glob("journal.*"))
+
+
+def test_a_capacity_larger_than_the_filesystem_is_told_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real 8 MiB tmpfs (root, like the disk-fault tests): a 64 MiB journal on it would
+    hit ENOSPC first, and says so; a 4 MiB one fits and says nothing."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)], check=True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="journalpair"):
+            open_journal(small / "too-big", 64 * MiB).close()
+            open_journal(small / "fits", 4 * MiB).close()
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "too-big: journal.capacity is 64.0 MiB but its filesystem has room for" in warnings[0]
+    assert "ENOSPC" in warnings[0]
