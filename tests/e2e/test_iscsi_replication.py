@@ -8,23 +8,20 @@ to the S-VOLs, and the secondary's LUNs refuse writes until a takeover makes the
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
 from common.iscsi import scsi
-from common.iscsi.pdu import BHS_BYTES, Op, Pdu, decode_bhs, encode_pdu, pad4
+from common.iscsi.pdu import Pdu
 from tests.e2e.disaster import prepare_swappable_sites, role_and_state
 from tests.e2e.helpers import (
-    HOST,
     Daemon,
     Daemons,
     KiB,
     MiB,
     create_pair,
     display,
-    free_port,
     pairctl,
     read_at,
     run,
@@ -33,27 +30,17 @@ from tests.e2e.helpers import (
     wait_caught_up,
     wait_until,
 )
+from tests.e2e.iscsihost import IQN, RawSession, lun_url, with_iscsi
 from tests.e2e.test_iscsi_conformance import load_conformance
-from tests.unit.test_iscsi_core import INITIATOR, login_pdu, scsi_cmd, sense_of
+from tests.unit.test_iscsi_core import sense_of
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
 VOLUMES = (("vol0", 16 * MiB), ("vol1", 8 * MiB))
-IQN = "iqn.2026-01.org.journalpair:jg0"  # derived from the group (tests use jg0)
 
 
 def prepare_with_iscsi(daemons: Daemons, role: str, primary_port: int | None = None) -> Daemon:
-    """A daemon whose config has iscsi.listen on a free port (the harness writes the rest)."""
-    daemon = daemons.prepare(role, VOLUMES, primary_port=primary_port)
-    port = free_port()
-    with daemon.config_path.open("a") as config:
-        config.write(f"iscsi: {{listen: '{HOST}:{port}'}}\n")
-    daemon.iscsi_port = port  # type: ignore[attr-defined]
-    return daemon
-
-
-def lun_url(daemon: Daemon, lun: int) -> str:
-    return f"iscsi://{HOST}:{daemon.iscsi_port}/{IQN}/{lun}"  # type: ignore[attr-defined]
+    return with_iscsi(daemons.prepare(role, VOLUMES, primary_port=primary_port))
 
 
 def start_iscsi_pair(daemons: Daemons) -> tuple[Daemon, Daemon]:
@@ -79,36 +66,13 @@ def qemu_io(url: str, *commands: str, check: bool = True, read_only: bool = Fals
     return proc.stdout + proc.stderr
 
 
-def receive_pdu(sock: socket.socket) -> Pdu:
-    """One target PDU (no digests: this initiator offers none)."""
-
-    def exactly(count: int) -> bytes:
-        data = b""
-        while len(data) < count:
-            chunk = sock.recv(count - len(data))
-            assert chunk, "the target closed the connection"
-            data += chunk
-        return data
-
-    pdu, ahs_bytes, data_bytes = decode_bhs(exactly(BHS_BYTES))
-    exactly(ahs_bytes)
-    pdu.data = exactly(data_bytes + pad4(data_bytes))[:data_bytes]
-    return pdu
-
-
 def raw_write_10(port: int, lun: int, data: bytes) -> Pdu:
     """Log in and send one WRITE 10 at LBA 0 with its data immediate: the SCSI Response."""
-    names = [("InitiatorName", INITIATOR), ("TargetName", IQN), ("SessionType", "Normal")]
-    with socket.create_connection((HOST, port), timeout=10) as sock:
-        sock.sendall(encode_pdu(login_pdu([*names, ("AuthMethod", "None")], 0, 1)))
-        assert receive_pdu(sock).opcode == Op.LOGIN_RSP
-        keys = [("MaxRecvDataSegmentLength", "8192"), ("ImmediateData", "Yes")]
-        sock.sendall(encode_pdu(login_pdu(keys, 1, 3)))
-        assert receive_pdu(sock).opcode == Op.LOGIN_RSP
-        blocks = len(data) // 512
-        cdb = bytes((0x2A, 0, 0, 0, 0, 0, 0, blocks >> 8, blocks & 0xFF, 0))
-        sock.sendall(encode_pdu(scsi_cmd(cdb, 1, 100, len(data), write=True, lun=lun, data=data)))
-        return receive_pdu(sock)
+    session = RawSession(port)
+    try:
+        return session.write(lun, 0, data)
+    finally:
+        session.close()
 
 
 def apply(image: bytearray, offset: int, length: int, pattern: int) -> None:
@@ -222,11 +186,7 @@ def test_a_role_swap_moves_iscsi_write_access_to_the_new_primary(daemons: Daemon
     iSCSI LUNs follow: B's become writable (and replicate to A), A's write protected."""
     a, b = prepare_swappable_sites(daemons, VOLUMES)
     for site in (a, b):
-        port = free_port()
-        with site.config_path.open("a") as config:
-            config.write(f"iscsi: {{listen: '{HOST}:{port}'}}\n")
-        site.iscsi_port = port  # type: ignore[attr-defined]
-        site.start()
+        with_iscsi(site).start()
     wait_until(lambda: display(a)["link"]["up"], 15, "the secondary to connect")
     create_pair(a, b)
     qemu_io(lun_url(a, 0), "write -P 0x11 0 1M", "flush")
