@@ -37,6 +37,19 @@ print((cfg.get("listen") or {}).get("nbd", "127.0.0.1:10809"))
 EOF
 }
 
+# Print "host:port" of iscsi.listen and the target name, or nothing when iSCSI is off.
+config_iscsi() {
+    "$VENV/bin/python" - "$1" <<'EOF'
+import sys, yaml
+with open(sys.argv[1]) as f:
+    cfg = yaml.safe_load(f) or {}
+iscsi = cfg.get("iscsi") or {}
+if iscsi.get("listen"):
+    group = str(cfg.get("group", "jg0")).lower().replace("_", "-")
+    print(iscsi["listen"], iscsi.get("iqn") or f"iqn.2026-01.org.journalpair:{group}")
+EOF
+}
+
 config_volumes() {
     "$VENV/bin/python" - "$1" <<'EOF'
 import sys, yaml
@@ -162,9 +175,18 @@ Watch the pair:
   $VENV/bin/pairctl --config $SECONDARY_CONFIG display
   $VENV/bin/pairctl --config $PRIMARY_CONFIG events --follow
 The secondary serves its read-only copy on nbd://$(config_nbd "$SECONDARY_CONFIG")/<volume>.
-Ctrl-C stops both daemons.
-
 EOF
+    local iscsi iqn
+    read -r iscsi iqn < <(config_iscsi "$PRIMARY_CONFIG") || true
+    if [[ -n ${iscsi:-} ]]; then
+        cat >&2 <<EOF
+iSCSI: target $iqn on $iscsi, LUN n = the n-th volume:
+  iscsi-ls -s iscsi://$iscsi
+  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' iscsi://$iscsi/$iqn/0
+EOF
+    fi
+    echo "Ctrl-C stops both daemons." >&2
+    echo >&2
 }
 
 main() {
