@@ -77,8 +77,10 @@ MAX_AHS_BYTES = 255 * 4
 MIN_RECV_DATA_SEGMENT_BYTES = 512
 DEFAULT_RECV_DATA_SEGMENT_BYTES = 8192
 
-_BHS = struct.Struct(">BBBBB3s8sI28s")
+# byte 4 (TotalAHSLength) and bytes 5..7 (DataSegmentLength) as one 32-bit word
+_BHS = struct.Struct(">BBBBI8sI28s")
 _U32 = struct.Struct(">I")
+_FIELDS = struct.Struct(">7I")
 
 
 def pad4(length: int) -> int:
@@ -130,8 +132,7 @@ class Pdu:
             self.flags,
             self.spec2,
             self.spec3,
-            len(self.ahs) // 4,
-            len(self.data).to_bytes(3, "big"),
+            (len(self.ahs) // 4) << 24 | len(self.data),
             self.lun_or_isid,
             self.itt,
             self.opcode_specific,
@@ -142,10 +143,13 @@ def pack_fields(*words: int) -> bytes:
     """BHS bytes 20..47 from seven 32-bit words (the layout every opcode uses)."""
     if len(words) != 7:
         raise LocalProtocolError(f"{len(words)} words for the opcode-specific fields")
-    return struct.pack(">7I", *words)
+    return _FIELDS.pack(*words)
 
 
 def encode_pdu(pdu: Pdu, *, header_digest: bool = False, data_digest: bool = False) -> bytes:
+    if not (header_digest or data_digest or pdu.ahs):  # the usual case: one copy, no join
+        pad = pad4(len(pdu.data))
+        return pdu.bhs() + pdu.data + bytes(pad) if pad else pdu.bhs() + pdu.data
     header = pdu.bhs() + pdu.ahs
     parts = [header]
     if header_digest:
@@ -162,18 +166,22 @@ def decode_bhs(bhs: bytes | bytearray | memoryview) -> tuple[Pdu, int, int]:
     """Parse a BHS: (pdu without data, AHS bytes, data segment bytes)."""
     if len(bhs) != BHS_BYTES:
         raise LocalProtocolError(f"BHS of {len(bhs)} bytes")
-    byte0, flags, spec2, spec3, ahs_words, dsl, lun, itt, rest = _BHS.unpack(bytes(bhs))
+    return _decode_bhs_at(bhs, 0)
+
+
+def _decode_bhs_at(buf: bytes | bytearray | memoryview, at: int) -> tuple[Pdu, int, int]:
+    byte0, flags, spec2, spec3, lengths, lun, itt, rest = _BHS.unpack_from(buf, at)
     pdu = Pdu(
-        opcode=byte0 & 0x3F,
-        flags=flags,
-        immediate=bool(byte0 & FLAG_IMMEDIATE),
-        spec2=spec2,
-        spec3=spec3,
-        lun_or_isid=lun,
-        itt=itt,
-        opcode_specific=rest,
+        byte0 & 0x3F,
+        flags,
+        bool(byte0 & FLAG_IMMEDIATE),
+        spec2,
+        spec3,
+        lun,
+        itt,
+        rest,
     )
-    return pdu, ahs_words * 4, int.from_bytes(dsl, "big")
+    return pdu, (lengths >> 24) * 4, lengths & 0xFFFFFF
 
 
 class PduReader:
@@ -211,7 +219,7 @@ class PduReader:
         buf = self._buf
         if len(buf) < BHS_BYTES:
             return None
-        pdu, ahs_bytes, data_bytes = decode_bhs(memoryview(buf)[:BHS_BYTES])
+        pdu, ahs_bytes, data_bytes = _decode_bhs_at(buf, 0)
         if pdu.opcode not in INITIATOR_OPS:
             raise RemoteProtocolError(f"opcode 0x{pdu.opcode:02x} is not an initiator opcode")
         if data_bytes > self.max_data_bytes:
@@ -226,6 +234,10 @@ class PduReader:
         total = data_end + (DIGEST_BYTES if self.data_digest and data_bytes else 0)
         if len(buf) < total:
             return None
+        if not (self.header_digest or self.data_digest or ahs_bytes):  # the usual case
+            pdu.data = bytes(memoryview(buf)[data_start : data_start + data_bytes])
+            del buf[:total]
+            return pdu
         view = memoryview(buf)
         try:
             if self.header_digest and digest(view[:header_end]) != bytes(

@@ -114,7 +114,8 @@ class IoKind(Enum):
 DATA_OUT_KINDS = frozenset((IoKind.WRITE, IoKind.UNMAP, IoKind.WRITE_SAME))
 
 
-@dataclass(frozen=True, slots=True)
+# slots, not frozen: made once a command (a frozen dataclass costs ~2 µs more to build)
+@dataclass(slots=True)
 class Io:
     """`length` is the bytes the command moves: READ/WRITE's data, UNMAP's parameter list,
     WRITE SAME's one block. `span` is the bytes of the medium WRITE SAME covers."""

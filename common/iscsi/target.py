@@ -24,16 +24,21 @@
       tick(now) ─► NOP-In ping to a silent initiator; no answer in time ─► Closing
 
 ErrorRecoveryLevel is 0: a protocol error closes the connection (the adapter catches
-RemoteProtocolError); a lost Data-Out (DataSN gap) fails its command only. The command
-window (MaxCmdSN) and the transfer size bound what a connection holds: at most
-`cmd_window` tasks, each with at most MAX_TRANSFER_BYTES. No clock, no disk, no await.
+RemoteProtocolError); a lost Data-Out (DataSN gap) fails its command only. What a connection
+holds is bounded: at most `cmd_window` tasks (MaxCmdSN), and write data (a task's buffer,
+then its WriteRequest until answered) is counted against `write_buffer_bytes_max`: a write
+gets its R2Ts only while that budget has room for all it still wants (or when no other
+write is granted or in flight, so one always goes on); the others wait, first come first
+served. Only unsolicited data (at most FirstBurstLength a task) comes without asking, so a
+connection holds at most write_buffer_bytes_max + MAX_TRANSFER_BYTES + cmd_window x
+FirstBurstLength of write data. No clock, no disk, no await.
 """
 
 from __future__ import annotations
 
 import struct
-from collections import OrderedDict
-from collections.abc import Collection, Mapping
+from collections import OrderedDict, deque
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
@@ -110,7 +115,11 @@ class TargetConfig:
     portal: str  # "host:port" for SendTargets' TargetAddress
     limits: TargetLimits = field(default_factory=TargetLimits)
     portal_group: int = 1
-    cmd_window: int = 8
+    # commands an initiator may have outstanding (MaxCmdSN - ExpCmdSN + 1): QD32 initiators
+    # keep 32 in flight; memory is bounded by write_buffer_bytes_max, not by this
+    cmd_window: int = 32
+    # write data a connection holds for R2Ts granted and writes not yet answered
+    write_buffer_bytes_max: int = 16 << 20
     # a NOP-In ping after this long without a byte from the initiator; no NOP-Out answer
     # within nop_in_timeout_s drops the connection
     nop_in_interval_s: float = 5.0
@@ -125,7 +134,8 @@ class LoggedIn:
     params: SessionParams
 
 
-@dataclass(frozen=True, slots=True)
+# slots, not frozen: made once a command (a frozen dataclass costs ~2 µs more to build)
+@dataclass(slots=True)
 class ReadRequest:
     itt: int
     lun: int
@@ -133,7 +143,8 @@ class ReadRequest:
     length: int
 
 
-@dataclass(frozen=True, slots=True)
+# slots, not frozen: made once a command (a frozen dataclass costs ~2 µs more to build)
+@dataclass(slots=True)
 class WriteRequest:
     """`data` is the whole write, owned by the event."""
 
@@ -217,6 +228,9 @@ class _Task:
     unsolicited_open: bool = False  # unsolicited Data-Out (TTT reserved) may still come
     unsolicited_end: int = 0  # ... up to this offset: min(FirstBurstLength, EDTL)
     in_flight: bool = False  # the adapter has its I/O event and has not answered yet
+    held_bytes: int = 0  # write data counted against write_buffer_bytes_max
+    granted: bool = False  # its R2Ts may go out (room was found for all it still wants)
+    waiting_for_room: bool = False  # in the R2T queue
     aborted: bool = False  # by a TMF while in flight: the answer is dropped
     # the answer (and bytes transferred) to send once the initiator ends the Data-Out
     # sequence it is in (F bit): the command failed while data was still expected, whose
@@ -251,6 +265,7 @@ class IscsiTargetConnection:
         self.negotiator = Negotiator(config.limits)
         self.params = self.negotiator.params
         self._out: list[bytes] = []
+        self._out_bytes = 0
         self._events: list[Event] = []
         self._digests = (False, False)
         self._stage = -1  # the login stage the next Login Request must be in; -1: first
@@ -260,6 +275,10 @@ class IscsiTargetConnection:
         self.stat_sn = 0
         self.exp_cmd_sn = 0
         self._tasks: dict[int, _Task] = {}
+        self._queued_tasks = 0  # non-immediate tasks: what the command window counts
+        self._immediate_tasks = 0
+        self._held_bytes = 0  # write data held (see the module docstring)
+        self._r2t_queue: deque[int] = deque()  # ITTs of writes waiting for room, in order
         self._next_ttt = 1
         # ITTs of tasks aborted while the initiator may still send Data-Out for them:
         # those PDUs are dropped quietly (bounded: the oldest are forgotten)
@@ -272,6 +291,14 @@ class IscsiTargetConnection:
         self._connected_s: float | None = None  # the first tick
         self._last_heard_s: float | None = None
         self._ping: tuple[int, float] | None = None  # (TTT, sent at) of the open ping
+        self._handlers: dict[int, Callable[[Pdu], None]] = {  # full feature phase
+            Op.SCSI_CMD: self._scsi_command,
+            Op.DATA_OUT: self._data_out,
+            Op.NOP_OUT: self._nop_out,
+            Op.TEXT_REQ: self._text,
+            Op.LOGOUT_REQ: self._logout,
+            Op.TASK_MGMT_REQ: self._task_management,
+        }
 
     # -- the adapter's side -------------------------------------------------------------
 
@@ -342,11 +369,22 @@ class IscsiTargetConnection:
     def data_to_send(self) -> bytes:
         out = b"".join(self._out)
         self._out.clear()
+        self._out_bytes = 0
         return out
+
+    @property
+    def bytes_to_send(self) -> int:
+        """What data_to_send() would return now, in bytes (READ data waiting to go)."""
+        return self._out_bytes
 
     @property
     def outstanding_tasks(self) -> int:
         return len(self._tasks)
+
+    @property
+    def held_write_bytes(self) -> int:
+        """Write data this connection holds (buffered, or in a WriteRequest not answered)."""
+        return self._held_bytes
 
     def read_done(self, itt: int, data: bytes) -> None:
         task = self._finish(itt, (scsi.IoKind.READ,))
@@ -388,7 +426,9 @@ class IscsiTargetConnection:
         if kinds is not None and task.io.kind not in kinds:
             what = "/".join(kind.value for kind in kinds)
             raise LocalProtocolError(f"no {what} outstanding with ITT 0x{itt:08x}")
-        del self._tasks[itt]
+        self._drop_task(task)
+        if self._r2t_queue:  # its write data is no longer held: room for those waiting
+            self._grant_waiting_writes()
         if not task.aborted:
             return task
         for pending in self._pending_tmfs:
@@ -406,22 +446,19 @@ class IscsiTargetConnection:
                 raise RemoteProtocolError(f"opcode 0x{pdu.opcode:02x} before login completed")
             self._login(pdu)
             return
-        handler = {
-            Op.SCSI_CMD: self._scsi_command,
-            Op.DATA_OUT: self._data_out,
-            Op.NOP_OUT: self._nop_out,
-            Op.TEXT_REQ: self._text,
-            Op.LOGOUT_REQ: self._logout,
-            Op.TASK_MGMT_REQ: self._task_management,
-        }.get(Op(pdu.opcode))
+        handler = self._handlers.get(pdu.opcode)
         if handler is None:
             self._reject(pdu, REJECT_COMMAND_NOT_SUPPORTED)
             return
         handler(pdu)
+        if self._r2t_queue:
+            self._grant_waiting_writes()
 
     def _send(self, pdu: Pdu) -> None:
         header_digest, data_digest = self._digests
-        self._out.append(encode_pdu(pdu, header_digest=header_digest, data_digest=data_digest))
+        encoded = encode_pdu(pdu, header_digest=header_digest, data_digest=data_digest)
+        self._out.append(encoded)
+        self._out_bytes += len(encoded)
 
     @property
     def _burst_bytes(self) -> int:
@@ -430,8 +467,60 @@ class IscsiTargetConnection:
         return min(self.params.max_burst_bytes, self.config.limits.max_burst_bytes)
 
     def _max_cmd_sn(self) -> int:
-        queued = sum(1 for task in self._tasks.values() if not task.immediate)
-        return (self.exp_cmd_sn + self.config.cmd_window - queued - 1) & 0xFFFFFFFF
+        return (self.exp_cmd_sn + self.config.cmd_window - self._queued_tasks - 1) & 0xFFFFFFFF
+
+    # -- the tasks held and the write data they hold --------------------------------------
+
+    def _add_task(self, task: _Task) -> None:
+        if task.itt in self._tasks:
+            return
+        self._tasks[task.itt] = task
+        if task.immediate:
+            self._immediate_tasks += 1
+        else:
+            self._queued_tasks += 1
+
+    def _drop_task(self, task: _Task) -> None:
+        if self._tasks.pop(task.itt, None) is None:
+            return
+        if task.immediate:
+            self._immediate_tasks -= 1
+        else:
+            self._queued_tasks -= 1
+        self._hold(task, 0)
+        task.granted = task.waiting_for_room = False
+
+    def _hold(self, task: _Task, nbytes: int) -> None:
+        self._held_bytes += nbytes - task.held_bytes
+        task.held_bytes = nbytes
+
+    def _room_for(self, task: _Task) -> bool:
+        """Whether ``task`` may take all the write data it still wants now: within the
+        budget, or over it when no other write is granted or in flight (one always goes on,
+        whatever unsolicited data the waiting ones hold)."""
+        wanted = task.expected_bytes - task.held_bytes
+        if self._held_bytes + wanted <= self.config.write_buffer_bytes_max:
+            return True
+        return not any(other.granted or other.in_flight for other in self._tasks.values())
+
+    def _grant_waiting_writes(self) -> None:
+        """R2Ts for the writes waiting for room, in arrival order, while there is room."""
+        queue = self._r2t_queue
+        while queue:
+            task = self._tasks.get(queue[0])
+            if task is None or not task.waiting_for_room:
+                queue.popleft()  # answered or aborted meanwhile
+                continue
+            if not self._room_for(task):
+                return
+            queue.popleft()
+            task.waiting_for_room = False
+            self._grant(task)
+            self._write_progress(task)
+
+    def _grant(self, task: _Task) -> None:
+        task.granted = True
+        self._hold(task, task.expected_bytes)
 
     def _status_fields(
         self, *, tag: int = 0, word4: int = 0, word5: int = 0, word6: int = 0
@@ -773,7 +862,7 @@ class IscsiTargetConnection:
         if task.in_flight:
             task.aborted = True  # stays until the adapter answers; its answer is dropped
             return
-        del self._tasks[task.itt]
+        self._drop_task(task)
         if task.unsolicited_open or task.ttt != RESERVED_TAG:
             self._aborted_itts[task.itt] = None  # Data-Out may still be on its way
             while len(self._aborted_itts) > 2 * (self.config.cmd_window + MAX_IMMEDIATE_TASKS):
@@ -799,8 +888,7 @@ class IscsiTargetConnection:
         if pdu.itt in self._tasks or pdu.itt == RESERVED_TAG:
             self._reject(pdu, REJECT_INVALID_FIELD)
             return
-        immediates = sum(1 for task in self._tasks.values() if task.immediate)
-        if pdu.immediate and immediates >= MAX_IMMEDIATE_TASKS:
+        if pdu.immediate and self._immediate_tasks >= MAX_IMMEDIATE_TASKS:
             self._reject(pdu, REJECT_IMMEDIATE)
             return
         if not self._accept_cmd_sn(pdu):
@@ -830,12 +918,14 @@ class IscsiTargetConnection:
     def _answer_after_data(self, task: _Task, reply: scsi.Reply, transferred: int | None) -> None:
         """Answer now, or once the Data-Out sequence the initiator is in ends."""
         if not task.unsolicited_open and task.ttt == RESERVED_TAG:
-            self._tasks.pop(task.itt, None)
+            self._drop_task(task)
             self._send_response(task, reply, transferred)
             return
         task.pending = (reply, transferred)
         task.buffer = bytearray()
-        self._tasks[task.itt] = task
+        self._add_task(task)
+        self._hold(task, 0)  # what still comes is dropped
+        task.granted = False
 
     def _start_io(self, task: _Task, io: scsi.Io, pdu: Pdu) -> None:
         reads, writes = bool(pdu.flags & _SCSI_FLAG_READ), bool(pdu.flags & _SCSI_FLAG_WRITE)
@@ -861,7 +951,7 @@ class IscsiTargetConnection:
         if io.kind not in (scsi.IoKind.FLUSH, scsi.IoKind.WRITE_SAME) and io.length == 0:
             self._answer_after_data(task, scsi.Reply(scsi.Status.GOOD), None)
             return
-        self._tasks[task.itt] = task
+        self._add_task(task)
         if io.kind is scsi.IoKind.READ:
             task.in_flight = True
             self._events.append(ReadRequest(task.itt, task.lun, io.offset, io.length))
@@ -871,9 +961,10 @@ class IscsiTargetConnection:
         else:
             # Everything the initiator means to send is taken (ExpectedDataTransferLength,
             # bounded above); the whole blocks of it that the CDB asks for are written and
-            # the difference is a residual (RFC 7143 11.4.5).
-            task.buffer = bytearray(task.expected_bytes)
-            task.buffer[: len(pdu.data)] = pdu.data
+            # the difference is a residual (RFC 7143 11.4.5). The buffer grows as data
+            # comes: room is made for what R2Ts ask for, not for what a CDB announces.
+            task.buffer = bytearray(pdu.data)
+            self._hold(task, len(task.buffer))
             self._write_progress(task)
 
     def _write_progress(self, task: _Task) -> None:
@@ -886,15 +977,21 @@ class IscsiTargetConnection:
         if task.received == task.expected_bytes:
             write_bytes = min(task.expected_bytes, task.io.length)
             write_bytes -= write_bytes % scsi.BLOCK_BYTES
-            data = bytes(task.buffer[:write_bytes])
-            task.buffer = bytearray()
+            buffer, task.buffer = task.buffer, bytearray()
+            data = bytes(buffer) if write_bytes == len(buffer) else bytes(buffer[:write_bytes])
             if not write_bytes:
-                del self._tasks[task.itt]
+                self._drop_task(task)
                 self._send_response(task, scsi.Reply(scsi.Status.GOOD), task.io.length)
                 return
             task.in_flight = True
             self._events.append(WriteRequest(task.itt, task.lun, task.io.offset, data, task.io.fua))
             return
+        if not task.granted:
+            if self._r2t_queue or not self._room_for(task):  # (others wait: after them)
+                task.waiting_for_room = True
+                self._r2t_queue.append(task.itt)
+                return
+            self._grant(task)
         want = min(self._burst_bytes, task.expected_bytes - task.received)
         task.ttt = self._new_ttt()
         task.r2t_end = task.received + want
@@ -930,7 +1027,7 @@ class IscsiTargetConnection:
         task.buffer = bytearray()
         action = scsi.parameters_received(task.io, data, self.config.luns[task.lun])
         if isinstance(action, scsi.Reply):
-            del self._tasks[task.itt]
+            self._drop_task(task)
             self._send_response(task, action, transferred=task.io.length)
         elif isinstance(action, scsi.Unmap):
             task.in_flight = True
@@ -973,7 +1070,7 @@ class IscsiTargetConnection:
         task.data_sn = 0
         if task.pending is not None:
             reply, transferred = task.pending
-            del self._tasks[task.itt]
+            self._drop_task(task)
             self._send_response(task, reply, transferred)
             return
         self._write_progress(task)
@@ -991,8 +1088,10 @@ class IscsiTargetConnection:
             raise RemoteProtocolError(
                 f"Data-Out at {offset}+{len(pdu.data)} outside the sequence {task.received}..{end}"
             )
-        task.buffer[offset : offset + len(pdu.data)] = pdu.data
+        task.buffer += pdu.data  # offset == task.received: the buffer grows in order
         task.received += len(pdu.data)
+        if task.received > task.held_bytes:  # unsolicited data: counted as it comes
+            self._hold(task, task.received)
         if pdu.final != (task.received == end) and not (unsolicited and pdu.final):
             raise RemoteProtocolError("Data-Out F bit does not end the R2T's data")
 
@@ -1006,11 +1105,15 @@ class IscsiTargetConnection:
         burst = self._burst_bytes
         # (offset, end) of each PDU: none crosses a MaxBurstLength boundary, and the F bit
         # ends each burst (a Data-In sequence, RFC 7143 11.7.1)
-        chunks = [
-            (at, min(at + step, start + burst, len(data)))
-            for start in range(0, len(data), burst)
-            for at in range(start, min(start + burst, len(data)), step)
-        ]
+        chunks = (
+            [
+                (at, min(at + step, start + burst, len(data)))
+                for start in range(0, len(data), burst)
+                for at in range(start, min(start + burst, len(data)), step)
+            ]
+            if len(data) > min(step, burst)
+            else [(0, len(data))]
+        )  # (a small read: one PDU)
         lun = scsi.encode_lun(task.lun)
         for data_sn, (offset, end) in enumerate(chunks):
             last = data_sn == len(chunks) - 1

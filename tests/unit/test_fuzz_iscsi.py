@@ -242,6 +242,7 @@ def test_task_management_between_commands_and_late_io_keeps_every_promise(
     out += conn.data_to_send()
     check_promises(parse_target_pdus(bytes(out)), tmfs)
     assert conn.outstanding_tasks == 0
+    assert conn.held_write_bytes == 0  # every byte counted against the budget given back
 
 
 def answer(conn: IscsiTargetConnection, event: object, *, fail: bool) -> None:

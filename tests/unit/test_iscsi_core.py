@@ -336,7 +336,8 @@ def test_login_security_then_operational_then_full_feature() -> None:
     assert dict(parse_text(second.data))["MaxRecvDataSegmentLength"] == str(256 << 10)
     # StatSN starts at the initiator's ExpStatSN (50); ExpCmdSN is the login's CmdSN (100)
     assert (first.field32(24), second.field32(24)) == (50, 51)
-    assert second.field32(28) == 100 and second.field32(32) == 100 + 8 - 1
+    window = session.conn.config.cmd_window
+    assert second.field32(28) == 100 and second.field32(32) == 100 + window - 1
 
 
 def test_login_text_spread_over_continuation_pdus_is_joined() -> None:
@@ -525,15 +526,19 @@ def test_immediate_data_not_negotiated_is_a_protocol_error() -> None:
 def test_the_command_window_bounds_outstanding_tasks() -> None:
     session = Session()
     session.login()
+    window = session.conn.config.cmd_window
+    assert window >= 32  # a QD32 initiator keeps 32 commands outstanding
     read = bytes((0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0))
     events = []
-    for n in range(10):  # the window is 8: CmdSN 108 and 109 are outside it, ignored
+    for n in range(window + 2):  # the last two CmdSNs are outside the window: ignored
         events += session.send(scsi_cmd(read, 20 + n, 100 + n, 512, read=True))
-    assert [event.itt for event in events if isinstance(event, ReadRequest)] == list(range(20, 28))
-    assert session.conn.outstanding_tasks == 8
+    itts = [event.itt for event in events if isinstance(event, ReadRequest)]
+    assert itts == list(range(20, 20 + window))
+    assert session.conn.outstanding_tasks == window
     session.conn.read_done(20, bytes(512))
     (reply,) = session.replies()
-    assert reply.field32(28) == 108 and reply.field32(32) == 108  # ExpCmdSN, MaxCmdSN
+    # ExpCmdSN, MaxCmdSN: one task answered, one more CmdSN in the window
+    assert reply.field32(28) == 100 + window and reply.field32(32) == 100 + window
 
 
 def test_synchronize_cache_is_a_flush_event() -> None:
