@@ -5,6 +5,8 @@ every host write through the same WriteJournal path as NBD writes (common.nbd.se
       │
       ▼ serve: read ≤ READ_CHUNK_BYTES ─► conn.receive_data() ─► events until NEED_DATA
           ReadRequest   ─► Volume.read (inline: page cache, ≤ 4 MiB) ─► conn.read_done()
+                             over SEND_BATCH_BYTES queued: written and drained first
+                             (a window of 4 MiB READs is not held in memory at once)
           WriteRequest  ─► a HostChange; consecutive ones are one batch (≤ the command window)
                              refused if the LUN is read-only now (WRITE PROTECTED)
                              journal.wrote/trimmed/zeroed ... journal.flush_records()
@@ -41,7 +43,7 @@ import hashlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple, cast
@@ -72,7 +74,10 @@ from common.volume import Volume
 
 log = logging.getLogger("journalpair.iscsi")
 
-READ_CHUNK_BYTES = 64 << 10
+# a receive takes up to this much: a QD32 window of 4 KiB writes is one receive, one batch
+READ_CHUNK_BYTES = 256 << 10
+# READ data queued beyond this is sent (and drained) before the next command runs
+SEND_BATCH_BYTES = 1 << 20
 MAX_CONNECTIONS_DEFAULT = 16
 # A NOP-In ping to an initiator silent this long; dropped without an answer this long after
 NOP_IN_INTERVAL_S = 5.0
@@ -88,7 +93,8 @@ class ChangeKind(Enum):
     ZERO = "zero"  # zeros, kept allocated: WRITE SAME of a zero block without UNMAP
 
 
-@dataclass(frozen=True, slots=True)
+# slots, not frozen: made once a command (a frozen dataclass costs ~2 µs more to build)
+@dataclass(slots=True)
 class Change:
     kind: ChangeKind
     offset: int
@@ -96,7 +102,8 @@ class Change:
     data: bytes = b""  # WRITE only
 
 
-@dataclass(frozen=True, slots=True)
+# slots, not frozen: made once a command (a frozen dataclass costs ~2 µs more to build)
+@dataclass(slots=True)
 class HostChange:
     """One host command that changes a LUN: journaled, applied, then answered by ``done``
     (the core's reply for that command) or by io_failed / io_refused."""
@@ -324,6 +331,10 @@ class IscsiServer:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
+        async def send() -> None:
+            writer.write(conn.data_to_send())
+            await writer.drain()
+
         while not self._stopping:
             self._connections[task] = True
             data = await reader.read(READ_CHUNK_BYTES)
@@ -338,9 +349,8 @@ class IscsiServer:
                 if event is NEED_DATA:
                     break
                 events.append(cast(Event, event))
-            closing = await self.run_events(conn, events, arrived_ns)
-            writer.write(conn.data_to_send())
-            await writer.drain()
+            closing = await self.run_events(conn, events, arrived_ns, send)
+            await send()
             if closing is not None:
                 peer = self._peer_of(writer)
                 if closing.authentication_failed:  # a wrong secret, or a password guesser
@@ -354,10 +364,15 @@ class IscsiServer:
     # -- commands -------------------------------------------------------------------------
 
     async def run_events(
-        self, conn: IscsiTargetConnection, events: Sequence[Event], arrived_ns: int = 0
+        self,
+        conn: IscsiTargetConnection,
+        events: Sequence[Event],
+        arrived_ns: int = 0,
+        send: Callable[[], Awaitable[None]] | None = None,
     ) -> Closing | None:
         """Run one receive's events in order (consecutive changes as one journal batch);
-        the replies are queued in ``conn``. Returns the Closing event, if any."""
+        the replies are queued in ``conn``, and ``send`` sends them whenever more than
+        SEND_BATCH_BYTES are queued. Returns the Closing event, if any."""
         batch: list[HostChange] = []
         for event in events:
             change = host_change(conn, event)
@@ -370,6 +385,8 @@ class IscsiServer:
             if isinstance(event, Closing):
                 return event
             await self._run_other(conn, event, arrived_ns)
+            if send is not None and conn.bytes_to_send > SEND_BATCH_BYTES:
+                await send()
         if batch:
             await self.run_changes(conn, batch, arrived_ns)
         return None
