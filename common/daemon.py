@@ -46,7 +46,7 @@ _MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's maximum on 64-bit
 _TRIM_THRESHOLD_BYTES = 64 << 20
 
 
-def _keep_big_buffers_in_the_heap() -> None:
+def keep_big_buffers_in_the_heap() -> None:
     """Serve 1 MiB reads and writes from reused heap memory, not a fresh mmap each.
 
     glibc mmaps every allocation over its (dynamic) threshold and unmaps it on
@@ -117,7 +117,7 @@ def run(prog: str, role: str, serve_role: RoleService, argv: list[str] | None = 
         exposed = config.iscsi.exposed_without_chap
         level = logging.WARNING if exposed else logging.INFO
         log.log(level, "iSCSI: %s", iscsi_credentials.describe(config.iscsi))
-    _keep_big_buffers_in_the_heap()
+    keep_big_buffers_in_the_heap()
     try:
         switch_to = uvloop.run(_serve(config, serve_role))
     except VolumeError as exc:

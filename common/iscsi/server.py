@@ -78,6 +78,9 @@ log = logging.getLogger("journalpair.iscsi")
 READ_CHUNK_BYTES = 256 << 10
 # READ data queued beyond this is sent (and drained) before the next command runs
 SEND_BATCH_BYTES = 1 << 20
+# drain() waits while the transport holds more than this: room for a few 1 MiB READs, so
+# the next READ is read from the volume while the last ones are still going out
+SEND_BUFFER_BYTES = 4 << 20
 MAX_CONNECTIONS_DEFAULT = 16
 # A NOP-In ping to an initiator silent this long; dropped without an answer this long after
 NOP_IN_INTERVAL_S = 5.0
@@ -287,6 +290,7 @@ class IscsiServer:
             writer.close()
             return
         self._connections[task] = True
+        writer.transport.set_write_buffer_limits(high=SEND_BUFFER_BYTES)
         conn = IscsiTargetConnection(self.config, next(self._tsih))
         try:
             async with asyncio.TaskGroup() as tasks:  # the pinger's errors are not lost

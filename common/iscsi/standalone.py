@@ -19,6 +19,7 @@ from pathlib import Path
 
 import uvloop
 
+from common.daemon import keep_big_buffers_in_the_heap
 from common.iscsi import scsi
 from common.iscsi.chap import ChapSecrets
 from common.iscsi.server import IscsiServer
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"error: CHAP: {exc}", file=sys.stderr)
         return 2
+    keep_big_buffers_in_the_heap()  # as the daemons do: 1 MiB READs without page faults
     try:
         uvloop.run(serve(args, chap))  # the daemons' loop: what we measure is theirs
     except VolumeError as exc:
