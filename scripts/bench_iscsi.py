@@ -1,20 +1,23 @@
 """make bench-iscsi: our iSCSI target against Debian's tgt (tgtd), side by side, in one run.
 
-    two sparse LUN files of --size
+    sparse LUN files of --size
       │
       start journalpair  python -m common.iscsi.standalone      LUN 0 = the file
             tgt          tgtd -f -C CONTROL --iscsi portal=127.0.0.1:PORT, then tgtadm:
                          target 1, LUN 1 = the file (bs rdwr, thin_provisioning=1),
                          bind ALL                               (tgt's LUN 0 is its controller)
+            primaryd     (not with --no-primaryd) primaryd serving iSCSI (iscsi.listen), LUN 0
+                         = the file, paired with a secondaryd (benchlib.servers.JournalPair:
+                         pairctl create, wait PAIR): every write journaled and replicated
       │
-    conformance: scripts/iscsi_conformance.py's selection of iscsi-test-cu on each
+    conformance: scripts/iscsi_conformance.py's selection of iscsi-test-cu on journalpair, tgt
                  ──► one table: test, journalpair, tgt; totals; why each non-pass
       │
-    throughput, for rep in 1..--reps, the targets' order alternating (jp tgt, tgt jp, ...):
+    throughput, for rep in 1..--reps, the targets' order alternating (jp tgt pd, pd tgt jp, ...):
         qemu-img bench   1 MiB sequential write / read, QD8; 4 KiB strided write, QD32
                          (qemu-img bench has no random mode: offsets step by 4 KiB x 7919)
         iscsi-perf -r    4 KiB random read, QD32, for --perf-s seconds
-      ──► MiB/s and IOPS median per target, the ratio journalpair/tgt per rep: median [min-max]
+      ──► MiB/s and IOPS median per target, the ratio to tgt per rep: median [min-max]
       │
     bench-results/bench-iscsi-YYYYmmdd-HHMMSS.json (+ each target's iscsi-test-cu output)
 
@@ -36,15 +39,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import iscsi_conformance
-from benchlib.servers import ROOT, free_port, spawn, stop_process, tail
+import yaml
+from benchlib.servers import ROOT, JournalPair, ServerError, free_port, spawn, stop_process, tail
 
 RESULTS_DIR = ROOT / "bench-results"
 JP_IQN = "iqn.2026-01.org.journalpair:bench"
+PD_IQN = "iqn.2026-01.org.journalpair:bench-primaryd"
+PD_JOURNAL = "2GiB"  # the primary's and the secondary's: the jobs write about 600 MiB
 TGT_IQN = "iqn.2026-01.org.tgt:bench"
 READY_TIMEOUT_S = 15.0
 JOB_TIMEOUT_S = 120.0
@@ -142,11 +148,57 @@ def start_tgt(run_dir: Path, lun: Path) -> Target:
     return target
 
 
-@contextlib.contextmanager
-def targets(run_dir: Path, size: int) -> Iterator[list[Target]]:
-    started: list[Target] = []
+class IscsiPair(JournalPair):
+    """primaryd and secondaryd (bench.py's pair), the primary also serving iSCSI."""
+
+    def __init__(self, run_dir: Path, volume: Path, size: int) -> None:
+        self.iscsi_port = free_port()  # (before super(): it writes the configs)
+        super().__init__(run_dir, volume, argparse.Namespace(size=size, journal=PD_JOURNAL))
+
+    def _config(self, role: str, volume: Path, listen: dict[str, str], repl: str) -> Path:
+        path = super()._config(role, volume, listen, repl)
+        if role == "primary":
+            config = yaml.safe_load(path.read_text())
+            config["iscsi"] = {"listen": f"127.0.0.1:{self.iscsi_port}", "iqn": PD_IQN}
+            path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+
+@dataclasses.dataclass
+class PrimarydTarget:
+    name: str
+    url: str
+    pair: IscsiPair
+
+    def stop(self) -> dict[str, Any]:
+        stopped = self.pair.stop()
+        return {
+            "killed": any(r["killed"] for r in stopped.values()),
+            "exit": max(abs(r["exit"] or 0) for r in stopped.values()),
+        }
+
+
+def start_primaryd(run_dir: Path, lun: Path) -> PrimarydTarget:
+    site = run_dir / "pair"
+    site.mkdir()
+    pair = IscsiPair(site, lun, lun.stat().st_size)
+    target = PrimarydTarget("primaryd", f"iscsi://127.0.0.1:{pair.iscsi_port}/{PD_IQN}/0", pair)
     try:
-        for name, start in (("journalpair", start_journalpair), ("tgt", start_tgt)):
+        pair.start()  # NBD export up, link up, pair created and in PAIR
+    except BaseException:
+        target.stop()
+        raise
+    return target
+
+
+@contextlib.contextmanager
+def targets(run_dir: Path, size: int, primaryd: bool) -> Iterator[list[Any]]:
+    started: list[Any] = []
+    starts: list[tuple[str, Callable[[Path, Path], Any]]]
+    starts = [("journalpair", start_journalpair), ("tgt", start_tgt)]
+    starts += [("primaryd", start_primaryd)] if primaryd else []
+    try:
+        for name, start in starts:
             lun = run_dir / f"{name}-lun.img"
             with lun.open("wb") as f:
                 f.truncate(size)
@@ -155,16 +207,18 @@ def targets(run_dir: Path, size: int) -> Iterator[list[Target]]:
     finally:
         for target in started:
             result = target.stop()
-            if result["killed"] or (target.name == "journalpair" and result["exit"] != 0):
+            if result["killed"] or (target.name != "tgt" and result["exit"] != 0):
                 print(f"warning: {target.name} stopped badly: {result}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------ conformance
 
 
-def conformance(ts: list[Target], run_dir: Path) -> dict[str, list[dict[str, str]]]:
+def conformance(ts: list[Any], run_dir: Path) -> dict[str, list[dict[str, str]]]:
     out: dict[str, list[dict[str, str]]] = {}
     for target in ts:
+        if target.name == "primaryd":  # the same core as journalpair's: throughput only
+            continue
         raw: list[str] = []
         start = time.monotonic()
         results = iscsi_conformance.run_conformance(target.url, raw_output=raw)
@@ -256,7 +310,7 @@ def jobs(args: argparse.Namespace) -> list[Job]:
     ]
 
 
-def throughput(ts: list[Target], args: argparse.Namespace) -> list[dict[str, Any]]:
+def throughput(ts: list[Any], args: argparse.Namespace) -> list[dict[str, Any]]:
     runs = []
     for rep in range(1, args.reps + 1):
         order = ts if rep % 2 else list(reversed(ts))
@@ -269,8 +323,13 @@ def throughput(ts: list[Target], args: argparse.Namespace) -> list[dict[str, Any
 
 
 def print_throughput(runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    print(f"\nthroughput: median [min-max] over {args.reps} reps, ratio = journalpair/tgt per rep")
-    print(f"{'job':28}{'journalpair':>24}{'tgt':>24}{'ratio jp/tgt':>22}")
+    ours = [n for n in ("journalpair", "primaryd") if any(r["target"] == n for r in runs)]
+    print(f"\nthroughput: median [min-max] over {args.reps} reps, ratio = ours/tgt per rep")
+    print(
+        f"{'job':28}"
+        + "".join(f"{n:>24}" for n in [*ours, "tgt"])
+        + "".join(f"{'ratio ' + n[:2] + '/tgt':>22}" for n in ours)
+    )
     for job in jobs(args):
         unit, key = ("IOPS", "iops") if job.request_bytes < MiB else ("MiB/s", "mib_s")
 
@@ -279,10 +338,17 @@ def print_throughput(runs: list[dict[str, Any]], args: argparse.Namespace) -> No
                 r["rep"]: r[key] for r in runs if r["job"] == job.name and r["target"] == target
             }
 
-        jp, tgt = values("journalpair"), values("tgt")
-        ratios = [jp[rep] / tgt[rep] for rep in sorted(jp.keys() & tgt.keys()) if tgt[rep]]
-        cells = [fmt(list(jp.values()), ".0f"), fmt(list(tgt.values()), ".0f"), fmt(ratios, ".2f")]
-        print(f"{job.title + ' (' + unit + ')':28}{cells[0]:>24}{cells[1]:>24}{cells[2]:>22}")
+        tgt = values("tgt")
+        cells = [fmt(list(values(n).values()), ".0f") for n in [*ours, "tgt"]]
+        for name in ours:
+            mine = values(name)
+            ratios = [mine[rep] / tgt[rep] for rep in sorted(mine.keys() & tgt.keys()) if tgt[rep]]
+            cells.append(fmt(ratios, ".2f"))
+        widths = [24] * (len(ours) + 1) + [22] * len(ours)
+        print(
+            f"{job.title + ' (' + unit + ')':28}"
+            + "".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True))
+        )
 
 
 def fmt(xs: list[float], spec: str) -> str:
@@ -312,6 +378,9 @@ def main() -> int:
     parser.add_argument("--perf-s", type=float, default=3.0, help="iscsi-perf seconds per run")
     parser.add_argument("--no-conformance", action="store_true")
     parser.add_argument("--no-throughput", action="store_true")
+    parser.add_argument(
+        "--no-primaryd", action="store_true", help="without primaryd (paired) serving iSCSI"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("error: tgtd needs root (run as root, or through sudo)", file=sys.stderr)
@@ -324,7 +393,7 @@ def main() -> int:
     try:
         with (
             tempfile.TemporaryDirectory(prefix="bench-iscsi-") as tmp,
-            targets(Path(tmp), args.size) as ts,
+            targets(Path(tmp), args.size, not args.no_primaryd) as ts,
         ):
             # tgt's LUN 0 is its controller: its disk is LUN 1, ours LUN 0
             report["urls"] = {t.name: t.url for t in ts}
@@ -337,7 +406,7 @@ def main() -> int:
             if not args.no_throughput:
                 print("throughput (qemu-img bench, iscsi-perf)...", file=sys.stderr)
                 report["throughput"] = throughput(ts, args)
-    except (BenchError, iscsi_conformance.ConformanceError, OSError) as exc:
+    except (BenchError, ServerError, iscsi_conformance.ConformanceError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     report["loadavg_end"] = os.getloadavg()
