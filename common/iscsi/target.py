@@ -30,8 +30,9 @@ then its WriteRequest until answered) is counted against `write_buffer_bytes_max
 gets its R2Ts only while that budget has room for all it still wants (or when no other
 write is granted or in flight, so one always goes on); the others wait, first come first
 served. Only unsolicited data (at most FirstBurstLength a task) comes without asking, so a
-connection holds at most write_buffer_bytes_max + MAX_TRANSFER_BYTES + cmd_window x
-FirstBurstLength of write data. No clock, no disk, no await.
+connection holds at most max(write_buffer_bytes_max, MAX_TRANSFER_BYTES) + (cmd_window +
+MAX_IMMEDIATE_TASKS) x FirstBurstLength of write data (a write granted over the budget is
+granted alone). No clock, no disk, no await.
 """
 
 from __future__ import annotations
