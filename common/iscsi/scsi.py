@@ -112,6 +112,12 @@ class IoKind(Enum):
 
 
 DATA_OUT_KINDS = frozenset((IoKind.WRITE, IoKind.UNMAP, IoKind.WRITE_SAME))
+# execute()'s per-command lookups, done once (Python 3.11 takes ~0.2 us an Enum.MEMBER)
+_REPORT_LUNS, _INQUIRY = Opcode.REPORT_LUNS, Opcode.INQUIRY
+_REQUEST_SENSE = Opcode.REQUEST_SENSE
+_RW_10 = frozenset((Opcode.READ_10, Opcode.WRITE_10))
+_WRITES = frozenset((Opcode.WRITE_10, Opcode.WRITE_16))
+_READ, _WRITE = IoKind.READ, IoKind.WRITE
 
 
 # slots, not frozen: made once a command (a frozen dataclass costs ~2 µs more to build)
@@ -176,12 +182,12 @@ def decode_lun(field: bytes) -> int:
 
 def execute(cdb: bytes, lun: int, luns: Mapping[int, LunInfo]) -> Reply | Io:
     opcode = cdb[0]
-    if opcode == Opcode.REPORT_LUNS:
+    if opcode == _REPORT_LUNS:
         return _report_luns(cdb, luns)
     info = luns.get(lun)
-    if opcode == Opcode.INQUIRY:
+    if opcode == _INQUIRY:
         return _inquiry(cdb, lun, info)
-    if opcode == Opcode.REQUEST_SENSE:
+    if opcode == _REQUEST_SENSE:
         return Reply(Status.GOOD, sense_data((SenseKey.NO_SENSE, 0, 0))[: cdb[4]])
     if info is None:
         return check_condition(LUN_NOT_SUPPORTED)
@@ -214,11 +220,11 @@ def _service_action_in_16(cdb: bytes, info: LunInfo) -> Reply | Io:
 
 def _rw(cdb: bytes, info: LunInfo) -> Reply | Io:
     opcode = cdb[0]
-    if opcode in (Opcode.READ_10, Opcode.WRITE_10):
+    if opcode in _RW_10:
         lba, blocks = struct.unpack_from(">I", cdb, 2)[0], struct.unpack_from(">H", cdb, 7)[0]
     else:
         lba, blocks = struct.unpack_from(">QI", cdb, 2)
-    write = opcode in (Opcode.WRITE_10, Opcode.WRITE_16)
+    write = opcode in _WRITES
     if cdb[1] & 0xE0:  # RDPROTECT/WRPROTECT: no protection information here
         return check_condition(INVALID_FIELD_IN_CDB)
     if lba + blocks > info.blocks:
@@ -227,7 +233,7 @@ def _rw(cdb: bytes, info: LunInfo) -> Reply | Io:
         return check_condition(WRITE_PROTECTED)
     if blocks * BLOCK_BYTES > MAX_TRANSFER_BYTES:
         return check_condition(INVALID_FIELD_IN_CDB)
-    kind = IoKind.WRITE if write else IoKind.READ
+    kind = _WRITE if write else _READ
     return Io(kind, lba * BLOCK_BYTES, blocks * BLOCK_BYTES, fua=bool(cdb[1] & 0x08))
 
 

@@ -99,6 +99,11 @@ TMF_NOT_SUPPORTED = 0x05
 PROTOCOL_SERVICE_CRC_ERROR = (0x0B, 0x47, 0x05)
 UNEXPECTED_UNSOLICITED_DATA = (0x0B, 0x0C, 0x0C)
 
+# Enum members for the per-command path, looked up once: Python 3.11 takes ~0.2 us for each
+# `Enum.MEMBER` (a global: ~0.02 us), and a command would look up a dozen.
+_READ, _WRITE, _FLUSH = scsi.IoKind.READ, scsi.IoKind.WRITE, scsi.IoKind.FLUSH
+_WRITE_SAME, _GOOD = scsi.IoKind.WRITE_SAME, scsi.Status.GOOD
+_DATA_IN, _SCSI_RSP, _R2T = Op.DATA_IN, Op.SCSI_RSP, Op.R2T
 MAX_IMMEDIATE_TASKS = 4
 _SCSI_FLAG_READ = 0x40
 _SCSI_FLAG_WRITE = 0x20
@@ -388,27 +393,27 @@ class IscsiTargetConnection:
         return self._held_bytes
 
     def read_done(self, itt: int, data: bytes) -> None:
-        task = self._finish(itt, (scsi.IoKind.READ,))
+        task = self._finish(itt, (_READ,))
         if task is not None:
-            self._send_data_in(task, data, scsi.Status.GOOD)
+            self._send_data_in(task, data, _GOOD)
 
     def write_done(self, itt: int) -> None:
         """A WriteRequest, UnmapRequest or WriteSameRequest is done."""
         task = self._finish(itt, scsi.DATA_OUT_KINDS)
         if task is not None:
             assert task.io is not None
-            self._send_response(task, scsi.Reply(scsi.Status.GOOD), transferred=task.io.length)
+            self._send_response(task, scsi.Reply(_GOOD), transferred=task.io.length)
 
     def flush_done(self, itt: int) -> None:
-        task = self._finish(itt, (scsi.IoKind.FLUSH,))
+        task = self._finish(itt, (_FLUSH,))
         if task is not None:
-            self._send_response(task, scsi.Reply(scsi.Status.GOOD))
+            self._send_response(task, scsi.Reply(_GOOD))
 
     def io_failed(self, itt: int) -> None:
         task = self._finish(itt, None)
         if task is not None:
-            kind = task.io.kind if task.io else scsi.IoKind.READ
-            error = scsi.READ_ERROR if kind is scsi.IoKind.READ else scsi.WRITE_ERROR
+            kind = task.io.kind if task.io else _READ
+            error = scsi.READ_ERROR if kind is _READ else scsi.WRITE_ERROR
             self._send_response(task, scsi.check_condition(error))
 
     def io_refused(self, itt: int, sense: tuple[int, int, int]) -> None:
@@ -911,7 +916,7 @@ class IscsiTargetConnection:
             self._start_io(task, result, pdu)
         elif task.unsolicited_open:
             self._answer_after_data(task, result, None)
-        elif result.status == scsi.Status.GOOD and result.data and pdu.flags & _SCSI_FLAG_READ:
+        elif result.status == _GOOD and result.data and pdu.flags & _SCSI_FLAG_READ:
             self._send_data_in(task, result.data, result.status)
         else:
             self._send_response(task, result)
@@ -935,12 +940,12 @@ class IscsiTargetConnection:
             self._answer_after_data(task, scsi.check_condition(scsi.INVALID_FIELD_IN_CDB), None)
             return
         task.io = io = fitted
-        if io.kind is scsi.IoKind.READ and io.length and not reads:
+        if io.kind is _READ and io.length and not reads:
             # The initiator expects no Data-In: what it sent is dropped and, as for a READ
             # with an Expected Data Transfer Length of 0, nothing is read and the whole
             # length is an overflow residual (RFC 7143 11.4.5.1)
             task.expected_bytes = 0
-            self._answer_after_data(task, scsi.Reply(scsi.Status.GOOD), io.length)
+            self._answer_after_data(task, scsi.Reply(_GOOD), io.length)
             return
         wants_write = io.kind in scsi.DATA_OUT_KINDS
         if wants_write and io.length and (reads or not writes):
@@ -949,14 +954,14 @@ class IscsiTargetConnection:
         if wants_write and task.expected_bytes > scsi.MAX_TRANSFER_BYTES:
             self._answer_after_data(task, scsi.check_condition(scsi.INVALID_FIELD_IN_CDB), None)
             return
-        if io.kind not in (scsi.IoKind.FLUSH, scsi.IoKind.WRITE_SAME) and io.length == 0:
-            self._answer_after_data(task, scsi.Reply(scsi.Status.GOOD), None)
+        if io.kind not in (_FLUSH, _WRITE_SAME) and io.length == 0:
+            self._answer_after_data(task, scsi.Reply(_GOOD), None)
             return
         self._add_task(task)
-        if io.kind is scsi.IoKind.READ:
+        if io.kind is _READ:
             task.in_flight = True
             self._events.append(ReadRequest(task.itt, task.lun, io.offset, io.length))
-        elif io.kind is scsi.IoKind.FLUSH:
+        elif io.kind is _FLUSH:
             task.in_flight = True
             self._events.append(FlushRequest(task.itt, task.lun))
         else:
@@ -972,7 +977,7 @@ class IscsiTargetConnection:
         assert task.io is not None
         if task.unsolicited_open:
             return  # R2Ts only once the unsolicited data has ended (F bit)
-        if task.received == task.expected_bytes and task.io.kind is not scsi.IoKind.WRITE:
+        if task.received == task.expected_bytes and task.io.kind is not _WRITE:
             self._parameters_received(task)
             return
         if task.received == task.expected_bytes:
@@ -982,7 +987,7 @@ class IscsiTargetConnection:
             data = bytes(buffer) if write_bytes == len(buffer) else bytes(buffer[:write_bytes])
             if not write_bytes:
                 self._drop_task(task)
-                self._send_response(task, scsi.Reply(scsi.Status.GOOD), task.io.length)
+                self._send_response(task, scsi.Reply(_GOOD), task.io.length)
                 return
             task.in_flight = True
             self._events.append(WriteRequest(task.itt, task.lun, task.io.offset, data, task.io.fua))
@@ -999,7 +1004,7 @@ class IscsiTargetConnection:
         task.data_sn = 0
         self._send(
             Pdu(
-                Op.R2T,
+                _R2T,
                 flags=FLAG_FINAL,
                 lun_or_isid=scsi.encode_lun(task.lun),
                 itt=task.itt,
@@ -1123,7 +1128,7 @@ class IscsiTargetConnection:
             pdu_flags |= FLAG_FINAL if burst_end else 0
             self._send(
                 Pdu(
-                    Op.DATA_IN,
+                    _DATA_IN,
                     flags=pdu_flags,
                     spec3=status if last else 0,
                     lun_or_isid=lun,
@@ -1154,12 +1159,12 @@ class IscsiTargetConnection:
     ) -> None:
         data = struct.pack(">H", len(reply.sense)) + reply.sense if reply.sense else b""
         flags, residual = 0, 0
-        if reply.status == scsi.Status.GOOD:
+        if reply.status == _GOOD:
             actual = len(reply.data) if transferred is None else transferred
             flags, residual = self._residual(task.expected_bytes, actual)
         self._send(
             Pdu(
-                Op.SCSI_RSP,
+                _SCSI_RSP,
                 flags=FLAG_FINAL | flags,
                 spec2=0,  # command completed at target
                 spec3=reply.status,
