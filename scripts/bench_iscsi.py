@@ -400,9 +400,9 @@ def main() -> int:
             if not args.no_conformance:
                 print("conformance (iscsi-test-cu)...", file=sys.stderr)
                 report["conformance"] = conformance(ts, Path(tmp))
-                for t in ts:
-                    out = Path(tmp) / f"{t.name}-iscsi-test-cu.txt"
-                    out.replace(RESULTS_DIR / f"bench-iscsi-{stamp}-{t.name}-iscsi-test-cu.txt")
+                for name in report["conformance"]:
+                    out = Path(tmp) / f"{name}-iscsi-test-cu.txt"
+                    out.replace(RESULTS_DIR / f"bench-iscsi-{stamp}-{name}-iscsi-test-cu.txt")
             if not args.no_throughput:
                 print("throughput (qemu-img bench, iscsi-perf)...", file=sys.stderr)
                 report["throughput"] = throughput(ts, args)
