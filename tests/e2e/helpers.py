@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -49,11 +50,28 @@ CLIENT_TIMEOUT_S = 60.0
 LOG_TAIL_LINES = 60
 
 
+# Ports for daemons come from a range of this worker's own (pytest-xdist runs tests in
+# several processes), below the kernel's ephemeral range (32768-60999 on Linux): a port the
+# kernel handed to bind(0) in one worker could be handed to another worker before the daemon
+# binds it, and an outgoing connection never takes one of these.
+PORTS_PER_WORKER = 2000
+_PORT_BASE = 20000 + PORTS_PER_WORKER * int(
+    os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0
+)
+_next_port = itertools.count(random.randrange(PORTS_PER_WORKER))
+
+
 def free_port() -> int:
-    """A port that was free a moment ago: bind 127.0.0.1:0, read the port, close."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+    """A port of this worker's range that is free now (bound and closed to check)."""
+    for _ in range(PORTS_PER_WORKER):
+        port = _PORT_BASE + next(_next_port) % PORTS_PER_WORKER
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port in {_PORT_BASE}..{_PORT_BASE + PORTS_PER_WORKER - 1}")
 
 
 def wait_until(
@@ -68,6 +86,16 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(interval_s)
+
+
+def unix_accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(os.fspath(path))
+        except OSError:
+            return False
+        return True
 
 
 def tcp_accepts(port: int, host: str = HOST) -> bool:
@@ -265,6 +293,21 @@ class Daemon:
                     + self.log_tail()
                 )
             time.sleep(0.02)
+        # The control socket opens just after the NBD port: pairctl and display() need it.
+        while not unix_accepts(self.control_path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                self._reap()
+                raise AssertionError(
+                    f"{self.name}: control socket {self.control_path} not accepting\n"
+                    + self.log_tail()
+                )
+            time.sleep(0.02)
+
+    @property
+    def control_path(self) -> Path:
+        """``control`` of its config (a test may rewrite the config between starts)."""
+        return Path(yaml.safe_load(self.config_path.read_text())["control"])
 
     def terminate(self) -> None:
         """Send SIGTERM (the graceful stop) without waiting."""
@@ -541,9 +584,8 @@ def display(daemon: Daemon) -> dict[str, Any]:
     suite's. It is the same call pairctl makes (tests of pairctl itself run the command).
     A daemon that does not answer fails like a failed pairctl: AssertionError.
     """
-    control_path = Path(yaml.safe_load(daemon.config_path.read_text())["control"])
     try:
-        result = asyncio.run(control.call(control_path, "display", {}, DISPLAY_TIMEOUT_S))
+        result = asyncio.run(control.call(daemon.control_path, "display", {}, DISPLAY_TIMEOUT_S))
     except (control.ControlError, control.ControlRefused) as exc:
         raise AssertionError(f"display of {daemon.name} failed: {exc}") from None
     shown = json.loads(json.dumps(result, sort_keys=True))  # exactly what --json would print
