@@ -743,12 +743,16 @@ class IscsiTargetConnection:
         data = encode_text(reply)
         if len(data) > self.params.initiator_recv_data_segment_bytes:
             raise LocalProtocolError("text response larger than the initiator accepts")
+        self._answer(pdu, Op.TEXT_RSP, data)
+
+    def _answer(self, request: Pdu, op: Op, data: bytes) -> None:
+        """A one-PDU answer to ``request`` (Text, NOP-Out): its ITT and LUN, no TTT."""
         self._send(
             Pdu(
-                Op.TEXT_RSP,
+                op,
                 flags=FLAG_FINAL,
-                lun_or_isid=pdu.lun_or_isid,
-                itt=pdu.itt,
+                lun_or_isid=request.lun_or_isid,
+                itt=request.itt,
                 opcode_specific=self._status_fields(tag=RESERVED_TAG),
                 data=data,
             )
@@ -771,16 +775,7 @@ class IscsiTargetConnection:
             return
         if not self._accept_cmd_sn(pdu):
             return
-        self._send(
-            Pdu(
-                Op.NOP_IN,
-                flags=FLAG_FINAL,
-                lun_or_isid=pdu.lun_or_isid,
-                itt=pdu.itt,
-                opcode_specific=self._status_fields(tag=RESERVED_TAG),
-                data=pdu.data,
-            )
-        )
+        self._answer(pdu, Op.NOP_IN, pdu.data)
 
     def _logout(self, pdu: Pdu) -> None:
         if not self._accept_cmd_sn(pdu):
