@@ -206,11 +206,9 @@ class IscsiServer:
                 volume.name in always_read_only or volume.read_only,
                 (stats or {}).get(volume.name),
             )
-            self.luns[number] = scsi.LunInfo(
-                volume.size, serial=lun_serial(iqn, number), read_only=read_only
-            )
-        # The cores read self.luns at every command: what _apply_access puts there applies
-        # to every session at once.
+            self.luns[number] = scsi.LunInfo(volume.size, serial=lun_serial(iqn, number))
+        # The cores read self.luns at every command: what _apply_access puts there (read_only
+        # here too) applies to every session at once.
         self.config = TargetConfig(
             iqn,
             self.luns,
